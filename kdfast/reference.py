@@ -1,0 +1,165 @@
+"""Plain, obviously-correct formulas (spec §3, §4): the oracle every fast path is tested against.
+
+Written for clarity, not speed: they materialize full softmaxes. Pass float64 tensors for exact checks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+KINDS = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _float(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _kl_terms(a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """Σ a·(log a − log b) over live entries (the logs are already finite everywhere)."""
+    return torch.where(live, a * (log_a - log_b), 0.0).sum(-1)
+
+
+def _log_mix(w_a: float, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """log(w_a·a + (1 − w_a)·b) computed in log space, for 0 < w_a < 1."""
+    return torch.logaddexp(log_a + math.log(w_a), log_b + math.log1p(-w_a))
+
+
+def divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str = "fkl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-token divergence between teacher p and student q (spec §3).
+
+    student_logits, teacher_logits: [..., V] float; returns [...] in the promoted float dtype.
+    Entries that are −inf in either model contribute 0. β=0 of `jsd` is `fkl`, β=1 is `rkl`.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown divergence kind {kind!r}; choose one of {KINDS}")
+    s = _float(student_logits) / temperature
+    t = _float(teacher_logits) / temperature
+    dtype = torch.promote_types(s.dtype, t.dtype)
+    s, t = s.to(dtype), t.to(dtype)
+    live = torch.isfinite(s) & torch.isfinite(t)
+    log_q = torch.log_softmax(s, dim=-1)
+    log_p = torch.log_softmax(t, dim=-1)
+    p, q = log_p.exp(), log_q.exp()
+    # Dead entries are zeroed before any log-space mixing: logaddexp(−inf, −inf) has a NaN gradient.
+    log_p, log_q = torch.where(live, log_p, 0.0), torch.where(live, log_q, 0.0)
+
+    if kind == "jsd" and beta == 0.0 or kind == "skl" and alpha == 0.0:
+        kind = "fkl"
+    if kind == "jsd" and beta == 1.0 or kind == "srkl" and alpha == 0.0:
+        kind = "rkl"
+    if kind == "fkl":
+        return _kl_terms(p, log_p, log_q, live)
+    if kind == "rkl":
+        return _kl_terms(q, log_q, log_p, live)
+    if kind == "jsd":
+        log_m = _log_mix(beta, log_p, log_q)
+        return beta * _kl_terms(p, log_p, log_m, live) + (1 - beta) * _kl_terms(q, log_q, log_m, live)
+    if kind == "skl":
+        if alpha == 1.0:
+            return torch.zeros_like(p[..., 0])
+        return _kl_terms(p, log_p, _log_mix(alpha, log_p, log_q), live)
+    if kind == "srkl":
+        if alpha == 1.0:
+            return torch.zeros_like(q[..., 0])
+        return _kl_terms(q, log_q, _log_mix(1 - alpha, log_p, log_q), live)
+    diff = torch.where(live, p - q, torch.zeros_like(p))
+    return 0.5 * diff.abs().sum(-1)
+
+
+def reduce(per_token: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Mask invalid tokens to 0, then `mean` over valid tokens (0 when none), `sum`, or `none`."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
+    per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
+    if reduction == "none":
+        return per_token
+    total = per_token.sum()
+    return total / valid.sum().clamp_min(1) if reduction == "mean" else total
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str = "fkl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    scale_by_t2: bool = False,
+) -> torch.Tensor:
+    """Masked, reduced divergence: logits [..., V], labels [...] (positions == ignore_index are masked)."""
+    per_token = divergence(student_logits, teacher_logits, kind, beta, alpha, temperature)
+    valid = torch.ones_like(per_token, dtype=torch.bool) if labels is None else labels != ignore_index
+    out = reduce(per_token, valid, reduction)
+    return out * temperature**2 if scale_by_t2 else out
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                  reduction: str = "mean") -> torch.Tensor:
+    """Hard-label loss −log q(y): logits [..., V], labels [...]."""
+    log_q = torch.log_softmax(_float(logits), dim=-1)
+    valid = labels != ignore_index
+    nll = -log_q.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
+    return reduce(nll, valid, reduction)
+
+
+def token_stats(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> dict[str, torch.Tensor]:
+    """Per-token statistics of spec §4 from a materialized softmax: logits [..., V], targets [...].
+
+    Returns logp, lse, entropy, mu, sigma (float), top1 (bool: the target is the first argmax) and valid.
+    Undefined statistics (ignored targets) are 0 / False.
+    """
+    z = _float(logits)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, 0).unsqueeze(-1)
+    lse = torch.logsumexp(z, dim=-1)
+    log_p = z - lse.unsqueeze(-1)
+    p = log_p.exp()
+    finite = torch.isfinite(log_p)
+    p_log_p = torch.where(finite, p * torch.where(finite, log_p, 0), 0)
+    mu = p_log_p.sum(-1)
+    centered = torch.where(finite, log_p - mu.unsqueeze(-1), 0)
+    sigma = (p * centered**2).sum(-1).clamp_min(0).sqrt()
+    logp_target = log_p.gather(-1, safe).squeeze(-1)
+    top1 = z.argmax(-1) == safe.squeeze(-1)
+    zero = torch.zeros_like(lse)
+    return {
+        "logp": torch.where(valid, logp_target, zero),
+        "lse": torch.where(valid, lse, zero),
+        "entropy": torch.where(valid, -mu, zero),
+        "mu": torch.where(valid, mu, zero),
+        "sigma": torch.where(valid, sigma, zero),
+        "top1": top1 & valid,
+        "valid": valid,
+    }
+
+
+def min_k_count(k: float, n: int) -> int:
+    """How many of n values Min-K% averages: ⌈k·n⌉ (a 1e-9 slack absorbs k·n's rounding), at least 1."""
+    return max(1, math.ceil(k * n - 1e-9))
+
+
+def min_k(values: torch.Tensor, mask: torch.Tensor, ks=(0.05, 0.1, 0.2, 0.3, 0.5)) -> torch.Tensor:
+    """Min-K% by sorting each row: values [B, T], mask [B, T] bool -> [B, len(ks)] float64.
+
+    Each entry is the mean of the lowest min_k_count(k, n) valid values of the row; a row with no valid
+    value gives 0.
+    """
+    out = torch.zeros(values.shape[0], len(ks), dtype=torch.float64)
+    for b in range(values.shape[0]):
+        row = values[b][mask[b]].double().sort().values
+        for j, k in enumerate(ks):
+            if row.numel():
+                out[b, j] = row[: min_k_count(k, row.numel())].mean()
+    return out

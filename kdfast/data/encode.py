@@ -1,0 +1,114 @@
+"""Tokenized records: prompt tokens masked from the labels, batches padded left or right under a token budget."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kdfast.data.records import RecordError
+from kdfast.data.template import prompt_text, target_text
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Encoded:
+    """One record's tokens: input_ids [L]; labels [L] aligned with them (prompt positions IGNORE_INDEX)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    prompt_len: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def encode(tokenizer, record: dict, max_len: int | None = None, max_prompt_len: int | None = None,
+           add_eos: bool = True, where: str = "record") -> Encoded:
+    """Tokenize a record: the prompt (with the tokenizer's special tokens) then the target text (+ EOS).
+
+    The response is cut to fit max_len; a prompt longer than max_prompt_len (or leaving no room for a
+    response under max_len) raises RecordError.
+    """
+    prompt = prompt_text(record)
+    prompt_ids = tokenizer(prompt)["input_ids"] if prompt else _bos(tokenizer)
+    target_ids = tokenizer(target_text(record), add_special_tokens=False)["input_ids"]
+    if add_eos and tokenizer.eos_token_id is not None:
+        target_ids = target_ids + [tokenizer.eos_token_id]
+    if not target_ids:
+        raise RecordError(f"{where}: the response tokenizes to nothing; remove the record")
+    if max_prompt_len is not None and len(prompt_ids) > max_prompt_len:
+        raise RecordError(f"{where}: prompt has {len(prompt_ids)} tokens > max_prompt_len={max_prompt_len}; "
+                          "raise max_prompt_len or drop long records (encode_all(..., drop_long=True))")
+    if max_len is not None:
+        if len(prompt_ids) >= max_len:
+            raise RecordError(f"{where}: prompt has {len(prompt_ids)} tokens, leaving no room for the response "
+                              f"under max_len={max_len}; raise max_len or drop long records")
+        target_ids = target_ids[: max_len - len(prompt_ids)]
+    ids = prompt_ids + target_ids
+    return Encoded(ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids, len(prompt_ids))
+
+
+def _bos(tokenizer) -> list[int]:
+    return [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
+
+
+def encode_all(tokenizer, records: list[dict], max_len: int | None = None, max_prompt_len: int | None = None,
+               drop_long: bool = False, add_eos: bool = True) -> tuple[list[Encoded], list[int]]:
+    """Encode many records; returns (encoded, indices of the records kept). drop_long skips over-long prompts."""
+    out, kept = [], []
+    for i, record in enumerate(records):
+        try:
+            out.append(encode(tokenizer, record, max_len, max_prompt_len, add_eos, where=f"record {i}"))
+            kept.append(i)
+        except RecordError:
+            if not drop_long:
+                raise
+    return out, kept
+
+
+def pad_batch(items: list[Encoded], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+    """Stack into input_ids, attention_mask, labels [B, L] and position_ids that ignore the padding.
+
+    Position ids count real tokens only, so a record gets the same positions under left or right padding.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"unknown padding side {side!r}; choose 'left' or 'right'")
+    width = max(len(it) for it in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for b, it in enumerate(items):
+        cols = slice(width - len(it), width) if side == "left" else slice(0, len(it))
+        ids[b, cols] = torch.tensor(it.input_ids)
+        labels[b, cols] = torch.tensor(it.labels)
+        mask[b, cols] = 1
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": positions}
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Targets aligned with the logits: position t predicts labels[t + 1]; the last position is ignored.
+
+    labels [B, L] -> [B, L] long.
+    """
+    return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+
+
+def token_budget_batches(lengths: list[int], batch_tokens: int, max_batch: int | None = None) -> list[list[int]]:
+    """Index batches sorted by length whose padded size (count × longest) stays within batch_tokens.
+
+    A record longer than the budget gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches, current, longest = [], [], 0
+    for i in order:
+        grown = max(longest, lengths[i])
+        if current and (grown * (len(current) + 1) > batch_tokens or (max_batch and len(current) >= max_batch)):
+            batches.append(current)
+            current, grown = [], lengths[i]
+        current.append(i)
+        longest = grown
+    if current:
+        batches.append(current)
+    return batches

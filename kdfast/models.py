@@ -44,16 +44,19 @@ def _as_plain_model(model: nn.Module) -> nn.Module:
 
 def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                trust_remote_code: bool = False, revision: str | None = None):
-    """(model, tokenizer) from a hub id, a local directory, a .gguf file, or "smollm2".
+    """(model, tokenizer) from a hub id, a local directory, a .gguf file, "smollm2", or "tiny:<family>".
 
     Weights load from safetensors only (no unpickling of untrusted checkpoints); remote code stays off
-    unless trust_remote_code=True. A hub id downloads: that is the only network use.
+    unless trust_remote_code=True. A hub id downloads: that is the only network use. "tiny:llama" (gpt2,
+    opt) is a random-init tiny model with the bundled tiny tokenizer, for tests and the tiny preset.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = str(spec)
     kwargs = {"trust_remote_code": trust_remote_code}
-    if spec == "smollm2" or spec.endswith(".gguf"):
+    if spec.startswith("tiny:"):
+        model, tokenizer = tiny_model(spec.split(":", 1)[1]), tiny_tokenizer()
+    elif spec == "smollm2" or spec.endswith(".gguf"):
         path = smollm2_path() if spec == "smollm2" else Path(spec)
         if not path.exists():
             raise ModelError(f"GGUF file {path} not found")

@@ -1,0 +1,6 @@
+"""Membership-inference attacks (spec §5) scored in bulk, their metrics, and ROC curves."""
+from kdfast.attacks.metrics import evaluate, format_results, plot_roc, roc_metrics, tpr_at_fpr
+from kdfast.attacks.scoring import ATTACKS, DEFAULT_ATTACKS, AttackConfig, score
+
+__all__ = ["ATTACKS", "DEFAULT_ATTACKS", "AttackConfig", "score", "evaluate", "format_results", "plot_roc",
+           "roc_metrics", "tpr_at_fpr"]

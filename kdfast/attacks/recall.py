@@ -1,0 +1,45 @@
+"""ReCaLL (Xie et al. 2024): ll(x | non-member prefix) / ll(x); conditioning on non-members lowers a member's likelihood more."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+from torch import nn
+
+from kdfast.attacks.bulk import mean_log_likelihoods
+from kdfast.data import IGNORE_INDEX, Encoded
+from kdfast.data.template import prompt_text, target_text
+
+
+def choose_prefix(membership: list[int], shots: int = 3, seed: int = 0) -> list[int]:
+    """Indices of `shots` non-members (seeded choice) to serve as the prefix; they are held out from the recall scores."""
+    nonmembers = [i for i, m in enumerate(membership) if not m]
+    if len(nonmembers) <= shots:
+        raise ValueError(f"recall needs more than {shots} non-members to take its prefix from (got {len(nonmembers)}); "
+                         "lower recall_shots or pass recall_prefix=[...] records")
+    return sorted(random.Random(seed).sample(nonmembers, shots))
+
+
+def prefix_ids(tokenizer, prefix: list[dict]) -> list[int]:
+    """Token ids of the prefix: each record in full (template + response), separated by blank lines."""
+    text = "".join(prompt_text(r) + target_text(r) + "\n\n" for r in prefix)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def conditioned(item: Encoded, prefix: list[int], bos_id: int | None) -> Encoded:
+    """The item with the prefix inserted after its BOS (if any); the scored positions are the item's own.
+
+    The item's first token is never predicted on its own, so it stays unscored after the prefix too.
+    """
+    head = 1 if bos_id is not None and item.input_ids[:1] == [bos_id] else 0
+    labels = item.labels[head:]
+    labels = [IGNORE_INDEX] + labels[1:] if head == 0 else labels
+    return Encoded(item.input_ids[:head] + prefix + item.input_ids[head:],
+                   [IGNORE_INDEX] * (head + len(prefix)) + labels, item.prompt_len + len(prefix))
+
+
+def recall_scores(model: nn.Module, items: list[Encoded], prefix: list[int], ll: np.ndarray, bos_id: int | None,
+                  **batching) -> np.ndarray:
+    """ll(x | prefix) / ll(x) per item (float64); `ll` is each item's unconditioned mean ℓ_t."""
+    cond_ll = mean_log_likelihoods(model, [conditioned(it, prefix, bos_id) for it in items], **batching)
+    return cond_ll / ll

@@ -1,0 +1,28 @@
+"""The reference-model attack: loss_ref − loss_target, each model scoring the same text under its own tokenizer."""
+from __future__ import annotations
+
+import numpy as np
+from torch import nn
+
+from kdfast.attacks.bulk import encode_records, mean_log_likelihoods
+
+
+def ref_scores(ref_model: nn.Module, ref_tokenizer, records: list[dict], target_ll: np.ndarray,
+               response_only: bool = True, max_len: int | None = None, numbers: list[int] | None = None,
+               **batching) -> np.ndarray:
+    """loss_ref − loss_target per record (float64): high when the target fits a record much better than the reference.
+
+    target_ll: the target model's mean ℓ_t per record; numbers: the records' positions for error messages;
+    `batching` goes to mean_log_likelihoods (batch_tokens, padding_side, autocast).
+    """
+    items = encode_records(ref_tokenizer, records, response_only, max_len, numbers)
+    ref_ll = mean_log_likelihoods(ref_model, items, pad_id(ref_tokenizer), **batching)
+    return target_ll - ref_ll
+
+
+def pad_id(tokenizer) -> int:
+    """The padding id (EOS when the tokenizer has no pad token: padded positions are masked anyway)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither a pad nor an EOS token; set tokenizer.pad_token")
+    return pad

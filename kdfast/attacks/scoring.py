@@ -1,0 +1,339 @@
+"""score(): every membership-inference attack of spec §5 over a record set, as one table (higher = member).
+
+Records are grouped by length under a token budget; each finished group is written atomically when an
+output folder is given, so a rerun resumes; under torch.distributed the records are sharded over the
+processes and the table is gathered on every rank.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from kdfast.attacks.bulk import (encode_records, forward_stats, inference_context, logit_scores,
+                                 lowercased, mean_log_likelihoods, model_device, scored_text, zlib_length)
+from kdfast.attacks.gradnorm import gradnorm_scores
+from kdfast.attacks.metrics import META_COLUMNS
+from kdfast.attacks.perturb import mope_scores
+from kdfast.attacks.recall import choose_prefix, prefix_ids, recall_scores
+from kdfast.attacks.ref import pad_id, ref_scores
+from kdfast.data import pad_batch, record_key, token_budget_batches
+from kdfast.io import atomic_path, atomic_write_json
+from kdfast.models import transformer_blocks
+
+ATTACKS = ("loss", "zlib", "lowercase", "min_k", "min_k_pp", "ref", "mope", "mope_block", "gradnorm", "recall")
+DEFAULT_ATTACKS = ("loss", "zlib", "lowercase", "min_k", "min_k_pp")
+SCORES_FILE = "scores.parquet"
+
+
+@dataclass
+class AttackConfig:
+    """What to score and how (defaults: the study's settings; spec §5).
+
+    attacks: names from ATTACKS. response_only: score the response tokens of instruction records (a {"text"}
+    record is always scored whole). ks: Min-K% fractions. mope_n, mope_sigma: MoPe perturbations and their
+    std. recall_shots: non-members in ReCaLL's prefix. batch_tokens: padded tokens per forward pass.
+    max_len: cut responses to fit. padding_side: "right" or "left" (scores do not depend on it).
+    seed: MoPe noise and the ReCaLL prefix choice. autocast: bf16 autocast (None: on a GPU only).
+    """
+
+    attacks: tuple[str, ...] = DEFAULT_ATTACKS
+    response_only: bool = True
+    ks: tuple[float, ...] = (0.1, 0.2)
+    mope_n: int = 10
+    mope_sigma: float = 0.01
+    recall_shots: int = 3
+    batch_tokens: int = 8192
+    max_len: int | None = None
+    padding_side: str = "right"
+    seed: int = 0
+    autocast: bool | None = None
+
+    def __post_init__(self):
+        self.attacks = (self.attacks,) if isinstance(self.attacks, str) else tuple(dict.fromkeys(self.attacks))
+        self.ks = tuple(float(k) for k in self.ks)
+        unknown = [a for a in self.attacks if a not in ATTACKS]
+        if unknown or not self.attacks:
+            raise ValueError(f"unknown attack(s) {unknown or '(none given)'}; choose from {', '.join(ATTACKS)}")
+        if not self.ks or not all(0 < k <= 1 for k in self.ks):
+            raise ValueError(f"Min-K% fractions must lie in (0, 1], got {self.ks}")
+        if self.mope_n < 1 or self.mope_sigma < 0:
+            raise ValueError(f"MoPe needs mope_n ≥ 1 and mope_sigma ≥ 0 (got {self.mope_n}, {self.mope_sigma})")
+        if self.recall_shots < 1:
+            raise ValueError(f"recall_shots must be ≥ 1, got {self.recall_shots}")
+        if self.batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be ≥ 1, got {self.batch_tokens}")
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+
+    def columns(self, ref_names: list[str], n_blocks: int) -> list[str]:
+        """The table's score columns, in ATTACKS order."""
+        names = {"min_k": [f"min_k@{k:g}" for k in self.ks], "min_k_pp": [f"min_k_pp@{k:g}" for k in self.ks],
+                 "ref": ref_names, "mope_block": [f"mope_block@{b}" for b in range(n_blocks)]}
+        return [c for a in ATTACKS if a in self.attacks for c in names.get(a, [a])]
+
+
+def score(model: nn.Module, tokenizer, records: list[dict], attacks=None, *, ref_model: nn.Module | None = None,
+          ref_tokenizer=None, ref_models: dict | None = None, membership=None, recall_prefix: list[dict] | None = None,
+          out: str | Path | None = None, progress: bool = True, config: AttackConfig | None = None, **options):
+    """Score `records` with every attack in `attacks`; returns a pandas DataFrame, one row per record.
+
+    Columns: id (the record's index), member (when `membership` is given), category (when records have one),
+    n_tokens (scored tokens), then one column per score, higher = more likely a member: loss, zlib,
+    lowercase, min_k@k, min_k_pp@k, ref (one column per reference model: the key of `ref_models`, or "ref"
+    for ref_model/ref_tokenizer), mope, mope_block@l (one per transformer block), gradnorm, recall.
+    attacks: names from ATTACKS (default: the config's, DEFAULT_ATTACKS). `options` are AttackConfig fields
+    (ks=, mope_n=, batch_tokens=, ...) applied over `config`. A record with no scored token scores NaN.
+
+    Forward passes per batch: one for loss, zlib, min_k and min_k_pp together; lowercase one more (the
+    lower-cased text tokenizes differently); ref one per reference model; recall one (prefix + record);
+    mope mope_n + 1; mope_block mope_n per block; gradnorm one forward and backward per record.
+
+    recall's prefix: `recall_prefix` records, else recall_shots non-members chosen by seed from `membership`;
+    those prefix records get recall = NaN (evaluate() skips them). With out=DIR, finished groups of records
+    are written under DIR/parts and reused by a rerun with the same models and settings; the table is also
+    written to DIR/scores.parquet. Under torch.distributed each process scores a share of the records;
+    every process returns the whole table. Each model runs where its parameters are (the records follow);
+    models are put in eval mode while scoring and handed back in their former mode.
+    """
+    fields = {f.name for f in dataclasses.fields(AttackConfig)}
+    if set(options) - fields:
+        raise ValueError(f"unknown option(s) {sorted(set(options) - fields)}; score() takes {', '.join(sorted(fields))}")
+    cfg = dataclasses.replace(config or AttackConfig(), **options)
+    if attacks is not None:
+        cfg = dataclasses.replace(cfg, attacks=attacks)
+    refs = _reference_models(ref_model, ref_tokenizer, ref_models)
+    if refs and "ref" not in cfg.attacks:
+        cfg = dataclasses.replace(cfg, attacks=(*cfg.attacks, "ref"))
+    if "ref" in cfg.attacks and not refs:
+        raise ValueError("attack 'ref' needs a reference model: pass ref_model= and ref_tokenizer= (or ref_models=)")
+    if not records:
+        raise ValueError("no records to score")
+    labels = _membership(membership, len(records))
+    job = _Job(model, tokenizer, records, cfg, refs, labels, recall_prefix)
+    return job.run(out, progress)
+
+
+def _reference_models(ref_model, ref_tokenizer, ref_models) -> dict[str, tuple]:
+    refs = dict(ref_models or {})
+    if (ref_model is None) != (ref_tokenizer is None):
+        raise ValueError("pass ref_model and ref_tokenizer together (the reference scores the text with its own tokenizer)")
+    if ref_model is not None:
+        refs["ref"] = (ref_model, ref_tokenizer)
+    for name, pair in refs.items():
+        if not isinstance(pair, tuple) or len(pair) != 2:
+            raise ValueError(f"ref_models[{name!r}] must be a (model, tokenizer) pair")
+        if name in META_COLUMNS or name in ATTACKS and name != "ref":
+            raise ValueError(f"reference model name {name!r} clashes with a column name; rename it")
+    return refs
+
+
+def _membership(membership, n: int) -> list[int] | None:
+    if membership is None:
+        return None
+    labels = [int(m) for m in membership]
+    if len(labels) != n or set(labels) - {0, 1}:
+        raise ValueError(f"membership must hold one 0/1 label per record ({n} records, got {len(labels)} labels "
+                         f"with values {sorted(set(labels))[:5]})")
+    return labels
+
+
+def record_hash(record: dict) -> str:
+    """The exact content of a record (resume key): identical records are scored once."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:24]
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A cheap identity of a model's weights: name, shapes and a strided sample of every parameter."""
+    h = hashlib.sha256(str(getattr(getattr(model, "config", None), "_name_or_path", "")).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+            h.update(flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _tokenizer_id(tokenizer) -> str:
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{type(tokenizer).__name__}{tokenizer.eos_token_id}{tokenizer.bos_token_id}{vocab}".encode()).hexdigest()[:16]
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _Job:
+    """One scoring run: the encoded records, the shared per-group computations, resume and gathering."""
+
+    def __init__(self, model, tokenizer, records, cfg: AttackConfig, refs, labels, recall_prefix):
+        self.model, self.tokenizer, self.records, self.cfg, self.refs, self.labels = model, tokenizer, records, cfg, refs, labels
+        self.items = encode_records(tokenizer, records, cfg.response_only, cfg.max_len)
+        self.keys = [record_hash(r) for r in records]
+        self.blocks = list(transformer_blocks(model)) if "mope_block" in cfg.attacks else []
+        self.columns = cfg.columns(list(refs), len(self.blocks))
+        self.batching = {"pad_id": pad_id(tokenizer), "batch_tokens": cfg.batch_tokens,
+                         "padding_side": cfg.padding_side, "autocast": cfg.autocast}
+        self.prefix, self.prefix_keys = self._recall_prefix(recall_prefix)
+
+    def _recall_prefix(self, recall_prefix) -> tuple[list[int], set[str]]:
+        if "recall" not in self.cfg.attacks:
+            return [], set()
+        if recall_prefix is None:
+            if self.labels is None:
+                raise ValueError("recall needs non-member prefix records: pass membership= (a few non-members are "
+                                 "then held out as the prefix) or recall_prefix=[...]")
+            recall_prefix = [self.records[i] for i in choose_prefix(self.labels, self.cfg.recall_shots, self.cfg.seed)]
+        if not recall_prefix:
+            raise ValueError("recall_prefix is empty; give at least one non-member record")
+        prefix_keys = {record_hash(r) for r in recall_prefix}
+        if self.labels is not None:
+            members = {record_key(r) for r, m in zip(self.records, self.labels) if m}
+            if any(record_key(r) in members for r in recall_prefix):
+                raise ValueError("a recall prefix record is a member; ReCaLL's prefix must be non-members only")
+        return prefix_ids(self.tokenizer, recall_prefix), prefix_keys
+
+    def settings_hash(self) -> str:
+        """What the scores depend on: models, tokenizers, settings, ReCaLL prefix (not batching or world size)."""
+        cfg = dataclasses.asdict(self.cfg)
+        for name in ("batch_tokens", "padding_side"):
+            cfg.pop(name)
+        ident = {"config": cfg, "model": fingerprint(self.model), "tokenizer": _tokenizer_id(self.tokenizer),
+                 "refs": {n: [fingerprint(m), _tokenizer_id(t)] for n, (m, t) in self.refs.items()},
+                 "prefix": self.prefix, "device": model_device(self.model).type, "columns": self.columns}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+    def run(self, out, progress: bool):
+        rank, world = rank_and_world()
+        models = [self.model, *(m for m, _ in self.refs.values())]
+        modes = [m.training for m in models]
+        for m in models:
+            m.eval()  # no dropout while scoring
+        try:
+            store = _PartStore(Path(out) / "parts" / self.settings_hash(), ["n_tokens", *self.columns]) if out else None
+            done = store.load() if store else {}
+            if world > 1:
+                dist.barrier()  # every rank has read the finished parts before any rank writes new ones
+            first = {}
+            for i, key in enumerate(self.keys):
+                if key not in done:
+                    first.setdefault(key, i)
+            todo = sorted(first.values(), key=lambda i: (len(self.items[i]), i))[rank::world]
+            groups = [[todo[j] for j in g] for g in token_budget_batches([len(self.items[i]) for i in todo],
+                                                                          self.cfg.batch_tokens)]
+            new = {}
+            self._bar = tqdm(total=len(todo), desc=f"attacks (rank {rank})" if world > 1 else "attacks",
+                             unit="rec", disable=not progress or rank != 0)
+            for group in groups:
+                rows = self._score_group(group)
+                if store:
+                    store.write(rows)
+                new.update(rows)
+                self._bar.update(len(group))
+            self._bar.close()
+            done.update(_gather(new, world))
+        finally:
+            for m, mode in zip(models, modes):
+                m.train(mode)
+        table = self._table(done)
+        if out is not None and rank == 0:
+            with atomic_path(Path(out) / SCORES_FILE) as tmp:
+                table.to_parquet(tmp, index=False)
+        return table
+
+    def _score_group(self, group: list[int]) -> dict[str, list[float]]:
+        """Every requested score of a group of records (one padded batch of the target tokenization)."""
+        cfg, model, items = self.cfg, self.model, [self.items[i] for i in group]
+        records = [self.records[i] for i in group]
+        with inference_context(model_device(model), cfg.autocast):
+            stats = forward_stats(model, pad_batch(items, self.batching["pad_id"], cfg.padding_side))
+        scores = logit_scores(stats, cfg.ks)
+        ll = scores["loss"]
+        scores["n_tokens"] = stats.n_tokens().astype(float)
+        attacks = cfg.attacks
+        stage = self._bar.set_postfix_str
+        if "zlib" in attacks:
+            scores["zlib"] = ll / np.array([zlib_length(scored_text(r, cfg.response_only)) for r in records])
+        if "lowercase" in attacks:
+            stage("lowercase")
+            lower = encode_records(self.tokenizer, [lowercased(r, cfg.response_only) for r in records],
+                                   cfg.response_only, cfg.max_len, group)
+            scores["lowercase"] = -mean_log_likelihoods(model, lower, **self.batching) / np.maximum(-ll, 1e-12)
+        for name, (ref, ref_tok) in self.refs.items():
+            stage(name)
+            scores[name] = ref_scores(ref, ref_tok, records, ll, cfg.response_only, cfg.max_len, group,
+                                      **{k: v for k, v in self.batching.items() if k != "pad_id"})
+        if "recall" in attacks:
+            stage("recall")
+            recall = recall_scores(model, items, self.prefix, ll, self.tokenizer.bos_token_id, **self.batching)
+            scores["recall"] = np.where([self.keys[i] in self.prefix_keys for i in group], np.nan, recall)
+        if "mope" in attacks or "mope_block" in attacks:
+            base = mean_log_likelihoods(model, items, fused=False, **self.batching)
+            mope = {"n": cfg.mope_n, "sigma": cfg.mope_sigma, "seed": cfg.seed, **self.batching}
+            if "mope" in attacks:
+                stage("mope")
+                scores["mope"] = mope_scores(model, items, base, **mope)
+            for b, block in enumerate(self.blocks):
+                stage(f"mope_block {b + 1}/{len(self.blocks)}")
+                scores[f"mope_block@{b}"] = mope_scores(model, items, base, scope=block, **mope)
+        if "gradnorm" in attacks:
+            stage("gradnorm")
+            scores["gradnorm"] = gradnorm_scores(model, items, cfg.autocast)
+        names = ["n_tokens", *self.columns]
+        return {self.keys[i]: [float(scores[c][j]) for c in names] for j, i in enumerate(group)}
+
+    def _table(self, rows: dict[str, list[float]]):
+        import pandas as pd
+
+        missing = [i for i, k in enumerate(self.keys) if k not in rows]
+        if missing:
+            raise RuntimeError(f"{len(missing)} record(s) were not scored (e.g. record {missing[0]}); rerun to resume")
+        values = np.array([rows[k] for k in self.keys], dtype=np.float64).reshape(len(self.keys), -1)
+        table = pd.DataFrame({"id": np.arange(len(self.records))})
+        if self.labels is not None:
+            table["member"] = self.labels
+        if any("category" in r for r in self.records):
+            table["category"] = [r.get("category", "") for r in self.records]
+        table["n_tokens"] = values[:, 0].astype(np.int64)
+        for j, column in enumerate(self.columns, 1):
+            table[column] = values[:, j]
+        return table
+
+
+def _gather(rows: dict, world: int) -> dict:
+    """Every rank's new rows, on every rank."""
+    if world == 1:
+        return rows
+    parts = [None] * world
+    dist.all_gather_object(parts, rows)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+class _PartStore:
+    """Finished groups of rows as small JSON files (one per group, written atomically) under one settings folder."""
+
+    def __init__(self, folder: Path, columns: list[str]):
+        self.folder, self.columns = folder, columns
+
+    def load(self) -> dict[str, list[float]]:
+        rows = {}
+        for path in sorted(self.folder.glob("*.json")):
+            part = json.loads(path.read_text())
+            if part["columns"] == self.columns:
+                rows.update(part["rows"])
+        return rows
+
+    def write(self, rows: dict[str, list[float]]) -> None:
+        name = hashlib.sha256("".join(rows).encode()).hexdigest()[:16]
+        atomic_write_json(self.folder / f"{name}.json", {"columns": self.columns, "rows": rows})

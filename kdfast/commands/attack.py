@@ -1,0 +1,115 @@
+"""Score membership-inference attacks on a model: members vs non-members -> scores.parquet, metrics.json, roc.png.
+
+Run it under `accelerate launch -m kdfast attack ...` or `torchrun --nproc_per_node N -m kdfast attack ...` to
+shard the records over processes/GPUs; a rerun with the same --out resumes where the last one stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from kdfast.attacks import ATTACKS, DEFAULT_ATTACKS, AttackConfig, evaluate, format_results, plot_roc, score
+from kdfast.commands._common import add_common_model_options, add_model_argument, load_membership
+from kdfast.io import atomic_write_json
+from kdfast.models import default_dtype, load_model, resolve_device
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_argument(parser, help_text="target model: hub id, local folder, .gguf file, or 'smollm2'")
+    parser.add_argument("--members", required=True, help="records in the model's training data (.jsonl/.json/.csv/.parquet)")
+    parser.add_argument("--nonmembers", required=True, help="records not in the training data (same formats)")
+    parser.add_argument("--ref-model", action="append", default=[], metavar="[NAME=]MODEL",
+                        help="reference model for the 'ref' attack, scored with its own tokenizer; repeat for several "
+                             "(column ref_NAME; a single one without NAME= is column 'ref')")
+    parser.add_argument("--attacks", nargs="+", default=list(DEFAULT_ATTACKS), metavar="ATTACK",
+                        help=f"any of {', '.join(ATTACKS)} or 'all' (default: {' '.join(DEFAULT_ATTACKS)}; "
+                             "ref is added when --ref-model is given)")
+    parser.add_argument("--ks", nargs="+", type=float, default=[0.1, 0.2], help="Min-K%% fractions (default 0.1 0.2)")
+    parser.add_argument("--mope-n", type=int, default=10, help="MoPe perturbations (default 10)")
+    parser.add_argument("--mope-sigma", type=float, default=0.01, help="MoPe noise std (default 0.01; the paper used 0.005 for teachers)")
+    parser.add_argument("--recall-shots", type=int, default=3, help="non-members held out as ReCaLL's prefix (default 3)")
+    parser.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward pass (default 8192)")
+    parser.add_argument("--max-len", type=int, default=None, help="cut each record to this many tokens")
+    parser.add_argument("--padding-side", choices=["right", "left"], default="right")
+    parser.add_argument("--all-tokens", action="store_true", help="score prompt tokens too (default: response tokens only)")
+    parser.add_argument("--limit", type=int, default=None, help="use at most this many records of each file")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the AUC CI (default 1000; 0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="MoPe noise, ReCaLL prefix choice, bootstrap")
+    parser.add_argument("--out", required=True, help="output folder (resumable)")
+    add_common_model_options(parser)
+
+
+def parse_ref_models(specs: list[str]) -> dict[str, str]:
+    """'NAME=MODEL' or 'MODEL' specs -> {column: model spec}."""
+    refs = {}
+    for i, spec in enumerate(specs, 1):
+        match = re.fullmatch(r"(\w+)=(.+)", spec)
+        name = f"ref_{match[1]}" if match else ("ref" if len(specs) == 1 else f"ref_{i}")
+        if name in refs:
+            raise ValueError(f"two reference models are named {name!r}; give each a distinct NAME=")
+        refs[name] = match[2] if match else spec
+    return refs
+
+
+def _init_distributed(device_arg: str | None) -> torch.device:
+    """Join the process group that torchrun / accelerate launch describe in the environment; the device of this rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_arg)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def _subset(records: list[dict], labels: list[int], limit: int | None) -> tuple[list[dict], list[int]]:
+    if limit is None:
+        return records, labels
+    keep = [i for c in (1, 0) for i in [j for j, m in enumerate(labels) if m == c][:limit]]
+    return [records[i] for i in keep], [labels[i] for i in keep]
+
+
+def main(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    attacks = tuple(a for a in ATTACKS if a != "ref" or args.ref_model) if "all" in args.attacks else tuple(args.attacks)
+    config = AttackConfig(attacks=attacks, response_only=not args.all_tokens, ks=tuple(args.ks), mope_n=args.mope_n,
+                          mope_sigma=args.mope_sigma, recall_shots=args.recall_shots, batch_tokens=args.batch_tokens,
+                          max_len=args.max_len, padding_side=args.padding_side, seed=args.seed)
+    if "ref" in attacks and not args.ref_model:
+        raise ValueError("attack 'ref' needs --ref-model MODEL (a reference model scored with its own tokenizer)")
+    ref_specs = parse_ref_models(args.ref_model)
+    records, labels = _subset(*load_membership(args.members, args.nonmembers), args.limit)
+    device = _init_distributed(args.device)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
+    load = lambda spec: load_model(spec, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)  # noqa: E731
+    model, tokenizer = load(args.model)
+    refs = {name: load(spec) for name, spec in ref_specs.items()}
+    try:
+        table = score(model, tokenizer, records, ref_models=refs, membership=labels, out=args.out,
+                      config=config)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank != 0:
+        return 0
+    results = evaluate(table, n_bootstrap=args.bootstrap, seed=args.seed)
+    out = Path(args.out)
+    atomic_write_json(out / "metrics.json", {
+        "model": args.model, "members": args.members, "nonmembers": args.nonmembers,
+        "ref_models": ref_specs, "n_members": sum(labels), "n_nonmembers": len(labels) - sum(labels),
+        "config": dataclasses.asdict(config), "results": results})
+    plot_roc(results, out / "roc.png", title=f"Membership inference on {args.model}")
+    elapsed = time.perf_counter() - start
+    print(format_results(results))
+    print(f"\n{len(records)} records ({sum(labels)} members) scored in {elapsed:.1f}s; "
+          f"wrote {out / 'scores.parquet'}, {out / 'metrics.json'}, {out / 'roc.png'}")
+    return 0

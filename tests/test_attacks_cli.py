@@ -1,0 +1,65 @@
+"""`kdfast attack` end to end on a tiny saved model, and its input errors."""
+import json
+
+import pandas as pd
+import pytest
+
+from kdfast import models
+from kdfast.cli import main
+from kdfast.commands.attack import parse_ref_models
+from kdfast.data import bundled_records
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("attack")
+    tok = models.tiny_tokenizer()
+    for name, seed in (("model", 0), ("ref", 1)):
+        models.tiny_model("llama", seed=seed).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    records = bundled_records()[:24]
+    pd.DataFrame(records[:12]).to_json(root / "members.jsonl", orient="records", lines=True)
+    pd.DataFrame(records[12:]).to_csv(root / "nonmembers.csv", index=False)
+    return root
+
+
+def test_end_to_end(files, capsys):
+    out = files / "out"
+    rc = main(["attack", "--model", str(files / "model"), "--members", str(files / "members.jsonl"),
+               "--nonmembers", str(files / "nonmembers.csv"), "--ref-model", f"base={files / 'ref'}",
+               "--attacks", "loss", "min_k", "gradnorm", "--ks", "0.2", "--bootstrap", "100", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "AUC" in printed and "min_k@0.2" in printed and "ref_base" in printed
+    table = pd.read_parquet(out / "scores.parquet")
+    assert list(table.columns) == ["id", "member", "category", "n_tokens", "loss", "min_k@0.2", "ref_base", "gradnorm"]
+    assert table["member"].sum() == 12 and len(table) == 24
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["results"]) == {"loss", "min_k@0.2", "ref_base", "gradnorm"}
+    loss = metrics["results"]["loss"]
+    assert 0 <= loss["auc"] <= 1 and len(loss["auc_ci95"]) == 2 and set(loss["tpr_at_fpr"]) == {"0.25", "0.05", "0.01", "0.001", "0"}
+    assert (out / "roc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_input_errors(files, tmp_path, capsys):
+    base = ["attack", "--model", str(files / "model"), "--out", str(tmp_path / "out")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "c", "response": "d"}\n{"oops"\n')
+    assert main([*base, "--members", str(bad), "--nonmembers", str(files / "nonmembers.csv")]) == 2
+    assert f"{bad}: line 3" in capsys.readouterr().err
+    assert main([*base, "--members", str(files / "members.jsonl"), "--nonmembers", str(files / "members.jsonl")]) == 2
+    assert "both in" in capsys.readouterr().err
+    assert main([*base, "--members", str(files / "members.jsonl"), "--nonmembers", str(files / "nonmembers.csv"),
+                 "--attacks", "ref"]) == 2
+    assert "--ref-model" in capsys.readouterr().err
+    assert main([*base, "--members", str(files / "members.jsonl"), "--nonmembers", str(files / "nonmembers.csv"),
+                 "--attacks", "loss", "bogus"]) == 2
+    assert "unknown attack" in capsys.readouterr().err
+
+
+def test_ref_model_names():
+    assert parse_ref_models(["gpt2"]) == {"ref": "gpt2"}
+    assert parse_ref_models(["a=gpt2", "stablelm=./x"]) == {"ref_a": "gpt2", "ref_stablelm": "./x"}
+    assert parse_ref_models(["gpt2", "./y"]) == {"ref_1": "gpt2", "ref_2": "./y"}
+    with pytest.raises(ValueError, match="distinct"):
+        parse_ref_models(["a=gpt2", "a=opt"])

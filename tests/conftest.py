@@ -1,18 +1,34 @@
-"""Test set-up: run Triton kernels in the interpreter when no GPU is present (before kdfast is imported)."""
+"""Test set-up: Triton in the interpreter without a GPU (set before kdfast is imported), one thread per xdist
+worker, and a fresh random seed per run (printed in the header; KDFAST_SEED=<n> replays a run)."""
 import os
+import random
+import zlib
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per xdist worker: two workers with two OpenMP threads each on two cores stall on barriers.
+    torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    # Set once in the controller; xdist workers start later and inherit it.
+    os.environ.setdefault("KDFAST_SEED", str(random.SystemRandom().randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return f"kdfast random seed: {os.environ['KDFAST_SEED']} (KDFAST_SEED={os.environ['KDFAST_SEED']} replays it)"
+
+
 @pytest.fixture
-def gen():
-    """A fresh, seeded generator per test: inputs are random but reproducible."""
-    return torch.Generator().manual_seed(torch.randint(0, 2**31 - 1, ()).item() if os.environ.get("KDFAST_RANDOM_SEED") else 1234)
+def gen(request):
+    """A generator seeded from the run's seed and the test's id: fresh inputs every run, reproducible on demand."""
+    seed = int(os.environ["KDFAST_SEED"]) ^ zlib.crc32(request.node.nodeid.encode())
+    return torch.Generator().manual_seed(seed)
 
 
 @pytest.fixture

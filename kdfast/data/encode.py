@@ -46,7 +46,11 @@ def encode(tokenizer, record: dict, max_len: int | None = None, max_prompt_len: 
                               f"under max_len={max_len}; raise max_len or drop long records")
         target_ids = target_ids[: max_len - len(prompt_ids)]
     ids = prompt_ids + target_ids
-    return Encoded(ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids, len(prompt_ids))
+    labels = [IGNORE_INDEX] * len(prompt_ids) + target_ids
+    # The first token of a sequence has no context to be predicted from; labelling it would let a left pad
+    # position "predict" it after next_token_targets' shift.
+    labels[0] = IGNORE_INDEX
+    return Encoded(ids, labels, len(prompt_ids))
 
 
 def _bos(tokenizer) -> list[int]:

@@ -42,7 +42,7 @@ def overfit(tok, one_thread):
     targets = next_token_targets(batch["labels"])
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     model.train()
-    for _ in range(100):
+    for _ in range(250):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=batch["position_ids"]).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())

@@ -17,7 +17,12 @@ def ref_scores(ref_model: nn.Module, ref_tokenizer, records: list[dict], target_
     """
     items = encode_records(ref_tokenizer, records, response_only, max_len, numbers)
     ref_ll = mean_log_likelihoods(ref_model, items, pad_id(ref_tokenizer), **batching)
-    return target_ll - ref_ll
+    return reference_scores(target_ll, ref_ll)
+
+
+def reference_scores(target_ll: np.ndarray, ref_ll: np.ndarray) -> np.ndarray:
+    """loss_ref − loss_target from mean log-likelihoods (loss = −ll): reuse a reference's ll across targets."""
+    return np.asarray(target_ll, dtype=np.float64) - np.asarray(ref_ll, dtype=np.float64)
 
 
 def pad_id(tokenizer) -> int:

@@ -1,0 +1,218 @@
+"""The audit's configuration: dataclasses with working defaults, presets, and strict YAML loading."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TECHNIQUES = ("kd", "seqkd", "imitkd", "gkd", "minillm", "distillm")
+ATTACKS = ("loss", "zlib", "lowercase", "min_k", "min_k_pp", "ref_base", "ref_second", "mope", "gradnorm", "recall")
+PRESETS = ("default", "tiny", "paper-gpt2", "paper-opt", "paper-llama")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake: names the key (or file) and the fix, before any long work starts."""
+
+
+@dataclass
+class DataConfig:
+    """Where records come from and how the study splits them (spec §7)."""
+
+    source: str = "bundled"  # "bundled", a .jsonl/.json/.csv/.parquet file, or "hub:<dataset id>"
+    validation: str | None = None  # non-member file or hub split; None holds out validation_fraction of source
+    split: str = "train"  # hub split of the source
+    fields: dict[str, str] = field(default_factory=dict)  # kdfast name -> source column, e.g. {input: context}
+    limit: int | None = None  # read at most this many source records
+    validation_fraction: float = 0.2
+    n_members: int | None = 400  # private half (teacher data) cap
+    n_public: int | None = 800  # public half (student data) cap
+    max_len: int = 96
+    max_prompt_len: int = 64
+
+
+@dataclass
+class TeacherConfig:
+    """The pretrained teacher and its fine-tuning on the private half (members)."""
+
+    model: str = "smollm2"  # pretrained base: hub id, local folder, .gguf, "smollm2", or "tiny:<family>"
+    finetuned: str | None = None  # an already fine-tuned teacher: skip training
+    epochs: float = 3.0
+    lr: float = 1e-4
+    batch_size: int = 16
+    bf16: bool | None = None  # bf16 autocast while fine-tuning (None: on GPUs only)
+    lora_rank: int = 0  # > 0: fine-tune with LoRA (paper-llama)
+
+
+@dataclass
+class StudentsConfig:
+    """Students: one per technique and size, plus the SFT control."""
+
+    techniques: list[str] = field(default_factory=lambda: list(TECHNIQUES))
+    control: bool = True  # the No-KD (SFT) control
+    sizes: dict[str, Any] = field(default_factory=lambda: {"small": [0, 10, 20, 29]})  # name -> teacher layers or a model
+    epochs: float = 3.0
+    lr: float = 2e-4
+    batch_size: int = 16
+    distill: dict[str, Any] = field(default_factory=dict)  # DistillConfig fields for every technique
+    per_technique: dict[str, dict[str, Any]] = field(default_factory=dict)  # technique -> DistillConfig overrides
+
+
+@dataclass
+class AttacksConfig:
+    """Membership inference on the teacher and every student: members vs non-members."""
+
+    attacks: list[str] = field(default_factory=lambda: ["loss", "zlib", "lowercase", "min_k", "min_k_pp",
+                                                         "ref_base", "ref_second", "mope"])
+    ref_second: str | None = None  # the second reference model (the paper: StableLM-3B); None skips ref_second
+    n_records: int | None = 300  # members and non-members each
+    ks: list[float] = field(default_factory=lambda: [0.1, 0.2])
+    mope_n: int = 10
+    mope_sigma_teacher: float = 0.005
+    mope_sigma_student: float = 0.01
+    mope_block: bool = True  # per-block MoPe of each student
+    batch_tokens: int = 8192
+    autocast: bool | None = None  # bf16 autocast of the scoring passes (None: on GPUs only)
+    bootstrap: int = 200
+
+
+@dataclass
+class MemorizationConfig:
+    """Greedy match accuracy of every model; its non-member generations also give the utility (ROUGE-L)."""
+
+    n_tokens: int = 32
+    n_records: int | None = 200  # members and non-members each (the first of the attack records)
+    batch_size: int = 32
+    taus: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
+    agreement_flag_rate: float = 0.1  # flag the top 10% of each signal for the agreement analysis
+
+
+@dataclass
+class AblationsConfig:
+    """Optional studies on top of the main grid (each entry trains more students)."""
+
+    divergence: list[str] = field(default_factory=list)  # KD with these losses, e.g. [fkl, rkl]
+    student_gen_fraction: list[float] = field(default_factory=list)  # e.g. [0.0, 0.5, 1.0]
+
+
+@dataclass
+class AuditConfig:
+    name: str = "default"
+    seed: int = 0
+    device: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    students: StudentsConfig = field(default_factory=StudentsConfig)
+    attacks: AttacksConfig = field(default_factory=AttacksConfig)
+    memorization: MemorizationConfig = field(default_factory=MemorizationConfig)
+    ablations: AblationsConfig = field(default_factory=AblationsConfig)
+    redact: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _suggest(key: str, choices) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _build(cls, values: dict, path: str):
+    """Instantiate a config dataclass from a dict, refusing unknown keys with the key path and valid keys."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping of keys, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in known:
+            raise ConfigError(f"unknown config key {where!r}{_suggest(str(key), known)}; valid keys here: {', '.join(known)}")
+        sub = known[key].type
+        nested = {"DataConfig": DataConfig, "TeacherConfig": TeacherConfig, "StudentsConfig": StudentsConfig,
+                  "AttacksConfig": AttacksConfig, "MemorizationConfig": MemorizationConfig,
+                  "AblationsConfig": AblationsConfig}.get(str(sub))
+        kwargs[key] = _build(nested, value, where) if nested else value
+    return cls(**kwargs)
+
+
+def _check_choices(values, choices, where: str) -> None:
+    for v in values:
+        if v not in choices:
+            raise ConfigError(f"{where}: unknown value {v!r}{_suggest(str(v), choices)}; choose from {', '.join(choices)}")
+
+
+def validate(cfg: AuditConfig) -> AuditConfig:
+    """Check values a dataclass cannot: names, ranges and combinations."""
+    from kdfast.reference import KINDS
+
+    _check_choices(cfg.students.techniques, TECHNIQUES, "students.techniques")
+    _check_choices(cfg.students.per_technique, TECHNIQUES, "students.per_technique")
+    _check_choices(cfg.attacks.attacks, ATTACKS, "attacks.attacks")
+    _check_choices(cfg.ablations.divergence, KINDS, "ablations.divergence")
+    if not cfg.students.techniques and not cfg.students.control:
+        raise ConfigError("students: no techniques and no control: nothing to audit; list at least one technique")
+    if not cfg.students.sizes:
+        raise ConfigError("students.sizes is empty; give at least one size, e.g. {small: [0, 10, 20, 29]}")
+    for name, spec in cfg.students.sizes.items():
+        if not (isinstance(spec, str) or isinstance(spec, list) and spec and all(isinstance(i, int) for i in spec)):
+            raise ConfigError(f"students.sizes.{name}: give a list of teacher layer indices or a model id, got {spec!r}")
+    if not 0 < cfg.data.validation_fraction < 1:
+        raise ConfigError(f"data.validation_fraction must be in (0, 1), got {cfg.data.validation_fraction}")
+    for frac in cfg.ablations.student_gen_fraction:
+        if not 0 <= frac <= 1:
+            raise ConfigError(f"ablations.student_gen_fraction: {frac} is not in [0, 1]")
+    if not all(0 < k <= 1 for k in cfg.attacks.ks):
+        raise ConfigError(f"attacks.ks must be fractions in (0, 1], got {cfg.attacks.ks}")
+    if "ref_second" in cfg.attacks.attacks and not cfg.attacks.ref_second:
+        cfg.attacks.attacks = [a for a in cfg.attacks.attacks if a != "ref_second"]
+    if cfg.data.max_prompt_len >= cfg.data.max_len:
+        raise ConfigError(f"data.max_prompt_len ({cfg.data.max_prompt_len}) must be below data.max_len ({cfg.data.max_len})")
+    return cfg
+
+
+def preset(name: str) -> AuditConfig:
+    """A named configuration: the embedded default, the CI-sized tiny run, or the paper's settings."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}{_suggest(name, PRESETS)}; choose from {', '.join(PRESETS)}")
+    from kdfast.audit import presets
+
+    return validate(presets.PRESETS[name]())
+
+
+def load_config(path: str | Path | None = None, preset_name: str | None = None, overrides: dict | None = None) -> AuditConfig:
+    """A preset with a YAML file's keys and `overrides` laid over it, validated.
+
+    The preset is `preset_name`, else the file's `preset:` key, else "default".
+    """
+    layer = _read_yaml(path) if path else {}
+    base = preset(preset_name or layer.pop("preset", None) or "default").to_dict()
+    layer.pop("preset", None)
+    for extra in layer, overrides or {}:
+        base = _merge(base, extra)
+    return validate(_build(AuditConfig, base, ""))
+
+
+def _read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return data
+
+
+def _merge(base: dict, layer: dict) -> dict:
+    out = dict(base)
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("sizes", "fields", "per_technique", "distill"):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out

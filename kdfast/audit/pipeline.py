@@ -1,0 +1,402 @@
+"""The audit pipeline: data → teacher → students → attacks, memorization, per-block MoPe → report (spec §5–§7)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kdfast import attacks, memorization
+from kdfast.audit.config import AuditConfig, ConfigError
+from kdfast.audit.report import auc_table, text_table, write_report
+from kdfast.audit.stages import Stages
+from kdfast.audit.utility import rouge_l
+from kdfast.data import RecordError, bundled_records, load_hub_dataset, load_records, study_split
+from kdfast.distill import DistillConfig, Distiller, make_student
+from kdfast.io import atomic_write_json
+from kdfast.models import ModelError, load_model, resolve_device
+
+MATERIALIZED = ("smollm2", "tiny:")  # base models saved once as safetensors: GGUF is slow to load, tiny is random
+TECHNIQUE_LABELS = {"sft": "No-KD (SFT)", "kd": "KD", "seqkd": "SeqKD", "imitkd": "ImitKD", "gkd": "GKD",
+                    "minillm": "MiniLLM", "distillm": "DistiLLM"}
+
+
+@dataclass
+class ModelEntry:
+    """One audited model: where it lives and what it is."""
+
+    id: str
+    role: str  # teacher, control, student, ablation
+    label: str
+    path: str
+    key: str  # the stage key that produced it (downstream stages hash it)
+    technique: str | None = None
+    size: str | None = None
+
+
+def _file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def load_source(cfg: AuditConfig) -> tuple[list[dict], list[dict] | None]:
+    """The source records and the optional validation (non-member) records, per the data config."""
+    d = cfg.data
+    if d.source == "bundled":
+        return bundled_records()[: d.limit], None
+    if d.source.startswith("hub:"):
+        name = d.source[4:]
+        train = load_hub_dataset(name, d.split, d.fields, d.limit)
+        return train, load_hub_dataset(name, d.validation, d.fields) if d.validation else None
+    return load_records(d.source, d.fields, d.limit), load_records(d.validation, d.fields) if d.validation else None
+
+
+def check_inputs(cfg: AuditConfig) -> None:
+    """Fail fast, before any long work: data files exist and parse, local model folders exist."""
+    d = cfg.data
+    for label, path in (("data.source", d.source), ("data.validation", d.validation)):
+        if path and path != "bundled" and not path.startswith("hub:") and not Path(path).exists():
+            raise ConfigError(f"{label}: file {path} not found; give a .jsonl/.json/.csv/.parquet file, 'bundled' "
+                              "or 'hub:<dataset id>'")
+    specs = [("teacher.model", cfg.teacher.model), ("teacher.finetuned", cfg.teacher.finetuned),
+             ("attacks.ref_second", cfg.attacks.ref_second)]
+    specs += [(f"students.sizes.{k}", v) for k, v in cfg.students.sizes.items() if isinstance(v, str)]
+    for label, spec in specs:
+        if spec and spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists():
+            raise ConfigError(f"{label}: model folder {spec} not found")
+        if spec and spec.startswith("tiny:") and spec[5:] not in ("gpt2", "opt", "llama"):
+            raise ConfigError(f"{label}: unknown tiny model {spec!r}; use tiny:gpt2, tiny:opt or tiny:llama")
+
+
+class Audit:
+    """Runs the study for one config under `out`; every stage is cached there and a rerun resumes."""
+
+    def __init__(self, cfg: AuditConfig, out: str | Path, progress: bool = True):
+        self.cfg, self.out, self.progress = cfg, Path(out), progress
+        self.stages = Stages(self.out, log=self.log)
+        self.device = resolve_device(cfg.device)
+        self._models: dict[str, tuple] = {}
+
+    def log(self, text: str) -> None:
+        if self.progress:
+            print(text, flush=True)
+
+    # models -----------------------------------------------------------------------------------------------
+    def model(self, path: str, train: bool = False):
+        """(model, tokenizer) of a folder or spec, loaded once per run and kept on the audit's device."""
+        if path not in self._models:
+            model, tok = load_model(path)
+            self._models[path] = (model.to(self.device).eval(), tok)
+        model, tok = self._models[path]
+        return model, tok
+
+    def forget(self, path: str) -> None:
+        self._models.pop(path, None)
+
+    # stages -----------------------------------------------------------------------------------------------
+    def data(self):
+        d = self.cfg.data
+        files = [p for p in (d.source, d.validation) if p and p != "bundled" and not p.startswith("hub:")]
+        inputs = {"data": asdict(d), "seed": self.cfg.seed, "files": [_file_digest(p) for p in files]}
+
+        def run(work: Path) -> dict:
+            train, validation = load_source(self.cfg)
+            split = study_split(train, validation, validation_fraction=d.validation_fraction,
+                                n_members=d.n_members, n_public=d.n_public, seed=self.cfg.seed)
+            atomic_write_json(work / "split.json", {"private": split.private, "public": split.public,
+                                                    "nonmembers": split.nonmembers})
+            return {"private": len(split.private), "public": len(split.public), "nonmembers": len(split.nonmembers),
+                    "dropped": split.dropped, "summary": split.summary()}
+
+        result, folder = self.stages.run("data", inputs, run)
+        self.log(f"data: {result['summary']}")
+        self.split = json.loads((folder / "split.json").read_text())
+        self.split_counts = {k: result[k] for k in ("private", "public", "nonmembers", "dropped")}
+        self.data_key = folder.name
+        n_att = self.cfg.attacks.n_records or min(len(self.split["private"]), len(self.split["nonmembers"]))
+        n_att = min(n_att, len(self.split["private"]), len(self.split["nonmembers"]))
+        self.members, self.nonmembers = self.split["private"][:n_att], self.split["nonmembers"][:n_att]
+        n_mem = min(self.cfg.memorization.n_records or n_att, n_att)
+        self.n_mem = n_mem
+        self.eval_records = self.split["nonmembers"][-64:]
+
+    def base(self) -> str:
+        """The pretrained teacher (before fine-tuning); GGUF and tiny models are saved once as safetensors."""
+        spec = self.cfg.teacher.model
+        if not spec.startswith(MATERIALIZED):
+            self.base_path, self.base_key = spec, spec
+            return spec
+
+        def run(work: Path) -> dict:
+            model, tok = load_model(spec)
+            model.save_pretrained(work / "model", safe_serialization=True)
+            tok.save_pretrained(work / "model")
+            return {"spec": spec}
+
+        _, folder = self.stages.run("base", {"model": spec, "seed": self.cfg.seed}, run)
+        self.base_path, self.base_key = str(folder / "model"), folder.name
+        return self.base_path
+
+    def teacher(self) -> ModelEntry:
+        t = self.cfg.teacher
+        if t.finetuned:
+            return ModelEntry("teacher", "teacher", "Teacher", t.finetuned, t.finetuned)
+        if t.lora_rank:
+            raise ConfigError("teacher.lora_rank > 0 (LoRA fine-tuning) is not supported yet; fine-tune the teacher "
+                              "elsewhere and give it as teacher.finetuned")
+        inputs = {"base": self.base_key, "data": self.data_key, "teacher": asdict(t), "seed": self.cfg.seed,
+                  "max_len": self.cfg.data.max_len, "max_prompt_len": self.cfg.data.max_prompt_len}
+
+        def run(work: Path) -> dict:
+            model, tok = load_model(self.base_path)
+            cfg = DistillConfig(technique="sft", lr=t.lr, epochs=t.epochs, batch_size=t.batch_size, bf16=t.bf16,
+                                max_len=self.cfg.data.max_len, max_prompt_len=self.cfg.data.max_prompt_len,
+                                seed=self.cfg.seed, out=str(work / "run"), resume=True, save_every=50,
+                                device=str(self.device), progress=self.progress)
+            summary = Distiller(None, model, tok, cfg).train(self.split["private"])
+            self.log(str(summary))
+            return {"final": "run/final", "loss": summary.loss, "steps": summary.steps}
+
+        result, folder = self.stages.run("teacher", inputs, run)
+        return ModelEntry("teacher", "teacher", "Teacher", str(folder / result["final"]), folder.name)
+
+    def student_plan(self) -> list[tuple[str, str, str, str, dict]]:
+        """(id, role, label, size, DistillConfig overrides) of every student: control, techniques, ablations."""
+        s, plan = self.cfg.students, []
+        techniques = (["sft"] if s.control else []) + list(s.techniques)
+        for i, size in enumerate(s.sizes):
+            for tech in techniques:
+                role = "control" if tech == "sft" else "student"
+                plan.append((f"{size}/{tech}", role, f"{TECHNIQUE_LABELS[tech]} ({size})", size, {"technique": tech}))
+            if i == 0:
+                for kind in self.cfg.ablations.divergence:
+                    plan.append((f"{size}/kd-{kind}", "ablation", f"KD-{kind} ({size})", size,
+                                 {"technique": "kd", "loss": kind, "_ablation": ("divergence", kind)}))
+                for frac in self.cfg.ablations.student_gen_fraction:
+                    plan.append((f"{size}/kd-gen{frac:g}", "ablation", f"KD gen {frac:g} ({size})", size,
+                                 {"technique": "kd", "student_gen_fraction": frac,
+                                  "_ablation": ("student_gen_fraction", frac)}))
+        return plan
+
+    def student(self, teacher: ModelEntry, sid: str, role: str, label: str, size: str, spec: dict) -> ModelEntry:
+        s = self.cfg.students
+        overrides = {k: v for k, v in spec.items() if not k.startswith("_")}
+        tech = overrides["technique"]
+        settings = {"lr": s.lr, "epochs": s.epochs, "batch_size": s.batch_size, "max_len": self.cfg.data.max_len,
+                    "max_prompt_len": self.cfg.data.max_prompt_len, "seed": self.cfg.seed,
+                    **s.distill, **s.per_technique.get(tech, {}), **overrides}
+        init = s.sizes[size]
+        inputs = {"teacher": teacher.key, "base": self.base_key, "data": self.data_key, "init": init,
+                  "settings": settings}
+
+        def run(work: Path) -> dict:
+            base, tok = load_model(self.base_path) if isinstance(init, list) else load_model(init)
+            student = make_student(base, layers=init) if isinstance(init, list) else base
+            del base
+            cfg = DistillConfig(**settings, out=str(work / "run"), resume=True, save_every=50,
+                                device=str(self.device), progress=self.progress)
+            teacher_model = self.model(teacher.path)[0] if cfg.needs_teacher else None
+            summary = Distiller(teacher_model, student, tok, cfg).train(self.split["public"], self.eval_records)
+            self.log(str(summary))
+            return {"final": "run/final", "loss": summary.loss, "steps": summary.steps}
+
+        result, folder = self.stages.run(f"student-{sid.replace('/', '-')}", inputs, run)
+        return ModelEntry(sid, role, label, str(folder / result["final"]), folder.name, tech, size)
+
+    def reference(self, name: str, spec: str) -> tuple[np.ndarray, str]:
+        """A reference model's mean log-likelihood per attack record, computed once and shared by every target."""
+        a = self.cfg.attacks
+        inputs = {"model": self.base_key if spec == self.base_path else spec, "data": self.data_key,
+                  "batch_tokens": a.batch_tokens, "n_records": a.n_records, "autocast": a.autocast}
+
+        def run(work: Path) -> dict:
+            model, tok = self.model(spec)
+            table = attacks.score(model, tok, self.members + self.nonmembers, ["loss"], batch_tokens=a.batch_tokens,
+                                  autocast=a.autocast, out=work / "parts", progress=self.progress)
+            np.save(work / "ll.npy", table["loss"].to_numpy())
+            return {"model": spec}
+
+        _, folder = self.stages.run(f"reference-{name}", inputs, run)
+        return np.load(folder / "ll.npy"), folder.name
+
+    def attack(self, entry: ModelEntry, refs: dict[str, tuple[np.ndarray, str]]) -> dict:
+        a = self.cfg.attacks
+        names = [n for n in a.attacks if not n.startswith("ref_")]
+        if refs and "loss" not in names:
+            names.insert(0, "loss")
+        sigma = a.mope_sigma_teacher if entry.role == "teacher" else a.mope_sigma_student
+        inputs = {"model": entry.key, "data": self.data_key, "attacks": asdict(a), "refs": {k: v[1] for k, v in refs.items()},
+                  "sigma": sigma}
+
+        def run(work: Path) -> dict:
+            model, tok = self.model(entry.path)
+            table = attacks.score(model, tok, self.members + self.nonmembers, names,
+                                  membership=[1] * len(self.members) + [0] * len(self.nonmembers),
+                                  ks=tuple(a.ks), mope_n=a.mope_n, mope_sigma=sigma, batch_tokens=a.batch_tokens,
+                                  autocast=a.autocast, seed=self.cfg.seed, out=work / "parts", progress=self.progress)
+            for name, (ref_ll, _) in refs.items():
+                table[name] = attacks.reference_scores(table["loss"].to_numpy(), ref_ll)
+            if "loss" not in a.attacks:
+                table = table.drop(columns="loss")
+            table.to_parquet(work / "scores.parquet")
+            return {"metrics": attacks.evaluate(table, n_bootstrap=a.bootstrap, seed=self.cfg.seed)}
+
+        return self.stages.run(f"attacks-{entry.id.replace('/', '-')}", inputs, run)[0]["metrics"]
+
+    def blocks(self, entry: ModelEntry) -> dict:
+        a = self.cfg.attacks
+        inputs = {"model": entry.key, "data": self.data_key, "n": a.mope_n, "sigma": a.mope_sigma_student,
+                  "batch_tokens": a.batch_tokens, "autocast": a.autocast}
+
+        def run(work: Path) -> dict:
+            model, tok = self.model(entry.path)
+            table = attacks.score(model, tok, self.members + self.nonmembers, ["mope_block"],
+                                  membership=[1] * len(self.members) + [0] * len(self.nonmembers),
+                                  mope_n=a.mope_n, mope_sigma=a.mope_sigma_student, batch_tokens=a.batch_tokens,
+                                  autocast=a.autocast, seed=self.cfg.seed, out=work / "parts", progress=self.progress)
+            metrics = attacks.evaluate(table, n_bootstrap=0)
+            return {"auc": {c.split("@")[1]: m["auc"] for c, m in metrics.items()}}
+
+        return self.stages.run(f"blocks-{entry.id.replace('/', '-')}", inputs, run)[0]["auc"]
+
+    def memorize(self, entry: ModelEntry) -> dict:
+        m = self.cfg.memorization
+        records = self.members[: self.n_mem] + self.nonmembers[: self.n_mem]
+        inputs = {"model": entry.key, "data": self.data_key, "memorization": asdict(m)}
+
+        def run(work: Path) -> dict:
+            model, tok = self.model(entry.path)
+            res = memorization.match_accuracy(model, tok, records, n_tokens=m.n_tokens, batch_size=m.batch_size,
+                                              progress=self.progress)
+            frame = res.to_frame()
+            frame["member"] = [1] * self.n_mem + [0] * self.n_mem
+            frame.to_parquet(work / "records.parquet")
+            nonmember_text = res.generated[self.n_mem:]
+            utility = float(np.mean([rouge_l(g, r["response"]) for g, r in zip(nonmember_text, self.nonmembers)]))
+            acc = np.asarray(res.accuracy)
+            member, nonmember = float(acc[: self.n_mem].mean()), float(acc[self.n_mem:].mean())
+            approx = np.asarray(res.approx, dtype=float)
+            return {"member": member, "nonmember": nonmember, "gap": member - nonmember,
+                    "member_approx": float(approx[: self.n_mem].mean()),
+                    "nonmember_approx": float(approx[self.n_mem:].mean()), "rouge_l": utility}
+
+        result, folder = self.stages.run(f"memorization-{entry.id.replace('/', '-')}", inputs, run)
+        result["records"] = str(folder / "records.parquet")
+        return result
+
+    # the whole study --------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        started = time.time()
+        check_inputs(self.cfg)
+        self.log(f"kdfast audit '{self.cfg.name}' → {self.out} (device: {self.device})")
+        self.data()
+        self.base()
+        teacher = self.teacher()
+        entries = [teacher] + [self.student(teacher, *item) for item in self.student_plan()]
+        self.forget(teacher.path)
+        wanted = {"ref_base": self.base_path, "ref_second": self.cfg.attacks.ref_second}
+        refs = {name: self.reference(name, spec) for name, spec in wanted.items()
+                if name in self.cfg.attacks.attacks and spec}
+        for spec in wanted.values():
+            self.forget(spec)
+        rows = []
+        for entry in entries:
+            rows.append(self._evaluate(entry, refs))
+            self.forget(entry.path)
+        results = self._results(entries, rows, time.time() - started)
+        paths = write_report(results, self.out)
+        self.log("\n" + text_table(*auc_table(results)))
+        self.log(f"\nReport: {paths['report']}\nResults: {paths['results']}  Summary: {paths['summary']}")
+        return results
+
+    def _evaluate(self, entry: ModelEntry, refs: dict) -> dict:
+        metrics = self.attack(entry, refs)
+        mem = self.memorize(entry)
+        blocks = self.blocks(entry) if self.cfg.attacks.mope_block and entry.role != "teacher" else None
+        return {"metrics": metrics, "memorization": mem, "mope_block": blocks}
+
+    def _results(self, entries: list[ModelEntry], rows: list[dict], seconds: float) -> dict:
+        columns = list(dict.fromkeys(c for r in rows for c in r["metrics"]))
+        models, mem_frames = [], {}
+        for entry, row in zip(entries, rows):
+            metrics = row["metrics"]
+            mem = {k: v for k, v in row["memorization"].items() if k not in ("records", "_seconds", "rouge_l")}
+            models.append({
+                "id": entry.id, "role": entry.role, "label": entry.label, "technique": entry.technique,
+                "size": entry.size,
+                "auc": {c: m["auc"] for c, m in metrics.items()},
+                "auc_ci95": {c: m["auc_ci95"] for c, m in metrics.items()},
+                "tpr_at_fpr": {c: m["tpr_at_fpr"] for c, m in metrics.items()},
+                "roc": {c: m["roc"] for c, m in metrics.items()},
+                "memorization": mem, "utility": {"rouge_l": row["memorization"]["rouge_l"]},
+                "mope_block": row["mope_block"],
+            })
+            mem_frames[entry.id] = pd.read_parquet(row["memorization"]["records"])
+        results = {
+            "name": self.cfg.name, "config": self.cfg.to_dict(), "split": self.split_counts, "attacks": columns,
+            "models": models, "machine": _machine(self.device), "time_seconds": seconds,
+            "stages": {"ran": self.stages.ran, "reused": self.stages.reused},
+            "teacher_conditioned": self._conditioned(entries, mem_frames),
+            "agreement": self._agreement(entries, mem_frames),
+            "ablations": self._ablations(),
+            "redacted": self.cfg.redact,
+        }
+        if not self.cfg.redact:
+            results["examples"] = self._examples(entries, mem_frames)
+        return results
+
+    def _conditioned(self, entries, frames) -> dict:
+        teacher = frames["teacher"]["accuracy"].to_numpy()[: self.n_mem]
+        return {e.id: [c.to_dict() for c in memorization.teacher_conditioned(
+                    teacher, frames[e.id]["accuracy"].to_numpy()[: self.n_mem], self.cfg.memorization.taus)]
+                for e in entries if e.role != "teacher"}
+
+    def _agreement(self, entries, frames) -> dict:
+        out = {}
+        for e in entries:
+            scores = pd.read_parquet(Path(self.stages.root) / "stages" / self._attack_folder(e) / "scores.parquet")
+            mia = scores["loss"].to_numpy()
+            mia = np.concatenate([mia[: self.n_mem], mia[len(self.members): len(self.members) + self.n_mem]])
+            agr = memorization.agreement(mia, frames[e.id]["accuracy"].to_numpy(),
+                                         flag_rate=self.cfg.memorization.agreement_flag_rate)
+            out[e.id] = agr.to_dict()
+        return out
+
+    def _attack_folder(self, entry: ModelEntry) -> str:
+        return next(p.name for p in (self.out / "stages").glob(f"attacks-{entry.id.replace('/', '-')}-*")
+                    if (p / "scores.parquet").exists() and not p.name.endswith(".partial"))
+
+    def _ablations(self) -> dict:
+        out: dict[str, list] = {"divergence": [], "student_gen_fraction": []}
+        for sid, _, _, _, spec in self.student_plan():
+            if "_ablation" in spec:
+                name, value = spec["_ablation"]
+                out[name].append({"value": value, "model_id": sid})
+        return out
+
+    def _examples(self, entries, frames, n: int = 5) -> list[dict]:
+        examples = []
+        for i in range(min(n, self.n_mem)):
+            record = self.members[i]
+            outputs = {e.label: str(frames[e.id]["generated"].iloc[i]) for e in entries}
+            examples.append({"instruction": record["instruction"], "response": record["response"], "outputs": outputs})
+        return examples
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def run_audit(cfg: AuditConfig, out: str | Path | None = None, progress: bool = True) -> dict:
+    """Run (or resume) the whole study; returns the results dict also written to <out>/results.json."""
+    try:
+        return Audit(cfg, out or Path("runs") / cfg.name, progress).run()
+    except (RecordError, ModelError) as e:
+        raise ConfigError(str(e)) from e

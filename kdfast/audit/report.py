@@ -1,0 +1,270 @@
+"""The audit's report: results.json, summary.md, PNG charts and a self-contained, escaped report.html."""
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from kdfast.io import atomic_path, atomic_write_json, atomic_write_text  # noqa: E402
+
+FPRS = ("0.25", "0.05", "0.01", "0.001", "0.0")
+
+
+def _fmt(x, digits: int = 2) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def auc_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the model × attack AUC table (the study's heatmap as text)."""
+    header = ["model"] + results["attacks"]
+    rows = [[m["label"]] + [_fmt(m["auc"].get(a)) for a in results["attacks"]] for m in results["models"]]
+    return header, rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """A plain aligned table for the terminal."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_heatmap(results: dict, path: Path) -> Path:
+    attacks, models = results["attacks"], results["models"]
+    grid = np.array([[m["auc"].get(a, np.nan) for a in attacks] for m in models], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.1 * len(attacks) + 2.5, 0.45 * len(models) + 1.5))
+    im = ax.imshow(grid, cmap="RdBu_r", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(attacks)), attacks, rotation=35, ha="right")
+    ax.set_yticks(range(len(models)), [m["label"] for m in models])
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if abs(grid[i, j] - 0.5) > 0.3 else "black")
+    fig.colorbar(im, ax=ax, label="ROC AUC (0.5 = no leakage)")
+    ax.set_title("Membership inference AUC by model and attack")
+    return _save(fig, path)
+
+
+def plot_roc(results: dict, attack: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for m in results["models"]:
+        roc = m.get("roc", {}).get(attack)
+        if roc:
+            ax.plot(roc["fpr"], roc["tpr"], label=f"{m['label']} ({_fmt(m['auc'].get(attack))})", lw=1.2)
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC: {attack} attack")
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def plot_memorization(results: dict, path: Path) -> Path:
+    models = [m for m in results["models"] if m.get("memorization")]
+    x = np.arange(len(models))
+    fig, ax = plt.subplots(figsize=(0.8 * len(models) + 3, 4))
+    member = [m["memorization"]["member"] for m in models]
+    nonmember = [m["memorization"]["nonmember"] for m in models]
+    ax.bar(x - 0.2, member, 0.4, label="members")
+    ax.bar(x + 0.2, nonmember, 0.4, label="non-members")
+    for i, m in enumerate(models):
+        ax.text(i, max(member[i], nonmember[i]) + 0.01, f"gap {m['memorization']['gap']:+.3f}", ha="center", fontsize=7)
+    ax.set_xticks(x, [m["label"] for m in models], rotation=35, ha="right")
+    ax.set(ylabel="match accuracy (first tokens, greedy)", title="Memorization: members vs non-members")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_per_block(results: dict, path: Path) -> Path | None:
+    models = [m for m in results["models"] if m.get("mope_block")]
+    if not models:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in models:
+        blocks = sorted(m["mope_block"], key=int)
+        ax.plot([int(b) for b in blocks], [m["mope_block"][b] for b in blocks], marker="o", label=m["label"])
+    ax.axhline(0.5, color="k", ls=":", lw=0.8)
+    ax.set(xlabel="transformer block perturbed", ylabel="MoPe AUC", title="Per-block MoPe AUC")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_utility(results: dict, attack: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for m in results["models"]:
+        u, a = m.get("utility", {}).get("rouge_l"), m["auc"].get(attack)
+        if u is not None and a is not None:
+            ax.scatter(u, a)
+            ax.annotate(m["label"], (u, a), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0.5, color="k", ls=":", lw=0.8)
+    ax.set(xlabel="utility: ROUGE-L on held-out prompts", ylabel=f"leakage: {attack} AUC", title="Utility beside leakage")
+    return _save(fig, path)
+
+
+def plot_sizes(results: dict, attack: str, path: Path) -> Path | None:
+    sizes = list(dict.fromkeys(m["size"] for m in results["models"] if m.get("size")))
+    if len(sizes) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for tech in dict.fromkeys(m["technique"] for m in results["models"] if m.get("size")):
+        ys = [next((m["auc"].get(attack) for m in results["models"] if m.get("size") == s and m["technique"] == tech), None)
+              for s in sizes]
+        ax.plot(sizes, [np.nan if y is None else y for y in ys], marker="o", label=tech)
+    ax.set(xlabel="student size", ylabel=f"{attack} AUC", title="Leakage by student size")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_ablations(results: dict, attack: str, path: Path) -> Path | None:
+    abl = results.get("ablations") or {}
+    panels = [(k, v) for k, v in abl.items() if v]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    by_id = {m["id"]: m for m in results["models"]}
+    for ax, (name, entries) in zip(axes[0], panels):
+        labels = [str(e["value"]) for e in entries]
+        values = [by_id[e["model_id"]]["auc"].get(attack, np.nan) for e in entries]
+        ax.bar(labels, values, color="tab:purple")
+        ax.axhline(0.5, color="k", ls=":", lw=0.8)
+        ax.set(xlabel=name.replace("_", " "), ylabel=f"{attack} AUC", title=f"Ablation: {name.replace('_', ' ')}")
+    return _save(fig, path)
+
+
+def _finite(obj):
+    """NaN and ±inf become null, so results.json is strict JSON."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _img(path: Path | None) -> str:
+    if path is None:
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}"></figure>'
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _memorization_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["model", "members", "non-members", "gap", "approx. members", "utility ROUGE-L"]
+    rows = [[m["label"], _fmt(m["memorization"]["member"], 3), _fmt(m["memorization"]["nonmember"], 3),
+             _fmt(m["memorization"]["gap"], 3), _fmt(m["memorization"].get("member_approx"), 3),
+             _fmt(m.get("utility", {}).get("rouge_l"), 3)]
+            for m in results["models"] if m.get("memorization")]
+    return header, rows
+
+
+def _tpr_rows(results: dict, attack: str) -> tuple[list[str], list[list[str]]]:
+    header = ["model", "AUC", "95% CI"] + [f"TPR@FPR≤{f}" for f in FPRS]
+    rows = []
+    for m in results["models"]:
+        ci = m.get("auc_ci95", {}).get(attack)
+        tpr = m.get("tpr_at_fpr", {}).get(attack, {})
+        rows.append([m["label"], _fmt(m["auc"].get(attack)), f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "–"]
+                    + [_fmt(tpr.get(f), 3) for f in FPRS])
+    return header, rows
+
+
+def _conditioned_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["student", "τ", "teacher-memorized", "student mean accuracy on them", "student also > τ"]
+    rows = [[mid, _fmt(r["tau"], 1), str(r["n_teacher"]), _fmt(r["student_mean"], 3), _fmt(r["student_fraction"], 3)]
+            for mid, entries in results.get("teacher_conditioned", {}).items() for r in entries]
+    return header, rows
+
+
+def _agreement_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["model", "Jaccard", "Cohen's κ", "both", "MIA only", "memorization only", "neither"]
+    rows = [[mid, _fmt(a["jaccard"], 3), _fmt(a["kappa"], 3)] + [str(a[k]) for k in ("both", "mia_only", "mem_only", "neither")]
+            for mid, a in results.get("agreement", {}).items()]
+    return header, rows
+
+
+def _examples_html(examples: list[dict]) -> str:
+    blocks = []
+    for ex in examples:
+        outs = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in ex["outputs"].items())
+        blocks.append(f"<div class='ex'><p><b>Prompt:</b> {html.escape(ex['instruction'])}</p>"
+                      f"<p><b>Ground truth:</b> {html.escape(ex['response'])}</p><dl>{outs}</dl></div>")
+    return "".join(blocks)
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%}figure{margin:1em 0}
+.ex{border-left:3px solid #88a;padding-left:1em;margin:1em 0;font-size:13px}dt{font-weight:bold}.note{color:#555}"""
+
+
+def write_report(results: dict, out: str | Path, main_attack: str = "loss") -> dict[str, Path]:
+    """Write results.json, summary.md, the PNGs and report.html under `out`; returns their paths."""
+    out = Path(out)
+    redacted = results.get("redacted", False)
+    figures = {
+        "heatmap": plot_heatmap(results, out / "heatmap_auc.png"),
+        "roc": plot_roc(results, main_attack, out / "roc.png"),
+        "memorization": plot_memorization(results, out / "memorization.png"),
+        "per_block": plot_per_block(results, out / "per_block_auc.png"),
+        "sizes": plot_sizes(results, main_attack, out / "student_size.png"),
+        "ablations": plot_ablations(results, main_attack, out / "ablations.png"),
+        "utility": plot_utility(results, main_attack, out / "utility_vs_leakage.png"),
+    }
+    atomic_write_json(out / "results.json", _finite(results))
+    auc_header, auc_rows = auc_table(results)
+    sections = [
+        ("Membership inference: AUC by model and attack", _html_table(auc_header, auc_rows) + _img(figures["heatmap"])),
+        (f"ROC and TPR at low FPR ({main_attack} attack)", _html_table(*_tpr_rows(results, main_attack)) + _img(figures["roc"])),
+        ("Memorization and utility", _html_table(*_memorization_rows(results)) + _img(figures["memorization"])
+         + _img(figures["utility"])),
+        ("Teacher-conditioned memorization", _html_table(*_conditioned_rows(results))),
+        ("Agreement of membership and memorization", _html_table(*_agreement_rows(results))),
+        ("Per-block MoPe", _img(figures["per_block"]) or "<p class='note'>not run</p>"),
+        ("Student size and ablations", (_img(figures["sizes"]) + _img(figures["ablations"]))
+         or "<p class='note'>one student size and no ablations configured</p>"),
+    ]
+    if not redacted:
+        sections.append(("Examples (member records and greedy outputs)", _examples_html(results.get("examples", []))))
+    split = results["split"]
+    intro = (f"<p>{html.escape(results['name'])}: {split['private']} members (teacher's private half), "
+             f"{split['public']} public records (students' data), {split['nonmembers']} non-members. "
+             f"Machine: {html.escape(results['machine'])}. Run time: {results['time_seconds'] / 60:.1f} min. "
+             "AUC above 0.5 means the attack tells members from non-members; below 0.5 the score's sign is "
+             "inverted for that model (shown raw).</p>"
+             + ("<p class='note'>Redacted: no record text is shown.</p>" if redacted else ""))
+    body = "".join(f"<h2>{html.escape(title)}</h2>{content}" for title, content in sections)
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>kdfast audit: {html.escape(results['name'])}"
+            f"</title><style>{CSS}</style></head><body><h1>Distillation privacy audit: {html.escape(results['name'])}"
+            f"</h1>{intro}{body}</body></html>")
+    atomic_write_text(out / "report.html", page)
+    summary = (f"# kdfast audit: {results['name']}\n\n{split['private']} members, {split['public']} public, "
+               f"{split['nonmembers']} non-members; {results['machine']}; {results['time_seconds'] / 60:.1f} min.\n\n"
+               f"## AUC by model and attack\n\n{markdown_table(auc_header, auc_rows)}\n\n"
+               f"## Memorization and utility\n\n{markdown_table(*_memorization_rows(results))}\n")
+    atomic_write_text(out / "summary.md", summary)
+    return {"report": out / "report.html", "results": out / "results.json", "summary": out / "summary.md",
+            **{k: v for k, v in figures.items() if v is not None}}

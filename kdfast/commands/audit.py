@@ -1,0 +1,57 @@
+"""Run (or resume) the whole distillation privacy study and write its report.
+
+Stages are cached under the run folder by a hash of their inputs: a killed run resumes where it stopped,
+and a changed setting reruns only what depends on it.
+"""
+from __future__ import annotations
+
+import argparse
+
+import yaml
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file of settings laid over the preset (see kdfast/audit/config.py)")
+    parser.add_argument("--preset", help="default (bundled WordNet + SmolLM2, CPU), tiny, paper-gpt2, paper-opt, "
+                                         "paper-llama (default: the config's `preset:` key, else default)")
+    parser.add_argument("--out", help="run folder (default: runs/<name>)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting, e.g. --set students.epochs=2 --set attacks.mope_n=3")
+    parser.add_argument("--redact", action="store_true", help="show no record text in the report")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--check", action="store_true", help="validate the configuration and stop")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """--set a.b=value pairs as a nested dict; values are read as YAML (numbers, lists, true/false)."""
+    from kdfast.audit import ConfigError
+
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: write KEY=VALUE, e.g. --set students.epochs=2")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    from kdfast.audit import load_config
+    from kdfast.audit.pipeline import run_audit
+
+    overrides = parse_overrides(args.set)
+    if args.redact:
+        overrides["redact"] = True
+    if args.device:
+        overrides["device"] = args.device
+    cfg = load_config(args.config, args.preset, overrides)
+    if args.check:
+        print(f"configuration '{cfg.name}' is valid")
+        return 0
+    run_audit(cfg, args.out, progress=not args.quiet)
+    return 0

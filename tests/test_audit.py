@@ -1,0 +1,115 @@
+"""`kdfast audit --preset tiny` end to end: killed mid-students then resumed, every artifact, escaping, redaction."""
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from kdfast.audit.config import TECHNIQUES
+from kdfast.data.records import bundled_records
+
+SCRIPT = "<script>alert(1)</script>"
+
+
+class _Cells(HTMLParser):
+    """Collects the text of every table cell; a page that does not parse raises."""
+
+    def __init__(self):
+        super().__init__()
+        self.cells, self._in_cell, self.images = [], False, 0
+
+    def handle_starttag(self, tag, attrs):
+        self._in_cell = tag in ("td", "th")
+        self.images += tag == "img"
+
+    def handle_endtag(self, tag):
+        self._in_cell = False
+
+    def handle_data(self, data):
+        if self._in_cell:
+            self.cells.append(data)
+
+
+def _audit(args, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.Popen([sys.executable, "-m", "kdfast", "audit", "--preset", "tiny", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny audit killed after its first distilled student, then resumed to the end (the shared run of this file)."""
+    root = tmp_path_factory.mktemp("audit")
+    data = root / "records.jsonl.gz"
+    records = [dict(r, response=f"{r['response']} {SCRIPT}") for r in bundled_records()[:400]]
+    data.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
+    args = ["--out", str(root / "run"), "--set", f"data.source={data}", "--set", "data.limit=null"]
+    first = _audit(args, start_new_session=True)
+    log = []
+    for line in first.stdout:
+        log.append(line)
+        if "student-small-kd: done" in line:
+            os.killpg(first.pid, signal.SIGKILL)
+            break
+    first.wait()
+    assert any("student-small-kd: done" in line for line in log), "".join(log[-30:])
+    started = time.time()
+    second = subprocess.run([sys.executable, "-m", "kdfast", "audit", "--preset", "tiny", *args], text=True,
+                            capture_output=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    return {"out": root / "run", "args": args, "stdout": second.stdout, "seconds": time.time() - started}
+
+
+def test_resume_skips_finished_stages(run):
+    results = json.loads((run["out"] / "results.json").read_text())
+    reused, ran = results["stages"]["reused"], results["stages"]["ran"]
+    assert {"data", "teacher", "student-small-sft", "student-small-kd"} <= set(reused)
+    assert "student-small-seqkd" in ran and "teacher" not in ran
+
+
+def test_every_artifact_and_every_auc(run):
+    out = run["out"]
+    for name in ("report.html", "results.json", "summary.md", "heatmap_auc.png", "roc.png", "memorization.png",
+                 "per_block_auc.png", "utility_vs_leakage.png"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    by_technique = {m["technique"]: m for m in results["models"] if m["role"] in ("student", "control")}
+    assert set(by_technique) == {"sft", *TECHNIQUES}
+    expected = {"loss", "zlib", "lowercase", "min_k@0.2", "min_k_pp@0.2", "ref_base", "ref_second", "mope"}
+    assert expected <= set(results["attacks"])
+    for model in results["models"]:
+        for attack in results["attacks"]:
+            assert 0.0 <= model["auc"][attack] <= 1.0, (model["id"], attack)
+        assert 0.0 <= model["memorization"]["member"] <= 1.0 and 0.0 <= model["utility"]["rouge_l"] <= 1.0
+    assert all(m["mope_block"] for m in results["models"] if m["role"] != "teacher")
+    assert "AUC by model and attack" in (out / "summary.md").read_text()
+    assert "Report:" in run["stdout"] and "Teacher" in run["stdout"]
+
+
+def test_html_parses_shows_the_aucs_and_escapes_records(run):
+    page = (run["out"] / "report.html").read_text()
+    parser = _Cells()
+    parser.feed(page)
+    results = json.loads((run["out"] / "results.json").read_text())
+    for model in results["models"]:
+        assert model["label"] in parser.cells
+        assert f"{model['auc']['loss']:.2f}" in parser.cells
+    assert parser.images >= 4 and "http://" not in page and "https://" not in page
+    assert SCRIPT not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_redact_shows_no_record_text(run):
+    done = subprocess.run([sys.executable, "-m", "kdfast", "audit", "--preset", "tiny", *run["args"], "--redact",
+                           "--quiet"], text=True, capture_output=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    page = (run["out"] / "report.html").read_text()
+    assert "alert(1)" not in page and "Redacted" in page
+    results = json.loads((run["out"] / "results.json").read_text())
+    assert "examples" not in results and results["redacted"]
+    assert "alert" not in json.dumps(results)

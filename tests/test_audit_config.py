@@ -1,0 +1,67 @@
+"""Audit configuration: presets build and validate without downloads; each kind of mistake names its key and fix."""
+import pytest
+
+from kdfast.audit import ConfigError, load_config
+from kdfast.audit.config import PRESETS
+from kdfast.commands.audit import parse_overrides
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_validate(name):
+    cfg = load_config(preset_name=name)
+    assert cfg.name == name and cfg.students.techniques
+    assert cfg.data.max_prompt_len < cfg.data.max_len
+
+
+def test_paper_presets_follow_the_study():
+    gpt2 = load_config(preset_name="paper-gpt2")
+    assert gpt2.teacher.model == "gpt2-xl" and list(gpt2.students.sizes.values()) == ["gpt2-large", "gpt2-medium", "gpt2"]
+    assert gpt2.data.source == "hub:databricks/databricks-dolly-15k" and gpt2.data.fields == {"input": "context"}
+    assert load_config(preset_name="paper-llama").teacher.lora_rank > 0
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"students": {"techniqes": ["kd"]}}, r"unknown config key 'students.techniqes' \(did you mean 'techniques'\?\)"),
+    ({"bogus": 1}, r"unknown config key 'bogus'"),
+    ({"students": {"techniques": ["kdd"]}}, r"students.techniques: unknown value 'kdd' \(did you mean 'kd'\?\)"),
+    ({"attacks": {"attacks": ["los"]}}, r"attacks.attacks: unknown value 'los'"),
+    ({"ablations": {"divergence": ["kl"]}}, r"ablations.divergence: unknown value 'kl'"),
+    ({"students": {"sizes": {}}}, r"students.sizes is empty"),
+    ({"students": {"sizes": {"s": "x", "t": [0.5]}}}, r"students.sizes.t: give a list of teacher layer indices"),
+    ({"students": {"techniques": [], "control": False}}, r"nothing to audit"),
+    ({"data": {"max_prompt_len": 200, "max_len": 100}}, r"data.max_prompt_len \(200\) must be below data.max_len"),
+    ({"data": 3}, r"data: expected a mapping"),
+])
+def test_mistakes_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)
+
+
+def test_yaml_file(tmp_path):
+    path = tmp_path / "a.yaml"
+    path.write_text("preset: tiny\nstudents:\n  techniques: [kd, gkd]\n")
+    cfg = load_config(path)
+    assert cfg.name == "tiny" and cfg.students.techniques == ["kd", "gkd"] and cfg.teacher.model == "tiny:llama"
+    path.write_text("students: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_missing_inputs_fail_before_work(tmp_path):
+    from kdfast.audit.pipeline import check_inputs
+
+    with pytest.raises(ConfigError, match="data.source: file .*missing.jsonl not found"):
+        check_inputs(load_config(overrides={"data": {"source": str(tmp_path / "missing.jsonl")}}))
+    with pytest.raises(ConfigError, match="teacher.model: model folder ./nowhere not found"):
+        check_inputs(load_config(overrides={"teacher": {"model": "./nowhere"}}))
+    with pytest.raises(ConfigError, match="unknown tiny model"):
+        check_inputs(load_config(overrides={"teacher": {"model": "tiny:bert"}}))
+
+
+def test_parse_overrides():
+    assert parse_overrides(["students.epochs=2", "attacks.ks=[0.1, 0.3]", "redact=true"]) == {
+        "students": {"epochs": 2}, "attacks": {"ks": [0.1, 0.3]}, "redact": True}
+    with pytest.raises(ConfigError, match="write KEY=VALUE"):
+        parse_overrides(["students.epochs"])

@@ -20,9 +20,12 @@ step() {  # step NAME SECONDS CMD...: run one part under its own time limit, kee
   [ "$rc" = 0 ] || failed+=("$name(rc=$rc)")
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$LOG"
-step gpu-tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider -x tests
-step bench-divergence 90 python3 benchmarks/bench_divergence.py --device cuda
-step bench-fused-linear 60 python3 benchmarks/bench_fused_linear.py --device cuda
-step bench-token-stats 45 python3 benchmarks/bench_token_stats.py --device cuda
+step gpu-tests 130 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+step bench-divergence 85 python3 benchmarks/bench_divergence.py --device cuda
+step bench-fused-linear 55 python3 benchmarks/bench_fused_linear.py --device cuda
+step bench-token-stats 40 python3 benchmarks/bench_token_stats.py --device cuda --budget 34
+step bench-memorization 40 python3 benchmarks/bench_memorization.py --device cuda
+step bench-distill-step 70 python3 benchmarks/bench_distill_step.py --device cuda
+step bench-attacks 50 python3 benchmarks/bench_attacks.py --device cuda
 echo "=== done $(date +%T); failed: ${failed[*]:-none}" | tee -a "$LOG"
 [ ${#failed[@]} = 0 ]

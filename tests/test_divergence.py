@@ -59,10 +59,23 @@ def fast_run(s, t, cotangent=None, **kw):
     return out.detach(), s.grad, t.grad
 
 
-def assert_grad_close(got, want, dtype):
+def assert_grad_close(got, want, dtype, skip=None):
+    """Gradients within GRAD_TOL; `skip` marks entries left out (tvd's near-ties), which must stay rare."""
     assert got.dtype == dtype
     rtol, atol = GRAD_TOL[dtype]
-    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol * want.abs().max().item() + 1e-30)
+    got = got.double()
+    if skip is not None:
+        assert skip.double().mean() < 1e-4
+        got, want = got.masked_fill(skip, 0.0), want.masked_fill(skip, 0.0)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol * want.abs().max().item() + 1e-30)
+
+
+def tvd_near_ties(s, t, temperature=1.0, rel=1e-5):
+    """Entries where p and q agree to fp32 rounding: |p − q| has no derivative there, so fp32 may pick either
+    side of sign(p − q). The kernel's answer at such an entry is as right as the reference's."""
+    p = torch.softmax(t.double() / temperature, -1)
+    q = torch.softmax(s.double() / temperature, -1)
+    return (p - q).abs() <= rel * torch.maximum(p, q)
 
 
 def compare(gen, backend, kind, reduction, dtype, shape=(2, 5, 1000), beta=0.3, alpha=0.2, temperature=2.0,
@@ -308,8 +321,9 @@ def test_gpu_llama3_vocab_bf16(kind, cuda, gen):
     got, gs, gt = fast_run(s.to(cuda), t.to(cuda), kind=kind, temperature=2.0, labels=labels.to(cuda),
                            backend="triton", teacher_grad=True)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
-    assert_grad_close(gs, want_gs, torch.bfloat16)
-    assert_grad_close(gt, want_gt, torch.bfloat16)
+    skip = tvd_near_ties(s, t, 2.0).to(cuda) if kind == "tvd" else None
+    assert_grad_close(gs, want_gs, torch.bfloat16, skip)
+    assert_grad_close(gt, want_gt, torch.bfloat16, skip)
 
 
 @pytest.mark.gpu
@@ -322,7 +336,7 @@ def test_gpu_fp32_many_rows_inplace(kind, cuda, gen):
     out = kdfast.distill_loss(buffer, t, kind, reduction="sum", backend="triton", inplace_grad=True)
     out.backward()
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
-    assert_grad_close(buffer.grad, want_gs, torch.float32)
+    assert_grad_close(buffer.grad, want_gs, torch.float32, tvd_near_ties(s, t) if kind == "tvd" else None)
 
 
 @pytest.mark.gpu

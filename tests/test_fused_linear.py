@@ -241,4 +241,10 @@ def test_gpu_fused_linear(dtype, kind, V, cuda, gen):
     torch.testing.assert_close(got.double(), want, rtol=rtol, atol=1e-4)
     for g, w in zip(grads, want_grads):
         assert g.dtype == dtype
-        assert_close_rel(g, w, 3 * rtol, frac)
+        if dtype == torch.bfloat16:
+            # The chunk's logits are bf16 (2^-9 relative rounding): at logits of ~8/T that is ~1% in the
+            # probabilities, and d(hidden), d(weight) sum 128k such terms, so a few nearly-cancelling entries
+            # lose their relative accuracy. bf16 is held to the norm-wise error (H200: 1.7e-2 seen).
+            assert ((g.double() - w).norm() / w.norm()).item() < 3e-2
+        else:
+            assert_close_rel(g, w, 3 * rtol, frac)

@@ -253,12 +253,18 @@ def interpreting() -> bool:
 
 
 def launch_config(V: int) -> tuple[int, int]:
-    """(BLOCK, num_warps). On GPU 2048 x 8 warps: 16-byte loads, < 100 registers, several rows per SM in flight.
+    """(BLOCK, num_warps). On GPU 2048 x 4 warps: 16-byte loads, < 100 registers, several rows per SM in flight
+    (the H200 sweep in benchmarks/results/tune-divergence-h200.md: within 2% of the best of six configs).
 
     The interpreter runs blocks as numpy arrays, so wider blocks there only mean fewer Python steps.
+    KDFAST_DIVERGENCE_CONFIG="BLOCK,WARPS" overrides it (benchmarks/tune_divergence.py sweeps it).
     """
+    override = os.environ.get("KDFAST_DIVERGENCE_CONFIG")
+    if override:
+        block, num_warps = (int(x) for x in override.split(","))
+        return min(block, triton.next_power_of_2(V)), num_warps
     block = min(8192 if interpreting() else 2048, triton.next_power_of_2(V))
-    return block, (8 if block >= 2048 else 4)
+    return block, 4
 
 
 def launch(student: torch.Tensor, teacher: torch.Tensor, grad_s: torch.Tensor | None, grad_t: torch.Tensor | None,

@@ -11,9 +11,10 @@ from kdfast.ops.divergence import (BAD_STUDENT, BAD_TEACHER, KINDS, divergence_f
                                    resolve_backend)
 
 REDUCTIONS = ("mean", "sum")
-# Logits (student + teacher) of one chunk may take this much; the GPU floor keeps the GEMMs efficient, and few
-# chunks keep the fp32 d(weight) read-modify-writes (one per chunk) cheap.
-GPU_CHUNK_BUDGET = 2 << 30
+# Logits (student + teacher) of one chunk may take this much; the GPU floor keeps the GEMMs efficient. On an
+# H200 at N=8192, V=128256 a 512 MiB budget (1024 tokens) took 1.8 GB and 43.7 ms, 2 GiB (4096) 4.0 GB and
+# 39.8 ms (benchmarks/results/tune-divergence-h200.md): memory is what this op is for.
+GPU_CHUNK_BUDGET = 512 << 20
 CPU_CHUNK_BUDGET = 1 << 26
 GPU_MIN_CHUNK = 512
 

@@ -1,25 +1,43 @@
 """Batched generation with the KV cache: prompts left-padded by length, outputs cut after the first EOS."""
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from kdfast.data import Encoded, pad_batch, token_budget_batches
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Dropout off meanwhile (greedy outputs must be deterministic); the caller's mode comes back after."""
+    training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(training)
 
 
 @torch.no_grad()
 def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, *, pad_id: int, eos_id: int | None,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             batch_size: int = 32, seed: int | None = None) -> list[list[int]]:
-    """New tokens for each prompt (token-id lists), up to and including the first EOS.
+             batch_size: int = 32, seed: int | None = None, progress: bool = False,
+             desc: str = "generate") -> list[list[int]]:
+    """New tokens for each prompt (token-id lists), up to and including the first EOS (eos_id=None: all steps).
 
     Greedy by default; sampling with temperature / top-k (0 = off) / top-p, seeded when `seed` is given.
-    A prompt's output does not depend on the batch it lands in (position ids skip the padding).
+    A prompt's output does not depend on the batch it lands in (position ids skip the padding). The model runs
+    as it is (train or eval mode); wrap the call in eval_mode() to turn dropout off.
     """
     device = next(model.parameters()).device
     out: list[list[int]] = [[] for _ in prompts]
     batches = token_budget_batches([len(p) for p in prompts], batch_tokens=10**12, max_batch=batch_size)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    bar = tqdm(total=len(prompts), desc=desc, unit="rec", disable=not progress)
+    with bar, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if seed is not None:
             torch.manual_seed(seed)
         for idx in batches:
@@ -32,6 +50,7 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, *,
                                  use_cache=True)[:, ids.shape[1]:]
             for row, i in enumerate(idx):
                 out[i] = _cut_after_eos(new[row].tolist(), eos_id)
+            bar.update(len(idx))
     return out
 
 

@@ -1,5 +1,5 @@
-"""Test set-up: Triton in the interpreter without a GPU (set before kdfast is imported), one thread per xdist
-worker, and a fresh random seed per run (printed in the header; KDFAST_SEED=<n> replays a run)."""
+"""Test set-up: Triton in the interpreter without a GPU (set before kdfast is imported), one thread per test
+process, and a fresh random seed per run (printed in the header; KDFAST_SEED=<n> replays a run)."""
 import os
 import random
 import zlib
@@ -8,9 +8,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # One thread per xdist worker: two workers with two OpenMP threads each on two cores stall on barriers.
-    torch.set_num_threads(1)
+# One thread per test process: the tests' tiny models are overhead-bound, and two xdist workers with two OpenMP
+# threads each on two cores stall on barriers.
+torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 

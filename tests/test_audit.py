@@ -15,6 +15,7 @@ from kdfast.audit.config import TECHNIQUES
 from kdfast.data.records import bundled_records
 
 SCRIPT = "<script>alert(1)</script>"
+pytestmark = pytest.mark.xdist_group("audit")  # one worker runs the shared audit once (make test: --dist loadgroup)
 
 
 class _Cells(HTMLParser):
@@ -113,3 +114,23 @@ def test_redact_shows_no_record_text(run):
     results = json.loads((run["out"] / "results.json").read_text())
     assert "examples" not in results and results["redacted"]
     assert "alert" not in json.dumps(results)
+
+
+def test_report_command_rewrites_redacted(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run["out"], copy, ignore=shutil.ignore_patterns("stages"))
+    done = subprocess.run([sys.executable, "-m", "kdfast", "report", str(copy), "--redact"], text=True,
+                          capture_output=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "alert(1)" not in (copy / "report.html").read_text() and "Teacher" in done.stdout
+
+
+def test_cli_lists_every_command():
+    from kdfast.cli import COMMANDS, build_parser
+
+    for name in COMMANDS:
+        build_parser(name)  # imports the command's module and its arguments
+    done = subprocess.run([sys.executable, "-m", "kdfast", "--help"], text=True, capture_output=True)
+    assert done.returncode == 0 and all(name in done.stdout for name in COMMANDS)

@@ -11,13 +11,6 @@ from kdfast.distill import DistillConfig, DistillError, Distiller
 SMALL = dict(max_len=112, max_prompt_len=100, max_new_tokens=8, warmup_steps=1, progress=False, num_rollouts=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _run(technique="kd", family="opt", records=None, on_step=None, evals=None, lm=None, **kw):
     teacher = models.tiny_model(family, seed=1, hidden=32, initializer_range=0.2)

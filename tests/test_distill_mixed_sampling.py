@@ -10,13 +10,6 @@ from kdfast.distill.mixed_sampling import sample_mixture
 from kdfast.generation import generate
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class FixedNext(nn.Module):
     """A stub LM whose next-token distribution is `probs`, whatever the context."""

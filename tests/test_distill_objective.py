@@ -8,13 +8,6 @@ from kdfast.distill import objective
 from kdfast.distill.data import collate, encode_records
 from kdfast.distill.objective import Rows, divergence_sum, forward_rows, token_nll, valid
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 RECORDS = [{"instruction": "Define the noun \"cat\".", "response": "a small domesticated feline"},
            {"instruction": "Define \"run\".", "response": "to move fast"}]

@@ -7,13 +7,6 @@ from kdfast.distill import make_student
 from kdfast.generation import generate
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _ids():
     return torch.randint(2, 1000, (2, 12), generator=torch.Generator().manual_seed(0))

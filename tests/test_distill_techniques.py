@@ -17,13 +17,6 @@ SMALL = dict(max_len=112, max_prompt_len=100, max_new_tokens=8, batch_size=4, wa
              num_rollouts=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _pair(family):
     """A peaked random teacher (KL to a fresh student ≈ 1 nat per token) and a student of the same family."""

@@ -18,22 +18,13 @@ from kdfast.memorization import match as match_module
 TIE_GAP = 1e-4  # top-2 logit gaps below this could flip between a full pass and KV-cached decoding
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are overhead-bound: one thread per test worker avoids contention between the workers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return models.tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
-def overfit(tok, one_thread):
+def overfit(tok):
     """A tiny LLaMA trained to reproduce 16 WordNet records; 16 others held out."""
     records = bundled_records()
     train, held = records[:16], records[16:32]
@@ -77,7 +68,7 @@ def test_match_accuracy_scoring(tok, monkeypatch):
     assert len(truth[0]) > 8 and len(truth[1]) <= 3
     wrong = (truth[0][0] + 1) % 1000
     fixed = [[wrong] + truth[0][1:8], truth[1][:1]]  # one substitution; the second stops after 1 token
-    monkeypatch.setattr(match_module, "greedy", lambda model, prompts, n, **kw: [f[:n] for f in fixed])
+    monkeypatch.setattr(match_module, "generate", lambda model, prompts, n, **kw: [f[:n] for f in fixed])
     r = mem.match_accuracy(None, tok, records, n_tokens=8, approx_threshold=0.125, progress=False)
     n1 = len(truth[1])
     assert r.n_compared.tolist() == [8, n1]

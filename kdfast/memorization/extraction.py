@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kdfast.data import Encoded, encode, pad_batch
-from kdfast.memorization._greedy import eval_mode, greedy
+from kdfast.generation import eval_mode, generate
 from kdfast.models import ModelError, hidden_and_head, output_head
 from kdfast.ops.token_stats import token_stats, token_stats_from_hidden
 
@@ -177,8 +177,8 @@ def _leading_matches(generated: list[int], suffix: list[int]) -> int:
 
 def _generate_matched(model, pairs, suffix_len, pad_id, batch_size, progress) -> torch.Tensor:
     # eos_id=None: extraction asks what greedy decoding produces for suffix_len steps, EOS or not
-    generated = greedy(model, [p for p, _ in pairs], suffix_len, pad_id=pad_id, eos_id=None, batch_size=batch_size,
-                       progress=progress, desc="extraction (generate)")
+    generated = generate(model, [p for p, _ in pairs], suffix_len, pad_id=pad_id, eos_id=None,
+                         batch_size=batch_size, progress=progress, desc="extraction (generate)")
     return torch.tensor([_leading_matches(g, s) for g, (_, s) in zip(generated, pairs)], dtype=torch.long)
 
 

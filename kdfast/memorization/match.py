@@ -8,7 +8,7 @@ import numpy as np
 from torch import nn
 
 from kdfast.data import encode
-from kdfast.memorization._greedy import greedy
+from kdfast.generation import eval_mode, generate
 
 
 @dataclass
@@ -96,8 +96,9 @@ def match_accuracy(model: nn.Module, tokenizer, records: list[dict], n_tokens: i
     prompts = [e.input_ids[: e.prompt_len] for e in encoded]
     truths = [e.input_ids[e.prompt_len:][:n_tokens] for e in encoded]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    generated = greedy(model, prompts, n_tokens, pad_id=pad_id, eos_id=tokenizer.eos_token_id,
-                       batch_size=batch_size, progress=progress, desc="greedy match")
+    with eval_mode(model):
+        generated = generate(model, prompts, n_tokens, pad_id=pad_id, eos_id=tokenizer.eos_token_id,
+                             batch_size=batch_size, progress=progress, desc="greedy match")
     n = np.array([len(t) for t in truths], dtype=np.int64)
     hits = np.array([sum(g == t for g, t in zip(gen, truth)) for gen, truth in zip(generated, truths)])
     dist = np.array([normalized_edit_distance(gen, truth) for gen, truth in zip(generated, truths)])

@@ -69,7 +69,7 @@ def test_match_accuracy_scoring(tok, monkeypatch):
     wrong = (truth[0][0] + 1) % 1000
     fixed = [[wrong] + truth[0][1:8], truth[1][:1]]  # one substitution; the second stops after 1 token
     monkeypatch.setattr(match_module, "generate", lambda model, prompts, n, **kw: [f[:n] for f in fixed])
-    r = mem.match_accuracy(None, tok, records, n_tokens=8, approx_threshold=0.125, progress=False)
+    r = mem.match_accuracy(torch.nn.Module(), tok, records, n_tokens=8, approx_threshold=0.125, progress=False)
     n1 = len(truth[1])
     assert r.n_compared.tolist() == [8, n1]
     assert r.accuracy.tolist() == [7 / 8, 1 / n1]

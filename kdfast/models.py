@@ -165,6 +165,8 @@ def hidden_and_head(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     base = getattr(model, "base_model", None)
     if base is None or base is model:
         raise ModelError(f"{type(model).__name__} exposes no base model (base_model_prefix); cannot get hidden states")
+    # No KV cache unless asked for: a 7B teacher's cache for 4×2048 tokens is 4 GB that nothing reads.
+    kwargs.setdefault("use_cache", False)
     out = base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     return out.last_hidden_state, (weight, bias)
 

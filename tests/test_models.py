@@ -20,6 +20,15 @@ def test_hidden_and_head_reproduce_logits(family):
     assert hidden.shape[:2] == batch["input_ids"].shape and weight.shape[0] == logits.shape[-1]
 
 
+def test_hidden_and_head_builds_no_kv_cache(monkeypatch):
+    model = models.tiny_model("llama")
+    seen = {}
+    forward = model.base_model.forward
+    monkeypatch.setattr(model.base_model, "forward", lambda *a, **kw: seen.update(kw) or forward(*a, **kw))
+    models.hidden_and_head(model, torch.tensor([[1, 2, 3]]))
+    assert seen["use_cache"] is False
+
+
 @pytest.mark.parametrize("family", models.FAMILIES)
 def test_left_and_right_padding_give_same_logits(family):
     model = models.tiny_model(family, seed=2)

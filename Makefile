@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml setup.py Makefile
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q -n 2 --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 audit: install
 	$(VENV)/bin/kdfast audit

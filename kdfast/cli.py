@@ -1,4 +1,4 @@
-"""The `kdfast` command: audit, distill, attack, memorize, bench (each subcommand lives in kdfast/commands/)."""
+"""The `kdfast` command: audit, distill, attack, memorize, report, bench (each subcommand lives in kdfast/commands/)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ COMMANDS = {
     "distill": "distill a teacher into a student with one technique",
     "attack": "score membership-inference attacks on a model",
     "memorize": "measure memorization (greedy match accuracy, extraction)",
+    "report": "rewrite an audit's report from its results.json (e.g. --redact)",
     "bench": "run the CPU benchmarks",
 }
 

@@ -143,7 +143,7 @@ def test_row_entirely_minus_inf(backend, gen, small_blocks):
     s[2] = -math.inf
     want, want_gs, _ = reference_run(s, t, kind="jsd", reduction="none")
     got, gs, _ = fast_run(s, t, kind="jsd", backend=backend, reduction="none")
-    torch.testing.assert_close(got.double(), want)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)  # fp32 kernel vs float64
     assert got[1] == 0 and got[2] == 0
     assert_grad_close(gs[:2], want_gs[:2], torch.float32)
     assert (gs[2] == 0).all()  # the reference's log_softmax backward gives NaN for a row with no finite entry

@@ -74,6 +74,7 @@ class AttacksConfig:
     mope_sigma_teacher: float = 0.005
     mope_sigma_student: float = 0.01
     mope_block: bool = True  # per-block MoPe of each student
+    mope_block_n: int = 10  # perturbations per block
     batch_tokens: int = 8192
     autocast: bool | None = None  # bf16 autocast of the scoring passes (None: on GPUs only)
     bootstrap: int = 200

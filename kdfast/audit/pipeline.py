@@ -44,6 +44,10 @@ def _file_digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def load_source(cfg: AuditConfig) -> tuple[list[dict], list[dict] | None]:
     """The source records and the optional validation (non-member) records, per the data config."""
     d = cfg.data
@@ -117,13 +121,15 @@ class Audit:
         self.log(f"data: {result['summary']}")
         self.split = json.loads((folder / "split.json").read_text())
         self.split_counts = {k: result[k] for k in ("private", "public", "nonmembers", "dropped")}
-        self.data_key = folder.name
         n_att = self.cfg.attacks.n_records or min(len(self.split["private"]), len(self.split["nonmembers"]))
         n_att = min(n_att, len(self.split["private"]), len(self.split["nonmembers"]))
         self.members, self.nonmembers = self.split["private"][:n_att], self.split["nonmembers"][:n_att]
-        n_mem = min(self.cfg.memorization.n_records or n_att, n_att)
-        self.n_mem = n_mem
+        self.n_mem = min(self.cfg.memorization.n_records or n_att, n_att)
         self.eval_records = self.split["nonmembers"][-64:]
+        # Stages hash the records they use, not the whole split: a new public size keeps the teacher.
+        self.digest = {"private": _digest(self.split["private"]),
+                       "public": _digest([self.split["public"], self.eval_records]),
+                       "attack": _digest([self.members, self.nonmembers])}
 
     def base(self) -> str:
         """The pretrained teacher (before fine-tuning); GGUF and tiny models are saved once as safetensors."""
@@ -149,7 +155,7 @@ class Audit:
         if t.lora_rank:
             raise ConfigError("teacher.lora_rank > 0 (LoRA fine-tuning) is not supported yet; fine-tune the teacher "
                               "elsewhere and give it as teacher.finetuned")
-        inputs = {"base": self.base_key, "data": self.data_key, "teacher": asdict(t), "seed": self.cfg.seed,
+        inputs = {"base": self.base_key, "data": self.digest["private"], "teacher": asdict(t), "seed": self.cfg.seed,
                   "max_len": self.cfg.data.max_len, "max_prompt_len": self.cfg.data.max_prompt_len}
 
         def run(work: Path) -> dict:
@@ -191,7 +197,7 @@ class Audit:
                     "max_prompt_len": self.cfg.data.max_prompt_len, "seed": self.cfg.seed,
                     **s.distill, **s.per_technique.get(tech, {}), **overrides}
         init = s.sizes[size]
-        inputs = {"teacher": teacher.key, "base": self.base_key, "data": self.data_key, "init": init,
+        inputs = {"teacher": teacher.key, "base": self.base_key, "data": self.digest["public"], "init": init,
                   "settings": settings}
 
         def run(work: Path) -> dict:
@@ -211,7 +217,7 @@ class Audit:
     def reference(self, name: str, spec: str) -> tuple[np.ndarray, str]:
         """A reference model's mean log-likelihood per attack record, computed once and shared by every target."""
         a = self.cfg.attacks
-        inputs = {"model": self.base_key if spec == self.base_path else spec, "data": self.data_key,
+        inputs = {"model": self.base_key if spec == self.base_path else spec, "data": self.digest["attack"],
                   "batch_tokens": a.batch_tokens, "n_records": a.n_records, "autocast": a.autocast}
 
         def run(work: Path) -> dict:
@@ -230,7 +236,8 @@ class Audit:
         if refs and "loss" not in names:
             names.insert(0, "loss")
         sigma = a.mope_sigma_teacher if entry.role == "teacher" else a.mope_sigma_student
-        inputs = {"model": entry.key, "data": self.data_key, "attacks": asdict(a), "refs": {k: v[1] for k, v in refs.items()},
+        inputs = {"model": entry.key, "data": self.digest["attack"], "attacks": asdict(a),
+                  "refs": {k: v[1] for k, v in refs.items()},
                   "sigma": sigma}
 
         def run(work: Path) -> dict:
@@ -250,14 +257,14 @@ class Audit:
 
     def blocks(self, entry: ModelEntry) -> dict:
         a = self.cfg.attacks
-        inputs = {"model": entry.key, "data": self.data_key, "n": a.mope_n, "sigma": a.mope_sigma_student,
+        inputs = {"model": entry.key, "data": self.digest["attack"], "n": a.mope_block_n, "sigma": a.mope_sigma_student,
                   "batch_tokens": a.batch_tokens, "autocast": a.autocast}
 
         def run(work: Path) -> dict:
             model, tok = self.model(entry.path)
             table = attacks.score(model, tok, self.members + self.nonmembers, ["mope_block"],
                                   membership=[1] * len(self.members) + [0] * len(self.nonmembers),
-                                  mope_n=a.mope_n, mope_sigma=a.mope_sigma_student, batch_tokens=a.batch_tokens,
+                                  mope_n=a.mope_block_n, mope_sigma=a.mope_sigma_student, batch_tokens=a.batch_tokens,
                                   autocast=a.autocast, seed=self.cfg.seed, out=work / "parts", progress=self.progress)
             metrics = attacks.evaluate(table, n_bootstrap=0)
             return {"auc": {c.split("@")[1]: m["auc"] for c, m in metrics.items()}}
@@ -267,7 +274,7 @@ class Audit:
     def memorize(self, entry: ModelEntry) -> dict:
         m = self.cfg.memorization
         records = self.members[: self.n_mem] + self.nonmembers[: self.n_mem]
-        inputs = {"model": entry.key, "data": self.data_key, "memorization": asdict(m)}
+        inputs = {"model": entry.key, "data": self.digest["attack"], "memorization": asdict(m)}
 
         def run(work: Path) -> dict:
             model, tok = self.model(entry.path)

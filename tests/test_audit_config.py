@@ -4,6 +4,7 @@ import pytest
 from kdfast.audit import ConfigError, load_config
 from kdfast.audit.config import PRESETS
 from kdfast.commands.audit import parse_overrides
+from kdfast.distill import DistillConfig
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -17,7 +18,9 @@ def test_paper_presets_follow_the_study():
     gpt2 = load_config(preset_name="paper-gpt2")
     assert gpt2.teacher.model == "gpt2-xl" and list(gpt2.students.sizes.values()) == ["gpt2-large", "gpt2-medium", "gpt2"]
     assert gpt2.data.source == "hub:databricks/databricks-dolly-15k" and gpt2.data.fields == {"input": "context"}
-    assert load_config(preset_name="paper-llama").teacher.lora_rank > 0
+    llama = load_config(preset_name="paper-llama")
+    assert llama.teacher.lora_rank > 0
+    assert DistillConfig(technique="distillm", **llama.students.distill).lora_rank == llama.teacher.lora_rank
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -44,7 +44,7 @@ class TeacherConfig:
     lr: float = 1e-4
     batch_size: int = 16
     bf16: bool | None = None  # bf16 autocast while fine-tuning (None: on GPUs only)
-    lora_rank: int = 0  # > 0: fine-tune with LoRA (paper-llama)
+    lora_rank: int = 0  # > 0: fine-tune LoRA adapters of this rank, merged into the saved teacher (paper-llama)
 
 
 @dataclass

@@ -152,9 +152,6 @@ class Audit:
         t = self.cfg.teacher
         if t.finetuned:
             return ModelEntry("teacher", "teacher", "Teacher", t.finetuned, t.finetuned)
-        if t.lora_rank:
-            raise ConfigError("teacher.lora_rank > 0 (LoRA fine-tuning) is not supported yet; fine-tune the teacher "
-                              "elsewhere and give it as teacher.finetuned")
         inputs = {"base": self.base_key, "data": self.digest["private"], "teacher": asdict(t), "seed": self.cfg.seed,
                   "max_len": self.cfg.data.max_len, "max_prompt_len": self.cfg.data.max_prompt_len}
 
@@ -163,7 +160,7 @@ class Audit:
             cfg = DistillConfig(technique="sft", lr=t.lr, epochs=t.epochs, batch_size=t.batch_size, bf16=t.bf16,
                                 max_len=self.cfg.data.max_len, max_prompt_len=self.cfg.data.max_prompt_len,
                                 seed=self.cfg.seed, out=str(work / "run"), resume=True, save_every=50,
-                                device=str(self.device), progress=self.progress)
+                                lora_rank=t.lora_rank, device=str(self.device), progress=self.progress)
             summary = Distiller(None, model, tok, cfg).train(self.split["private"])
             self.log(str(summary))
             return {"final": "run/final", "loss": summary.loss, "steps": summary.steps}

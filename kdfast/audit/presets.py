@@ -46,7 +46,8 @@ def _paper(name: str, teacher: str, sizes: dict, ref_second: str = "stabilityai/
         name=name,
         data=DataConfig(**DOLLY),
         teacher=TeacherConfig(model=teacher, epochs=3, lr=5e-5, batch_size=8, lora_rank=lora_rank),
-        students=StudentsConfig(sizes=sizes, epochs=3, lr=5e-5, batch_size=8),
+        students=StudentsConfig(sizes=sizes, epochs=3, lr=5e-5, batch_size=8,
+                                distill={"lora_rank": lora_rank} if lora_rank else {}),
         attacks=AttacksConfig(ref_second=ref_second, n_records=1000, mope_n=10, batch_tokens=16384),
         memorization=MemorizationConfig(n_records=1000),
         ablations=AblationsConfig(divergence=["fkl", "rkl"], student_gen_fraction=[0.0, 0.5, 1.0]),
@@ -65,7 +66,7 @@ def paper_opt() -> AuditConfig:
 
 
 def paper_llama() -> AuditConfig:
-    """OpenLLaMA-7B → 3B with LoRA on Dolly-15k."""
+    """OpenLLaMA-7B → 3B on Dolly-15k, teacher and students fine-tuned with LoRA (rank 16 on q_proj, v_proj)."""
     return _paper("paper-llama", "openlm-research/open_llama_7b", {"3b": "openlm-research/open_llama_3b"}, lora_rank=16)
 
 

@@ -6,6 +6,8 @@ import difflib
 import math
 from dataclasses import dataclass, field
 
+from kdfast.lora import DEFAULT_TARGETS as LORA_TARGETS
+
 TECHNIQUES = ("sft", "kd", "seqkd", "imitkd", "gkd", "minillm", "distillm")
 KINDS = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
 SCHEDULERS = ("cosine", "constant", "linear")
@@ -65,6 +67,11 @@ class DistillConfig:
     bf16: bool | None = _help("bf16 autocast (None: on for CUDA devices that support it)", default=None)
     fp16: bool = _help("fp16 autocast with loss scaling", default=False)
     disable_dropout: bool | None = _help("zero the student's dropout while training (minillm: yes)", default=None)
+    lora_rank: int = _help("train LoRA adapters of this rank on lora_targets only (0: every parameter)", default=0)
+    lora_alpha: float | None = _help("LoRA updates are scaled by lora_alpha / lora_rank (None: lora_rank)",
+                                     default=None)
+    lora_targets: str = _help("comma-separated endings of the module names that get LoRA adapters",
+                              default=LORA_TARGETS)
     # data
     max_len: int = _help("longest prompt + response in tokens; responses are cut to fit", default=512)
     max_prompt_len: int | None = _help("longest prompt in tokens (None: max_len // 2, 256 for 512)", default=None)
@@ -168,8 +175,10 @@ class DistillConfig:
                                f"max_len={self.max_len}; lower max_prompt_len or raise max_len")
         if self.bf16 and self.fp16:
             raise DistillError("bf16 and fp16 are both on; choose one")
-        if self.buffer_size < 0 or self.warmup_steps < 0 or self.weight_decay < 0:
-            raise DistillError("buffer_size, warmup_steps and weight_decay must not be negative")
+        if self.buffer_size < 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.lora_rank < 0:
+            raise DistillError("buffer_size, warmup_steps, weight_decay and lora_rank must not be negative")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise DistillError(f"lora_alpha must be positive or None, got {self.lora_alpha}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise DistillError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:

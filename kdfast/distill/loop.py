@@ -29,6 +29,7 @@ from kdfast.distill.data import count_targets, encode_records, encode_texts
 from kdfast.distill.objective import forward_rows, token_nll, valid
 from kdfast.distill.techniques import CLASSES
 from kdfast.io import atomic_path, atomic_write_json, atomic_write_text
+from kdfast.lora import apply_lora, has_lora, merged_state_dict
 from kdfast.models import check_same_tokenizer
 
 # Config fields that may change when a run resumes (they do not change what the steps compute).
@@ -103,6 +104,8 @@ class Distiller:
             check_same_tokenizer(teacher_tokenizer, tokenizer)
         self.teacher = teacher if cfg.needs_teacher else None
         self.student, self.tokenizer = student, tokenizer
+        if cfg.lora_rank and not has_lora(student):
+            apply_lora(student, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         _check_vocab(self.teacher, student, tokenizer, cfg.vocab)
         if cfg.resume and not cfg.out:
             raise DistillError("resume=True needs out= (the folder holding the checkpoints)")
@@ -324,6 +327,8 @@ class Distiller:
         state = acc.get_state_dict(run.wrapped)
         if acc.is_main_process:
             state = {k.removeprefix("model."): v for k, v in state.items()}
+            if has_lora(self.student):  # the adapters folded in: a plain model of the student's architecture
+                state = merged_state_dict(self.student, state)
             bars = hf_logging.is_progress_bar_enabled()
             hf_logging.disable_progress_bar()
             with atomic_path(final) as tmp:

@@ -34,6 +34,8 @@ def test_paper_presets_follow_the_study():
     ({"students": {"techniques": [], "control": False}}, r"nothing to audit"),
     ({"data": {"max_prompt_len": 200, "max_len": 100}}, r"data.max_prompt_len \(200\) must be below data.max_len"),
     ({"data": 3}, r"data: expected a mapping"),
+    ({"students": {"per_technique": {"gkd": {"lr": "fast"}}}}, r"students.per_technique.gkd .*lr must be a number"),
+    ({"students": {"distill": {"max_new_token": 8}}}, r"students.distill .*max_new_token.*max_new_tokens"),
 ])
 def test_mistakes_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -42,9 +44,10 @@ def test_mistakes_are_named(overrides, message):
 
 def test_yaml_file(tmp_path):
     path = tmp_path / "a.yaml"
-    path.write_text("preset: tiny\nstudents:\n  techniques: [kd, gkd]\n")
+    path.write_text("preset: tiny\nstudents:\n  techniques: [kd, gkd]\n  lr: 1e-4\n")
     cfg = load_config(path)
     assert cfg.name == "tiny" and cfg.students.techniques == ["kd", "gkd"] and cfg.teacher.model == "tiny:llama"
+    assert cfg.students.lr == 1e-4  # YAML 1.1 would read a string
     path.write_text("students: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
@@ -64,7 +67,7 @@ def test_missing_inputs_fail_before_work(tmp_path):
 
 
 def test_parse_overrides():
-    assert parse_overrides(["students.epochs=2", "attacks.ks=[0.1, 0.3]", "redact=true"]) == {
-        "students": {"epochs": 2}, "attacks": {"ks": [0.1, 0.3]}, "redact": True}
+    assert parse_overrides(["students.epochs=2", "attacks.ks=[0.1, 0.3]", "redact=true", "students.lr=1e-3"]) == {
+        "students": {"epochs": 2, "lr": 0.001}, "attacks": {"ks": [0.1, 0.3]}, "redact": True}
     with pytest.raises(ConfigError, match="write KEY=VALUE"):
         parse_overrides(["students.epochs"])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,7 +172,29 @@ def validate(cfg: AuditConfig) -> AuditConfig:
         cfg.attacks.attacks = [a for a in cfg.attacks.attacks if a != "ref_second"]
     if cfg.data.max_prompt_len >= cfg.data.max_len:
         raise ConfigError(f"data.max_prompt_len ({cfg.data.max_prompt_len}) must be below data.max_len ({cfg.data.max_len})")
+    _check_student_settings(cfg)
     return cfg
+
+
+def student_settings(cfg: AuditConfig, technique: str, overrides: dict | None = None) -> dict:
+    """The DistillConfig fields of one student: the students' common settings, then `distill`, then the
+    technique's `per_technique` entry, then `overrides` (an ablation's)."""
+    s = cfg.students
+    return {"lr": s.lr, "epochs": s.epochs, "batch_size": s.batch_size, "max_len": cfg.data.max_len,
+            "max_prompt_len": cfg.data.max_prompt_len, "seed": cfg.seed, **s.distill,
+            **s.per_technique.get(technique, {}), "technique": technique, **(overrides or {})}
+
+
+def _check_student_settings(cfg: AuditConfig) -> None:
+    """Build every technique's DistillConfig now, so a bad value fails before the teacher trains for an hour."""
+    from kdfast.distill.config import DistillConfig, DistillError
+
+    for tech in ["sft"] * cfg.students.control + list(cfg.students.techniques):
+        key = f"students.per_technique.{tech}" if tech in cfg.students.per_technique else "students.distill"
+        try:
+            DistillConfig.from_dict(student_settings(cfg, tech))
+        except DistillError as e:
+            raise ConfigError(f"{key} (or students.lr/epochs/batch_size) for {tech}: {e}") from None
 
 
 def preset(name: str) -> AuditConfig:
@@ -196,12 +219,28 @@ def load_config(path: str | Path | None = None, preset_name: str | None = None, 
     return validate(_build(AuditConfig, base, ""))
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads 1e-3 as a string; read it, as YAML 1.2 does, as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)$|^[-+]?(?:\d+\.\d*|\.\d+)$"
+               r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+def read_yaml(text: str):
+    """A YAML document with numbers read as YAML 1.2 reads them (1e-3 is a float)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def _read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):

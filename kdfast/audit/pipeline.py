@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from kdfast import attacks, memorization
-from kdfast.audit.config import AuditConfig, ConfigError
+from kdfast.audit.config import AuditConfig, ConfigError, student_settings
 from kdfast.audit.report import auc_table, text_table, write_report
 from kdfast.audit.stages import Stages
 from kdfast.audit.utility import rouge_l
@@ -187,13 +187,9 @@ class Audit:
         return plan
 
     def student(self, teacher: ModelEntry, sid: str, role: str, label: str, size: str, spec: dict) -> ModelEntry:
-        s = self.cfg.students
         overrides = {k: v for k, v in spec.items() if not k.startswith("_")}
-        tech = overrides["technique"]
-        settings = {"lr": s.lr, "epochs": s.epochs, "batch_size": s.batch_size, "max_len": self.cfg.data.max_len,
-                    "max_prompt_len": self.cfg.data.max_prompt_len, "seed": self.cfg.seed,
-                    **s.distill, **s.per_technique.get(tech, {}), **overrides}
-        init = s.sizes[size]
+        settings = student_settings(self.cfg, overrides.pop("technique"), overrides)
+        init = self.cfg.students.sizes[size]
         inputs = {"teacher": teacher.key, "base": self.base_key, "data": self.digest["public"], "init": init,
                   "settings": settings}
 

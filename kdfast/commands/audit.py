@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 
-import yaml
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_overrides(items: list[str]) -> dict:
     """--set a.b=value pairs as a nested dict; values are read as YAML (numbers, lists, true/false)."""
     from kdfast.audit import ConfigError
+    from kdfast.audit.config import read_yaml
 
     out: dict = {}
     for item in items:
@@ -36,7 +36,7 @@ def parse_overrides(items: list[str]) -> dict:
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = read_yaml(value)
     return out
 
 

@@ -148,6 +148,7 @@ class DistillConfig:
         self._validate()
 
     def _validate(self) -> None:
+        self._check_types()
         _choice("loss", self.loss, KINDS)
         _choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
         _choice("vocab", self.vocab, ("error", "intersect"))
@@ -186,6 +187,14 @@ class DistillConfig:
         if self.technique == "sft" and (self.kd_ratio or self.student_gen_fraction or self.lm_kd_ratio):
             raise DistillError("sft trains without a teacher: kd_ratio, lm_kd_ratio and student_gen_fraction "
                                "must be 0 (use technique='kd' to distill)")
+
+    def _check_types(self) -> None:
+        """A number given as text (a YAML or JSON slip) fails here, naming the field, not later in a comparison."""
+        for f in dataclasses.fields(self):
+            value, kinds = getattr(self, f.name), str(f.type)
+            numeric = ("int" in kinds or "float" in kinds) and "str" not in kinds
+            if numeric and (isinstance(value, str) or isinstance(value, bool) and "bool" not in kinds):
+                raise DistillError(f"{f.name} must be a number, got {value!r}")
 
     @property
     def needs_teacher(self) -> bool:

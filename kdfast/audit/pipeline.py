@@ -205,7 +205,7 @@ class Audit:
             return {"final": "run/final", "loss": summary.loss, "steps": summary.steps}
 
         result, folder = self.stages.run(f"student-{sid.replace('/', '-')}", inputs, run)
-        return ModelEntry(sid, role, label, str(folder / result["final"]), folder.name, tech, size)
+        return ModelEntry(sid, role, label, str(folder / result["final"]), folder.name, settings["technique"], size)
 
     def reference(self, name: str, spec: str) -> tuple[np.ndarray, str]:
         """A reference model's mean log-likelihood per attack record, computed once and shared by every target."""

@@ -66,6 +66,13 @@ def test_missing_inputs_fail_before_work(tmp_path):
         check_inputs(load_config(overrides={"teacher": {"model": "tiny:bert"}}))
 
 
+def test_overrides_merge_settings_and_replace_sizes():
+    cfg = load_config(overrides={"students": {"per_technique": {"minillm": {"lr": 1e-4}}, "sizes": {"one": [0]}}})
+    default = load_config().students.per_technique["minillm"]
+    assert cfg.students.per_technique["minillm"] == {**default, "lr": 1e-4}
+    assert cfg.students.sizes == {"one": [0]}
+
+
 def test_parse_overrides():
     assert parse_overrides(["students.epochs=2", "attacks.ks=[0.1, 0.3]", "redact=true", "students.lr=1e-3"]) == {
         "students": {"epochs": 2, "lr": 0.001}, "attacks": {"ks": [0.1, 0.3]}, "redact": True}

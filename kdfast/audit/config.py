@@ -249,9 +249,11 @@ def _read_yaml(path: str | Path) -> dict:
 
 
 def _merge(base: dict, layer: dict) -> dict:
+    """`layer` over `base`, key by key; `sizes` and `fields` are replaced whole (they list what there is, where
+    a preset's entries left in would be a surprise), settings such as `per_technique.minillm` are merged."""
     out = dict(base)
     for key, value in layer.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("sizes", "fields", "per_technique", "distill"):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("sizes", "fields"):
             out[key] = _merge(out[key], value)
         else:
             out[key] = value

@@ -76,6 +76,14 @@ class Technique:
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         pass
 
+    def add_lm_loss(self, model: nn.Module, items: list[Encoded] | None, totals: dict[str, float],
+                    loss: torch.Tensor, stats: dict) -> tuple[torch.Tensor, dict]:
+        """`loss` plus the pretraining-text term when the micro-batch has text (its value logged as stats["lm"])."""
+        lm = self.lm_loss(model, items, totals)
+        if lm is None:
+            return loss, stats
+        return loss + lm, {**stats, "lm": lm.detach()}
+
     def lm_loss(self, model: nn.Module, items: list[Encoded] | None, totals: dict[str, float]) -> torch.Tensor | None:
         """lm_coef · [r·KD + (1 − r)·CE] on pretraining text, normalized by the global text tokens (r = lm_kd_ratio)."""
         if not items:
@@ -128,12 +136,7 @@ class DivergenceTechnique(Technique):
                                hard=1.0 - cfg.kd_ratio, beta=cfg.beta, alpha=cfg.skew_alpha,
                                temperature=cfg.temperature, vocab=cfg.vocab, chunk_size=cfg.chunk_size)
         loss = total / max(totals["tokens"], 1.0)
-        stats = {"objective": loss.detach()}
-        lm = self.lm_loss(model, mb.lm, totals)
-        if lm is not None:
-            stats["lm"] = lm.detach()
-            loss = loss + lm
-        return loss, stats
+        return self.add_lm_loss(model, mb.lm, totals, loss, {"objective": loss.detach()})
 
     def status(self) -> dict[str, float]:
         return {"buffer": len(self.buffer)} if self.buffer is not None else {}

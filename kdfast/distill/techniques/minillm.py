@@ -124,12 +124,7 @@ class MiniLLM(Technique):
                                  alpha=cfg.skew_alpha, temperature=cfg.temperature, vocab=cfg.vocab,
                                  chunk_size=cfg.chunk_size) / n
         loss = pg + reg if cfg.single_step_reg else pg
-        stats = {"pg": pg.detach(), "objective": reg.detach()}
-        lm = self.lm_loss(model, mb.lm, totals)
-        if lm is not None:
-            stats["lm"] = lm.detach()
-            loss = loss + lm
-        return loss, stats
+        return self.add_lm_loss(model, mb.lm, totals, loss, {"pg": pg.detach(), "objective": reg.detach()})
 
     def status(self) -> dict[str, float]:
         return dict(self.collection)

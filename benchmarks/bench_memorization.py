@@ -23,7 +23,18 @@ from benchmarks.common import write_table  # noqa: E402
 from kdfast import memorization as mem  # noqa: E402
 from kdfast.models import BUNDLED  # noqa: E402
 
-TARGET = {"cpu": "≥ 10× generate-based extraction"}
+TARGET = {"cpu": 10.0}  # one pass over generate-based extraction, records/s
+
+
+def _verdict(device: torch.device, speedups: list[tuple[str, float]]) -> str:
+    """The target line: each generate path's ratio and whether it clears the CPU target."""
+    if device.type not in TARGET:
+        return "target (cuda): one pass ≫ generate (decode is latency-bound)."
+    goal = TARGET[device.type]
+    parts = [f"vs {name}: {r:.1f}×, {'met' if r >= goal else 'NOT met'}" for name, r in speedups]
+    return (f"target ({device.type}): ≥ {goal:g}× generate-based extraction; " + "; ".join(parts) + ". On a "
+            "compute-bound CPU a teacher-forced pass costs about the FLOPs of prefill + cached decoding, so only "
+            "the decode overhead is saved against batched generate.")
 SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
                      num_key_value_heads=3, intermediate_size=1536, max_position_embeddings=8192,
                      rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1,
@@ -132,7 +143,7 @@ def main() -> None:
              f"generate took {t_paired:.2f} s, {t_gen / t_paired:.1f}× less than generate.",
              f"one pass: {int(one_pass.extractable.sum())}/{args.records} extractable; "
              f"one pass and batched generate agree on the matched length of {agree}/{n_gen} records.",
-             f"target ({device.type}): {TARGET.get(device.type, 'one pass ≫ generate (decode is latency-bound)')}.",
+             _verdict(device, [(name, fwd_rate / (n / t)) for name, n, b, t, m in results[1:]]),
              f"CPU timings are noisy on a shared machine ({load_note()}); single runs after a 2-record warm-up."
              if device.type == "cpu" else f"median of {reps} runs (generate: {min(reps, 2)}) after a 2-record "
              "warm-up; peak = GPU memory allocated beyond the model's weights."]

@@ -1,5 +1,5 @@
 """Test set-up: Triton in the interpreter without a GPU (set before kdfast is imported), one thread per test
-process, and a fresh random seed per run (printed in the header; KDFAST_SEED=<n> replays a run)."""
+process (subprocesses included), and a fresh random seed per run (printed in the header; KDFAST_SEED=<n> replays a run)."""
 import os
 import random
 import zlib
@@ -8,8 +8,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# One thread per test process: the tests' tiny models are overhead-bound, and two xdist workers with two OpenMP
-# threads each on two cores stall on barriers.
+# One thread per test process, and per process a test starts (OMP_NUM_THREADS is inherited): the tests' tiny models
+# are overhead-bound, and beside another xdist worker two OpenMP threads on two cores stall on barriers (the tiny
+# audit subprocess took 270 s instead of 18 s).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 import pytest  # noqa: E402

@@ -37,8 +37,11 @@ class _Cells(HTMLParser):
             self.cells.append(data)
 
 
+ENV = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+
+
 def _audit(args, **kw):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(ENV, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "kdfast", "audit", "--preset", "tiny", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
@@ -62,7 +65,7 @@ def run(tmp_path_factory):
     assert any("student-small-kd: done" in line for line in log), "".join(log[-30:])
     started = time.time()
     second = subprocess.run([sys.executable, "-m", "kdfast", "audit", "--preset", "tiny", *args], text=True,
-                            capture_output=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+                            capture_output=True, env=ENV)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     return {"out": root / "run", "args": args, "stdout": second.stdout, "seconds": time.time() - started}
 

@@ -34,10 +34,11 @@ class LoRALinear(nn.Module):
         delta = nn.functional.linear(nn.functional.linear(x.to(self.lora_a.dtype), self.lora_a), self.lora_b)
         return out + (delta * self.scaling).to(out.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        """scaling · B A in the base weight's layout and dtype."""
-        delta = (self.lora_b.float() @ self.lora_a.float()) * self.scaling
-        return (delta.T if self.transposed else delta).to(self.base.weight.dtype)
+    def delta(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """scaling · B A of adapters a [r, in], b [out, r] (this layer's or a state dict's), fp32, in the base
+        weight's layout."""
+        delta = (b.float() @ a.float()) * self.scaling
+        return delta.T if self.transposed else delta
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, targets: str = DEFAULT_TARGETS) -> list[str]:
@@ -76,10 +77,9 @@ def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[
     for name, module in model.named_modules():
         if not isinstance(module, LoRALinear):
             continue
-        a, b = state.pop(f"{name}.lora_a"), state.pop(f"{name}.lora_b")
-        delta = (b.float() @ a.float()) * module.scaling
+        delta = module.delta(state.pop(f"{name}.lora_a"), state.pop(f"{name}.lora_b"))
         weight = state.pop(f"{name}.base.weight")
-        state[f"{name}.weight"] = (weight.float() + (delta.T if module.transposed else delta)).to(weight.dtype)
+        state[f"{name}.weight"] = (weight.float() + delta).to(weight.dtype)
         if f"{name}.base.bias" in state:
             state[f"{name}.bias"] = state.pop(f"{name}.base.bias")
     return state
@@ -90,7 +90,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             with torch.no_grad():
-                module.base.weight += module.delta_weight()
+                module.base.weight += module.delta(module.lora_a, module.lora_b).to(module.base.weight.dtype)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, module.base)
     return model

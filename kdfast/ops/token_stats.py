@@ -17,6 +17,8 @@ BACKENDS = ("auto", "cuda", "cpp", "torch", "reference")
 DEFAULT_KS = (0.05, 0.1, 0.2, 0.3, 0.5)
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOGITS_BUDGET = 256 * 2**20  # token_stats_from_hidden: bytes of logits alive at once when chunk_size=None
+# The TokenStats fields in order, as the custom ops return them (their schema needs a fixed-length tuple).
+_Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 _STATUS = {1: "has NaN or +inf logits", 2: "has a target outside [0, V)", 3: "has no finite logit (all -inf)"}
 
 
@@ -152,12 +154,31 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int =
         raise TypeError(f"token_stats: logits must be floating point, got {logits.dtype}")
     if targets.device != logits.device:
         raise ValueError("token_stats: logits and targets must be on one device")
+    return TokenStats(*_token_stats_op(logits, targets, ignore_index, backend))
+
+
+@torch.library.custom_op("kdfast::token_stats", mutates_args=())
+def _token_stats_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                    backend: str) -> _Stats:
+    """The TokenStats fields of token_stats, as one op torch.compile does not look into (the kernels and the
+    bad-row check sync with the host)."""
     lead = logits.shape[:-1]
     y = targets.reshape(-1).long()
     valid = y != ignore_index
     *five, top1, status = _compute(logits, y, valid, ignore_index, _resolve(backend, logits.device))
     _raise_bad_rows(status, lead)
-    return TokenStats(*(t.view(lead) for t in five), top1.view(lead), valid.view(lead))
+    return (*(t.view(lead) for t in five), top1.view(lead), valid.view(lead))
+
+
+@_token_stats_op.register_fake
+def _(logits, targets, ignore_index, backend):
+    return _fake_stats(logits, logits.shape[:-1])
+
+
+def _fake_stats(like: torch.Tensor, lead: torch.Size) -> _Stats:
+    """Empty TokenStats fields shaped lead: five fp32, then top1 and valid bool."""
+    return (*(like.new_empty(lead, dtype=torch.float32) for _ in range(5)),
+            like.new_empty(lead, dtype=torch.bool), like.new_empty(lead, dtype=torch.bool))
 
 
 def _compute(logits: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, ignore_index: int,
@@ -194,6 +215,16 @@ def token_stats_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets:
             or weight.shape[1] != hidden.shape[-1]):
         raise ValueError(f"token_stats_from_hidden: hidden [..., H], weight [V, H], targets [...] must agree, got "
                          f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"token_stats_from_hidden: chunk_size must be at least 1 (or None), got {chunk_size}")
+    return TokenStats(*_token_stats_from_hidden_op(hidden, weight, targets, bias, chunk_size, ignore_index,
+                                                   backend))
+
+
+@torch.library.custom_op("kdfast::token_stats_from_hidden", mutates_args=())
+def _token_stats_from_hidden_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                bias: torch.Tensor | None, chunk_size: int | None, ignore_index: int,
+                                backend: str) -> _Stats:
     lead, v = hidden.shape[:-1], weight.shape[0]
     h = hidden.reshape(-1, hidden.shape[-1])
     y = targets.reshape(-1).long()
@@ -213,7 +244,12 @@ def token_stats_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets:
             o[idx] = c
         status[idx] = chunk_status
         _raise_bad_rows(status, lead)  # named by its position in hidden, not in the chunk
-    return TokenStats(*(t.view(lead) for t in out), valid.view(lead))
+    return (*(t.view(lead) for t in out), valid.view(lead))
+
+
+@_token_stats_from_hidden_op.register_fake
+def _(hidden, weight, targets, bias, chunk_size, ignore_index, backend):
+    return _fake_stats(hidden, hidden.shape[:-1])
 
 
 def min_k_counts(n_valid: torch.Tensor, ks: Sequence[float]) -> torch.Tensor:
@@ -254,18 +290,27 @@ def min_k(values: torch.Tensor, mask: torch.Tensor | None = None, ks: Sequence[f
     if values.dim() != 2 or mask.shape != values.shape:
         raise ValueError(f"min_k: values [B, T] and mask [B, T] must agree, got {tuple(values.shape)} and "
                          f"{tuple(mask.shape)}")
+    out = _min_k_op(values, mask, list(ks), backend)
+    return out[0] if squeeze else out
+
+
+@torch.library.custom_op("kdfast::min_k", mutates_args=())
+def _min_k_op(values: torch.Tensor, mask: torch.Tensor, ks: list[float], backend: str) -> torch.Tensor:
+    """min_k on [B, T] values and mask: [B, len(ks)] fp32."""
     if torch.isnan(values).logical_and(mask).any():
         raise ValueError("min_k: values hold NaN at valid positions")
     run = _resolve(backend, values.device)
     if run == "reference":
-        out = reference.min_k(values.cpu(), mask.cpu(), ks).float().to(values.device)
-        return out[0] if squeeze else out
+        return reference.min_k(values.cpu(), mask.cpu(), ks).float().to(values.device)
     n = mask.sum(dim=1)
     counts = min_k_counts(n, ks)
     if run == "cuda" and values.shape[1] > _ext.load().ops.min_k_cuda_max_t():
         run = "torch"
     if run == "torch":
-        out = _min_k_torch(values, mask, counts, n)
-    else:
-        out = _ext.load().ops.min_k(values.float().contiguous(), mask.contiguous(), counts)
-    return out[0] if squeeze else out
+        return _min_k_torch(values, mask, counts, n)
+    return _ext.load().ops.min_k(values.float().contiguous(), mask.contiguous(), counts)
+
+
+@_min_k_op.register_fake
+def _(values, mask, ks, backend):
+    return values.new_empty((values.shape[0], len(ks)), dtype=torch.float32)

@@ -9,8 +9,16 @@ from typing import NamedTuple
 import torch
 
 from kdfast import reference
-from kdfast.ops._checks import (check_choice, check_float, check_labels, check_same_device, check_temperature,
-                                check_unit_interval, common_vocab, raise_if_nonfinite)
+from kdfast.ops._checks import (
+    check_choice,
+    check_float,
+    check_labels,
+    check_same_device,
+    check_temperature,
+    check_unit_interval,
+    common_vocab,
+    raise_if_nonfinite,
+)
 
 KINDS = reference.KINDS
 REDUCTIONS = reference.REDUCTIONS

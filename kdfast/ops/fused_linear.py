@@ -5,26 +5,10 @@ import dataclasses
 
 import torch
 
-from kdfast.ops._checks import (
-    FLOAT_DTYPES,
-    check_choice,
-    check_float,
-    check_labels,
-    check_same_device,
-    check_temperature,
-    check_unit_interval,
-    common_vocab,
-    raise_if_nonfinite,
-)
-from kdfast.ops.divergence import (
-    BAD_STUDENT,
-    BAD_TEACHER,
-    KINDS,
-    _times,
-    divergence_fwd_bwd,
-    mean_scale,
-    resolve_backend,
-)
+from kdfast.ops._checks import (FLOAT_DTYPES, check_choice, check_float, check_labels, check_same_device,
+                                check_temperature, check_unit_interval, common_vocab, raise_if_nonfinite)
+from kdfast.ops.divergence import (BAD_STUDENT, BAD_TEACHER, KINDS, _times, divergence_fwd_bwd, mean_scale,
+                                   resolve_backend)
 
 REDUCTIONS = ("mean", "sum")
 # Logits (student + teacher) of one chunk may take this much; the GPU floor keeps the GEMMs efficient. On an

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import NamedTuple
 
 import torch
@@ -19,13 +18,12 @@ from kdfast.ops._checks import (
     common_vocab,
     raise_if_nonfinite,
 )
+from kdfast.runtime import DIVERGENCE_CHUNK_ELEMENTS, triton_interpreting
 
 KINDS = reference.KINDS
 REDUCTIONS = reference.REDUCTIONS
 BACKENDS = ("auto", "triton", "torch", "reference")
 BAD_STUDENT, BAD_TEACHER = 1, 2
-# Elements per torch chunk: a few MiB per fp32 temporary keeps the ~10 temporaries of a chunk in cache.
-TORCH_CHUNK_ELEMENTS = 1 << 19
 
 
 class DivergenceOut(NamedTuple):
@@ -58,7 +56,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
         return "triton" if device.type == "cuda" and _have_triton() else "torch"
-    if backend == "triton" and device.type != "cuda" and not _interpreting():
+    if backend == "triton" and device.type != "cuda" and not triton_interpreting():
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
                          "use backend='torch' on the CPU")
     return backend
@@ -70,10 +68,6 @@ def _have_triton() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def divergence_fwd_bwd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None, *,
@@ -148,7 +142,7 @@ def _torch_pass(student, teacher, labels, gs, gt, scales, *, kind, mix, temperat
     bad = torch.zeros(n, dtype=torch.int32, device=student.device)
     valid = None if labels is None else labels != ignore_index
     soft_x = scales[0].to(cdtype) / temperature
-    rows = max(1, TORCH_CHUNK_ELEMENTS // V)
+    rows = max(1, DIVERGENCE_CHUNK_ELEMENTS // V)
     for i in range(0, n, rows):
         sl = slice(i, min(i + rows, n))
         keep = None if valid is None else valid[sl]

@@ -9,14 +9,9 @@ from kdfast.ops._checks import (FLOAT_DTYPES, check_choice, check_float, check_l
                                 check_temperature, check_unit_interval, common_vocab, raise_if_nonfinite)
 from kdfast.ops.divergence import (BAD_STUDENT, BAD_TEACHER, KINDS, _times, divergence_fwd_bwd, mean_scale,
                                    resolve_backend)
+from kdfast.runtime import FUSED_LINEAR_CPU_CHUNK_BYTES, FUSED_LINEAR_GPU_CHUNK_BYTES, FUSED_LINEAR_GPU_MIN_CHUNK
 
 REDUCTIONS = ("mean", "sum")
-# Logits (student + teacher) of one chunk may take this much; the GPU floor keeps the GEMMs efficient. On an
-# H200 at N=8192, V=128256 a 512 MiB budget (1024 tokens) took 1.8 GB and 43.7 ms, 2 GiB (4096) 4.0 GB and
-# 39.8 ms (benchmarks/results/tune-divergence-h200.md): memory is what this op is for.
-GPU_CHUNK_BUDGET = 512 << 20
-CPU_CHUNK_BUDGET = 1 << 26
-GPU_MIN_CHUNK = 512
 
 
 def pick_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -24,9 +19,9 @@ def pick_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch
     per_token = 2 * vocab * dtype.itemsize
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        chunk = max(GPU_MIN_CHUNK, min(GPU_CHUNK_BUDGET, free // 8) // per_token // 256 * 256)
+        chunk = max(FUSED_LINEAR_GPU_MIN_CHUNK, min(FUSED_LINEAR_GPU_CHUNK_BYTES, free // 8) // per_token // 256 * 256)
     else:
-        chunk = max(32, CPU_CHUNK_BUDGET // per_token // 32 * 32)
+        chunk = max(32, FUSED_LINEAR_CPU_CHUNK_BYTES // per_token // 32 * 32)
     return max(1, min(chunk, n_tokens))
 
 

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from kdfast import _ext, reference
+from kdfast.runtime import HIDDEN_STATS_LOGIT_BYTES, TOKEN_STATS_CPU_CHUNK_BYTES, TOKEN_STATS_GPU_CHUNK_BYTES
 
 BACKENDS = ("auto", "cuda", "cpp", "torch", "reference")
 DEFAULT_KS = (0.05, 0.1, 0.2, 0.3, 0.5)
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_LOGITS_BUDGET = 256 * 2**20  # token_stats_from_hidden: bytes of logits alive at once when chunk_size=None
 # The TokenStats fields in order, as the custom ops return them (their schema needs a fixed-length tuple).
 _Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 _STATUS = {1: "has NaN or +inf logits", 2: "has a target outside [0, V)", 3: "has no finite logit (all -inf)"}
@@ -98,9 +98,7 @@ def _row_blocks(logits: torch.Tensor) -> list[torch.Tensor]:
 def _torch_stats(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The kernel's math in torch, a chunk of rows at a time: z [N, V], y [N] -> 5 stats, top1, status."""
     n, v = z.shape
-    # A few fp32 temporaries of the chunk's size live at once: keep each within a budget, large enough that
-    # the per-op overhead (a thread-pool round trip on CPU, a launch on GPU) stays small.
-    budget = 2**28 if z.is_cuda else 2**26
+    budget = TOKEN_STATS_GPU_CHUNK_BYTES if z.is_cuda else TOKEN_STATS_CPU_CHUNK_BYTES
     rows = max(1, budget // (4 * v))
     f32 = dict(dtype=torch.float32, device=z.device)
     out = [torch.zeros(n, **f32) for _ in range(5)]
@@ -231,7 +229,7 @@ def _token_stats_from_hidden_op(hidden: torch.Tensor, weight: torch.Tensor, targ
     valid = y != ignore_index
     rows = valid.nonzero().squeeze(-1)
     if chunk_size is None:
-        chunk_size = max(1, _LOGITS_BUDGET // (v * hidden.element_size()))
+        chunk_size = max(1, HIDDEN_STATS_LOGIT_BYTES // (v * hidden.element_size()))
     run = _resolve(backend, hidden.device)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     out = [torch.zeros(h.shape[0], **f32) for _ in range(5)] + [torch.zeros(h.shape[0], dtype=torch.bool,

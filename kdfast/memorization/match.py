@@ -8,7 +8,7 @@ import numpy as np
 from torch import nn
 
 from kdfast.data import encode
-from kdfast.generation import eval_mode, generate
+from kdfast.generation import eval_mode, generate, pad_token_id
 
 
 @dataclass
@@ -95,7 +95,7 @@ def match_accuracy(model: nn.Module, tokenizer, records: list[dict], n_tokens: i
     encoded = [encode(tokenizer, r, where=f"record {i}") for i, r in enumerate(records)]
     prompts = [e.input_ids[: e.prompt_len] for e in encoded]
     truths = [e.input_ids[e.prompt_len:][:n_tokens] for e in encoded]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     with eval_mode(model):
         generated = generate(model, prompts, n_tokens, pad_id=pad_id, eos_id=tokenizer.eos_token_id,
                              batch_size=batch_size, progress=progress, desc="greedy match")

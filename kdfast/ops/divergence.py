@@ -1,4 +1,5 @@
-"""Divergence losses on logits (spec §3): the autograd op, and dispatch to Triton, chunked torch or the reference."""
+"""Divergence losses on logits (spec §3): the custom op kdfast::distill_loss (fake and backward registered, so
+torch.compile traces it whole), dispatching to Triton, chunked torch or the reference."""
 from __future__ import annotations
 
 import dataclasses
@@ -398,7 +399,8 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kin
     backend: triton (CUDA, or CPU under TRITON_INTERPRET=1), torch (token-chunked, any device), reference,
     auto (triton on CUDA, torch elsewhere). The gradient is computed in the forward, in the input dtype;
     teacher_grad=True also returns one for the teacher; inplace_grad=True writes the student gradient into the
-    student logits' own buffer (the caller gives them up). scale_by_t2 multiplies by T² (Hinton).
+    student logits' own buffer (the caller gives them up; eager only, torch.compile needs it off). scale_by_t2
+    multiplies by T² (Hinton).
     Raises ValueError on bad arguments and on NaN/+inf logits in a valid row (naming the first such row).
     """
     check_choice("divergence kind", kind, KINDS)

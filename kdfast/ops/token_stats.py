@@ -1,6 +1,7 @@
 """Per-token statistics (spec §4) in one pass over the vocabulary, and Min-K%: CUDA, C++ or chunked torch.
 
-Not differentiable (they score, they don't train): inputs are read without recording a graph.
+Not differentiable (they score, they don't train): inputs are read without recording a graph. Each function runs
+as one torch.library custom op (kdfast::token_stats, ...) with a fake registered, so torch.compile traces it.
 """
 from __future__ import annotations
 

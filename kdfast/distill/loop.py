@@ -88,7 +88,7 @@ class _StudentForward(nn.Module):
 
 
 class Distiller:
-    """Distill `teacher` into `student` on instruction records with one technique (spec §7).
+    """Distill `teacher` into `student` on instruction records with one technique (docs/design.md §7).
 
     teacher: an HF causal LM (None for technique="sft"); it runs in inference mode (eval, no grad; bf16 on CUDA
     by default, on `teacher_device` if set). student: any HF causal LM sharing the teacher's tokenizer (e.g. from

@@ -1,4 +1,4 @@
-"""Triton kernels for the divergences of spec §3: one program per token row, the vocabulary streamed in blocks.
+"""Triton kernels for the divergences (docs/design.md §3): one program per token row, the vocabulary in blocks.
 
 Pass 1 gathers online max / sum-exp statistics of both models; pass 2 (only for kinds whose gradient needs a
 row sum that depends on both log-normalizers) sums the per-entry gradients; the last pass writes the loss and

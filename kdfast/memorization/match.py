@@ -72,7 +72,7 @@ def normalized_edit_distance(generated: list[int], truth: list[int]) -> float:
 
 def match_accuracy(model: nn.Module, tokenizer, records: list[dict], n_tokens: int = 32, batch_size: int = 32,
                    approx_threshold: float = 0.1, *, progress: bool = True) -> MatchResult:
-    """Greedy match accuracy of each instruction record (spec §6, the study's metric).
+    """Greedy match accuracy of each instruction record (docs/design.md §6, the study's metric).
 
     The prompt is the record's full instruction prompt (kdfast.data.encode's prompt part, Alpaca template);
     the model decodes n_tokens greedily (KV cache, left-padded batches of batch_size, stopping after EOS);

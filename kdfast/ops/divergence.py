@@ -1,4 +1,4 @@
-"""Divergence losses on logits (spec §3): the custom op kdfast::distill_loss (fake and backward registered, so
+"""Divergence losses on logits (docs/design.md §3): the custom op kdfast::distill_loss (fake and backward registered, so
 torch.compile traces it whole), dispatching to Triton, chunked torch or the reference."""
 from __future__ import annotations
 
@@ -389,7 +389,7 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kin
                  labels: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                  vocab: str = "error", backend: str = "auto", teacher_grad: bool = False,
                  inplace_grad: bool = False, scale_by_t2: bool = False) -> torch.Tensor:
-    """Distillation divergence between teacher p = softmax(t/T) and student q = softmax(s/T) (spec §3).
+    """Distillation divergence between teacher p = softmax(t/T) and student q = softmax(s/T) (docs/design.md §3).
 
     student_logits [N, V] or [B, T, V], teacher_logits [N, V'] / [B, T, V'] (fp32, bf16 or fp16; the torch and
     reference backends also take fp64); labels [N] / [B, T] int, positions equal to ignore_index are masked.

@@ -1,4 +1,4 @@
-"""Per-token statistics (spec §4) in one pass over the vocabulary, and Min-K%: CUDA, C++ or chunked torch.
+"""Per-token statistics (docs/design.md §4) in one pass over the vocabulary, and Min-K%: CUDA, C++ or chunked torch.
 
 Not differentiable (they score, they don't train): inputs are read without recording a graph. Each function runs
 as one torch.library custom op (kdfast::token_stats, ...) with a fake registered, so torch.compile traces it.
@@ -136,7 +136,7 @@ def _torch_stats(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> tuple
 @torch.no_grad()
 def token_stats(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                 backend: str = "auto") -> TokenStats:
-    """Per-token statistics of spec §4 in one pass over the vocabulary.
+    """Per-token statistics of docs/design.md §4 in one pass over the vocabulary.
 
     logits: [N, V] or [B, T, V] (any leading dims), float32/bfloat16/float16, read in its own dtype and
     accumulated in fp32 (a view such as logits[:, :-1] is read without a copy). targets: integer, shaped like

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdfast-installed
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: install test test-all audit bench clean
+.PHONY: install test test-all audit bench lint clean
 
 install: $(STAMP)
 
@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml setup.py Makefile
 
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
+
+lint: install
+	$(VENV)/bin/ruff check .
 
 audit: install
 	$(VENV)/bin/kdfast audit

@@ -102,7 +102,7 @@ def step(fn: Callable[[dict], torch.Tensor], x: dict, clear: bool = True) -> Cal
 
 
 def flops(plan: dict) -> float:
-    """Teacher logits 2·N·Ht·V, student logits + d(hidden) + d(weight) 6·N·Hs·V (spec §8)."""
+    """Teacher logits 2·N·Ht·V, student logits + d(hidden) + d(weight) 6·N·Hs·V (docs/design.md §8)."""
     return 2.0 * plan["N"] * plan["V"] * (plan["Ht"] + 3 * plan["Hs"])
 
 

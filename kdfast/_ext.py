@@ -249,9 +249,11 @@ def _report_extension() -> str:
 
 
 def _report_triton() -> str:
+    from kdfast.runtime import triton_interpreting  # not at the top: setup.py loads this file without kdfast
+
     if importlib.util.find_spec("triton") is None:
         return "unavailable"
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if triton_interpreting():
         return "interpreter"
     return "compiled" if torch.cuda.is_available() else "unavailable"
 

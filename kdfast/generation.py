@@ -22,6 +22,11 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(training)
 
 
+def pad_token_id(tokenizer) -> int | None:
+    """The id that fills left-padded prompts: the tokenizer's pad token, else its EOS (GPT-2 has no pad token)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 @torch.no_grad()
 def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, *, pad_id: int, eos_id: int | None,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,

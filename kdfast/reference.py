@@ -1,4 +1,4 @@
-"""Plain, obviously-correct formulas (spec §3, §4): the oracle every fast path is tested against.
+"""Plain, obviously-correct formulas (docs/design.md §3, §4): the oracle every fast path is tested against.
 
 Written for clarity, not speed: they materialize full softmaxes. Pass float64 tensors for exact checks.
 """
@@ -34,7 +34,7 @@ def divergence(
     alpha: float = 0.1,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Per-token divergence between teacher p and student q (spec §3).
+    """Per-token divergence between teacher p and student q (docs/design.md §3).
 
     student_logits, teacher_logits: [..., V] float; returns [...] in the promoted float dtype.
     Entries that are −inf in either model contribute 0. β=0 of `jsd` is `fkl`, β=1 is `rkl`.
@@ -115,7 +115,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
 
 
 def token_stats(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> dict[str, torch.Tensor]:
-    """Per-token statistics of spec §4 from a materialized softmax: logits [..., V], targets [...].
+    """Per-token statistics of docs/design.md §4 from a materialized softmax: logits [..., V], targets [...].
 
     Returns logp, lse, entropy, mu, sigma (float), top1 (bool: the target is the first argmax) and valid.
     Undefined statistics (ignored targets) are 0 / False.

@@ -1,4 +1,4 @@
-"""DistillConfig: technique defaults (spec §7), validation with clear errors, dict round trip."""
+"""DistillConfig: technique defaults (docs/design.md §7), validation with clear errors, dict round trip."""
 import pytest
 
 from kdfast.distill import TECHNIQUES, DistillConfig, DistillError

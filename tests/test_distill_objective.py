@@ -37,7 +37,7 @@ def test_fused_and_logits_paths_agree(family, kind, soft, hard):
 
 
 def test_token_nll_in_chunks_is_exact(monkeypatch):
-    monkeypatch.setattr(objective, "_LOGIT_BUDGET", 40 * 64)   # 40 rows per chunk over a 64-entry vocabulary
+    monkeypatch.setattr(objective, "TOKEN_NLL_CHUNK_ELEMENTS", 40 * 64)   # 40 rows per chunk over a 64-entry vocabulary
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(100, 8, generator=g, requires_grad=True)
     weight = torch.randn(64, 8, generator=g, requires_grad=True)

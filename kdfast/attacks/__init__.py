@@ -1,4 +1,4 @@
-"""Membership-inference attacks (spec §5) scored in bulk, their metrics, and ROC curves."""
+"""Membership-inference attacks (docs/design.md §5) scored in bulk, their metrics, and ROC curves."""
 from kdfast.attacks.metrics import evaluate, format_results, plot_roc, roc_metrics, tpr_at_fpr
 from kdfast.attacks.ref import reference_scores
 from kdfast.attacks.scoring import ATTACKS, DEFAULT_ATTACKS, AttackConfig, score

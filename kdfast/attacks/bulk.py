@@ -1,4 +1,4 @@
-"""The bulk scorer: loss, zlib, Min-K% and Min-K%++ of a whole batch from one forward pass (spec §5).
+"""The bulk scorer: loss, zlib, Min-K% and Min-K%++ of a whole batch from one forward pass (docs/design.md §5).
 
 Only the scored positions reach the output head, and their per-token statistics come from kdfast's
 fused kernels (kdfast.ops.token_stats); a record's scores do not depend on its batch or padding side.

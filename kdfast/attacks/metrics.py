@@ -1,4 +1,4 @@
-"""Membership-inference metrics (spec §5): ROC AUC with a bootstrap 95% CI, TPR at FPR ≤ x, ROC curves as PNG.
+"""Membership-inference metrics (docs/design.md §5): ROC AUC with a bootstrap 95% CI, TPR at FPR ≤ x, ROC curves as PNG.
 
 scikit-learn and scipy are imported where used: scoring (and the GPU benchmark) must not need them.
 """

@@ -1,4 +1,4 @@
-"""score(): every membership-inference attack of spec §5 over a record set, as one table (higher = member).
+"""score(): every membership-inference attack of docs/design.md §5 over a record set, as one table (higher = member).
 
 Records are grouped by length under a token budget; each finished group is written atomically when an
 output folder is given, so a rerun resumes; under torch.distributed the records are sharded over the
@@ -36,7 +36,7 @@ SCORES_FILE = "scores.parquet"
 
 @dataclass
 class AttackConfig:
-    """What to score and how (defaults: the study's settings; spec §5).
+    """What to score and how (defaults: the study's settings; docs/design.md §5).
 
     attacks: names from ATTACKS. response_only: score the response tokens of instruction records (a {"text"}
     record is always scored whole). ks: Min-K% fractions. mope_n, mope_sigma: MoPe perturbations and their

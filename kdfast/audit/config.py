@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    """Where records come from and how the study splits them (spec §7)."""
+    """Where records come from and how the study splits them (docs/design.md §7)."""
 
     source: str = "bundled"  # "bundled", a .jsonl/.json/.csv/.parquet file, or "hub:<dataset id>"
     validation: str | None = None  # non-member file or hub split; None holds out validation_fraction of source

@@ -1,4 +1,4 @@
-"""The audit pipeline: data → teacher → students → attacks, memorization, per-block MoPe → report (spec §5–§7)."""
+"""The audit: data → teacher → students → attacks, memorization, per-block MoPe → report (docs/design.md §5–§7)."""
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,4 @@
-"""The distillation trainer: SFT, KD, SeqKD, ImitKD, GKD, MiniLLM and DistiLLM on any HF causal LM (spec §7)."""
+"""The distillation trainer: SFT, KD, SeqKD, ImitKD, GKD, MiniLLM, DistiLLM on any HF causal LM (docs/design.md §7)."""
 from kdfast.distill.config import TECHNIQUES, DistillConfig, DistillError
 from kdfast.distill.loop import DistillSummary, Distiller
 from kdfast.distill.student import make_student

@@ -1,4 +1,4 @@
-"""DistillConfig: every knob of the trainer, with working defaults per technique (spec §7) and early validation."""
+"""DistillConfig: every knob of the trainer, working defaults per technique (docs/design.md §7), early validation."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +13,7 @@ KINDS = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
 SCHEDULERS = ("cosine", "constant", "linear")
 REPLAY_RATIOS = ("decreasing", "constant", "increasing")
 
-# What `None` means for each technique; anything set explicitly wins. Sources: spec §7, the MiniLLM/DistiLLM
+# What `None` means for each technique; anything set explicitly wins. Sources: docs/design.md §7, the MiniLLM/DistiLLM
 # reference scripts (GPT-2: lr 5e-4 for students of GPT-2 base size; here 5e-5, the safer default for larger ones).
 _COMMON = dict(lr=5e-5, epochs=3, weight_decay=0.01, adam_betas=(0.9, 0.999), lr_scheduler="cosine", warmup_steps=0,
                loss="fkl", kd_ratio=1.0, student_gen_fraction=0.0, buffer_size=0, disable_dropout=False,
@@ -43,7 +43,7 @@ def _help(text: str, **kw):
 
 @dataclass
 class DistillConfig:
-    """Settings of one distillation run. Fields left at None take the technique's default (spec §7).
+    """Settings of one distillation run. Fields left at None take the technique's default (docs/design.md §7).
 
     Batch sizes count sequences: `batch_size` per process and micro-batch; the global batch of one optimizer
     step is batch_size × grad_accum × processes. Losses are averaged over the valid (response) tokens of the

@@ -12,7 +12,7 @@ from kdfast.data import Encoded
 from kdfast.distill.config import DistillConfig
 from kdfast.distill.data import DataStream, collate, prompt_of, with_response
 from kdfast.distill.objective import Rows, forward_rows
-from kdfast.generation import generate
+from kdfast.generation import eval_mode, generate, pad_token_id
 from kdfast.models import output_head
 
 
@@ -29,7 +29,7 @@ class RunContext:
         self.accelerator, self.device, self.teacher_device = accelerator, device, teacher_device
         self.amp_dtype = amp_dtype
         self.train, self.lm, self.out = train, lm, out
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_token_id(tokenizer)
         self.eos_id = tokenizer.eos_token_id
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.stream = DataStream(len(train), cfg.seed, self.rank, self.world)
@@ -89,13 +89,8 @@ class RunContext:
             from torch.distributed.fsdp import FullyShardedDataParallel
 
             gather = FullyShardedDataParallel.summon_full_params(self.wrapped, writeback=False)
-        was_training = self.student.training
-        self.student.eval()
-        try:
-            with gather, self.autocast():
-                yield self.student
-        finally:
-            self.student.train(was_training)
+        with eval_mode(self.student), gather, self.autocast():
+            yield self.student
 
     def max_new_tokens(self, prompts: list[list[int]]) -> int:
         room = self.cfg.max_len - max(len(p) for p in prompts)

@@ -28,6 +28,7 @@ from kdfast.distill.context import RunContext
 from kdfast.distill.data import count_targets, encode_records, encode_texts
 from kdfast.distill.objective import forward_rows, token_nll, valid
 from kdfast.distill.techniques import CLASSES
+from kdfast.generation import eval_mode
 from kdfast.io import atomic_path, atomic_write_json, atomic_write_text
 from kdfast.lora import apply_lora, has_lora, merged_state_dict
 from kdfast.models import check_same_tokenizer
@@ -87,7 +88,7 @@ class _StudentForward(nn.Module):
 
 
 class Distiller:
-    """Distill `teacher` into `student` on instruction records with one technique (spec §7).
+    """Distill `teacher` into `student` on instruction records with one technique (docs/design.md §7).
 
     teacher: an HF causal LM (None for technique="sft"); it runs in inference mode (eval, no grad; bf16 on CUDA
     by default, on `teacher_device` if set). student: any HF causal LM sharing the teacher's tokenizer (e.g. from
@@ -270,15 +271,11 @@ class Distiller:
             batch = run.collate(chunk)
             return token_nll(forward_rows(model, batch, cfg.fused), batch["targets"][valid(batch)]).sum()
 
-        was_training = self.student.training
-        self.student.eval()
         total = 0.0
-        try:
+        with eval_mode(self.student):
             for start in range(0, len(mine), cfg.batch_size):
                 with run.autocast():
                     total += float(run.wrapped(nll, mine[start: start + cfg.batch_size]))
-        finally:
-            self.student.train(was_training)
         sums = run.all_sum({"nll": total, "tokens": count_targets(mine)})
         return sums["nll"] / max(sums["tokens"], 1.0)
 

@@ -17,9 +17,7 @@ from kdfast.data import IGNORE_INDEX
 from kdfast.models import hidden_and_head
 from kdfast.ops.divergence import distill_loss
 from kdfast.ops.fused_linear import fused_linear_distill_loss
-
-# Rows per chunk when per-token log-probs come from hidden states: about 2^25 logits at a time.
-_LOGIT_BUDGET = 1 << 25
+from kdfast.runtime import TOKEN_NLL_CHUNK_ELEMENTS
 
 
 @dataclass
@@ -90,7 +88,7 @@ def token_nll(rows: Rows, targets: torch.Tensor) -> torch.Tensor:
     if rows.head is None:
         return F.cross_entropy(rows.values.float(), targets, reduction="none")
     weight, bias = rows.head
-    step = max(16, _LOGIT_BUDGET // weight.shape[0])
+    step = max(16, TOKEN_NLL_CHUNK_ELEMENTS // weight.shape[0])
     parts = []
     for start in range(0, targets.numel(), step):
         h, t = rows.values[start: start + step], targets[start: start + step]

@@ -1,4 +1,4 @@
-"""Triton kernels for the divergences of spec §3: one program per token row, the vocabulary streamed in blocks.
+"""Triton kernels for the divergences (docs/design.md §3): one program per token row, the vocabulary in blocks.
 
 Pass 1 gathers online max / sum-exp statistics of both models; pass 2 (only for kinds whose gradient needs a
 row sum that depends on both log-normalizers) sums the per-entry gradients; the last pass writes the loss and
@@ -12,6 +12,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from kdfast.runtime import triton_interpreting
 
 FKL = tl.constexpr(0)
 RKL = tl.constexpr(1)
@@ -248,10 +250,6 @@ def divergence_kernel(S, T, GS, GT, LOSS, HARD_LOSS, BAD, LABELS, SCALES,
              inv_temp, wp, wq, cp, cq, KIND, GRAD_S, GRAD_T, HARD, RAW, BLOCK)
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def launch_config(V: int) -> tuple[int, int]:
     """(BLOCK, num_warps). On GPU 2048 x 4 warps: 16-byte loads, < 100 registers, several rows per SM in flight
     (the H200 sweep in benchmarks/results/tune-divergence-h200.md: within 2% of the best of six configs).
@@ -263,7 +261,7 @@ def launch_config(V: int) -> tuple[int, int]:
     if override:
         block, num_warps = (int(x) for x in override.split(","))
         return min(block, triton.next_power_of_2(V)), num_warps
-    block = min(8192 if interpreting() else 2048, triton.next_power_of_2(V))
+    block = min(8192 if triton_interpreting() else 2048, triton.next_power_of_2(V))
     return block, 4
 
 

@@ -1,4 +1,4 @@
-"""Memorization (spec §6): the study's greedy match accuracy, one-pass exact extraction, teacher-conditioned
+"""Memorization (docs/design.md §6): the study's greedy match accuracy, one-pass exact extraction, teacher-conditioned
 memorization, and how far membership and memorization flags agree."""
 from kdfast.memorization.agreement import DEFAULT_TAUS, Agreement, Conditioned, agreement, flag, teacher_conditioned
 from kdfast.memorization.extraction import Extraction, extractable, extraction, extraction_pairs

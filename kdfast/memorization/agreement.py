@@ -88,7 +88,7 @@ def _vector(name: str, values, unit: bool = False) -> np.ndarray:
 
 def teacher_conditioned(teacher_acc, student_acc, taus: Sequence[float] = DEFAULT_TAUS) -> list[Conditioned]:
     """For each tau: among the records the teacher matches above tau, the student's mean match accuracy and
-    the fraction the student also matches above tau (spec §6; "above" is strict: accuracy > tau).
+    the fraction the student also matches above tau (docs/design.md §6; "above" is strict: accuracy > tau).
 
     teacher_acc, student_acc: [R] match accuracies of the same records in the same order (e.g.
     MatchResult.accuracy of each model on the teacher's training records).

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kdfast.data import Encoded, encode, pad_batch
-from kdfast.generation import eval_mode, generate
+from kdfast.generation import eval_mode, generate, pad_token_id
 from kdfast.models import ModelError, hidden_and_head, output_head
 from kdfast.ops.token_stats import token_stats, token_stats_from_hidden
 
@@ -138,7 +138,7 @@ def extraction(model: nn.Module, data: TokenRows | list[dict], prefix_len: Prefi
     if not pairs:
         raise ValueError("extraction: no records")
     if pad_id is None:
-        pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+        pad_id = (pad_token_id(tokenizer) if tokenizer is not None else None) or 0  # token-id rows: any id pads
     ok = [i for i, (p, s) in enumerate(pairs) if len(s) == suffix_len and p]
     if on_short == "error" and len(ok) < len(pairs):
         i = min(set(range(len(pairs))) - set(ok))

@@ -8,7 +8,7 @@ import numpy as np
 from torch import nn
 
 from kdfast.data import encode
-from kdfast.generation import eval_mode, generate
+from kdfast.generation import eval_mode, generate, pad_token_id
 
 
 @dataclass
@@ -72,7 +72,7 @@ def normalized_edit_distance(generated: list[int], truth: list[int]) -> float:
 
 def match_accuracy(model: nn.Module, tokenizer, records: list[dict], n_tokens: int = 32, batch_size: int = 32,
                    approx_threshold: float = 0.1, *, progress: bool = True) -> MatchResult:
-    """Greedy match accuracy of each instruction record (spec §6, the study's metric).
+    """Greedy match accuracy of each instruction record (docs/design.md §6, the study's metric).
 
     The prompt is the record's full instruction prompt (kdfast.data.encode's prompt part, Alpaca template);
     the model decodes n_tokens greedily (KV cache, left-padded batches of batch_size, stopping after EOS);
@@ -95,7 +95,7 @@ def match_accuracy(model: nn.Module, tokenizer, records: list[dict], n_tokens: i
     encoded = [encode(tokenizer, r, where=f"record {i}") for i, r in enumerate(records)]
     prompts = [e.input_ids[: e.prompt_len] for e in encoded]
     truths = [e.input_ids[e.prompt_len:][:n_tokens] for e in encoded]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     with eval_mode(model):
         generated = generate(model, prompts, n_tokens, pad_id=pad_id, eos_id=tokenizer.eos_token_id,
                              batch_size=batch_size, progress=progress, desc="greedy match")

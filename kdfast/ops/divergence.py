@@ -1,23 +1,30 @@
-"""Divergence losses on logits (spec §3): the autograd op, and dispatch to Triton, chunked torch or the reference."""
+"""Divergence losses on logits (docs/design.md §3): the custom op kdfast::distill_loss (fake and backward registered, so
+torch.compile traces it whole), dispatching to Triton, chunked torch or the reference."""
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import NamedTuple
 
 import torch
 
 from kdfast import reference
-from kdfast.ops._checks import (check_choice, check_float, check_labels, check_same_device, check_temperature,
-                                check_unit_interval, common_vocab, raise_if_nonfinite)
+from kdfast.ops._checks import (
+    check_choice,
+    check_float,
+    check_labels,
+    check_same_device,
+    check_temperature,
+    check_unit_interval,
+    common_vocab,
+    raise_if_nonfinite,
+)
+from kdfast.runtime import DIVERGENCE_CHUNK_ELEMENTS, triton_interpreting
 
 KINDS = reference.KINDS
 REDUCTIONS = reference.REDUCTIONS
 BACKENDS = ("auto", "triton", "torch", "reference")
 BAD_STUDENT, BAD_TEACHER = 1, 2
-# Elements per torch chunk: a few MiB per fp32 temporary keeps the ~10 temporaries of a chunk in cache.
-TORCH_CHUNK_ELEMENTS = 1 << 19
 
 
 class DivergenceOut(NamedTuple):
@@ -50,7 +57,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
         return "triton" if device.type == "cuda" and _have_triton() else "torch"
-    if backend == "triton" and device.type != "cuda" and not _interpreting():
+    if backend == "triton" and device.type != "cuda" and not triton_interpreting():
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
                          "use backend='torch' on the CPU")
     return backend
@@ -62,10 +69,6 @@ def _have_triton() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def divergence_fwd_bwd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None, *,
@@ -140,7 +143,7 @@ def _torch_pass(student, teacher, labels, gs, gt, scales, *, kind, mix, temperat
     bad = torch.zeros(n, dtype=torch.int32, device=student.device)
     valid = None if labels is None else labels != ignore_index
     soft_x = scales[0].to(cdtype) / temperature
-    rows = max(1, TORCH_CHUNK_ELEMENTS // V)
+    rows = max(1, DIVERGENCE_CHUNK_ELEMENTS // V)
     for i in range(0, n, rows):
         sl = slice(i, min(i + rows, n))
         keep = None if valid is None else valid[sl]
@@ -261,53 +264,100 @@ class _Spec:
     reduction: str
     backend: str
     vocab: int
-    teacher_grad: bool
-    inplace_grad: bool
     scale_by_t2: bool
-    grad_enabled: bool  # grad mode at the call: ctx.needs_input_grad ignores torch.no_grad()
+
+
+def _loss_and_grads(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, spec: _Spec,
+                    gs: torch.Tensor | None, gt: torch.Tensor | None) -> torch.Tensor:
+    """The loss of a distill_loss call; its gradient d(loss)/d(logits) goes into gs / gt (shaped like the inputs,
+    or None when not wanted). Raises on non-finite logits."""
+    lead = student.shape[:-1]
+    s2, t2 = _rows(student), _rows(teacher)
+    gs2 = None if gs is None else gs.view(s2.shape)
+    gt2 = None if gt is None else gt.view(t2.shape)
+    flat_labels = None if labels is None else labels.reshape(-1)
+    t2_factor = spec.temperature**2 if spec.scale_by_t2 else 1.0
+    scale = t2_factor * (mean_scale(flat_labels, s2.shape[0], spec.ignore_index) if spec.reduction == "mean"
+                         else 1.0)
+    V = spec.vocab
+    out = divergence_fwd_bwd(
+        s2[:, :V], t2[:, :V], flat_labels, kind=spec.kind, beta=spec.beta, alpha=spec.alpha,
+        temperature=spec.temperature, ignore_index=spec.ignore_index, soft_scale=scale,
+        want_student_grad=gs2 is not None, want_teacher_grad=gt2 is not None, backend=spec.backend,
+        student_grad_out=None if gs2 is None else gs2[:, :V], teacher_grad_out=None if gt2 is None else gt2[:, :V])
+    raise_if_nonfinite(out.bad, BAD_STUDENT, BAD_TEACHER)
+    for grad in (gs2, gt2):
+        if grad is not None and grad.shape[1] > V:
+            grad[:, V:].zero_()  # entries outside the common vocabulary take no part in the loss
+    if spec.reduction == "none":
+        return (out.loss * t2_factor).reshape(lead)
+    return (out.loss.sum() * scale).to(out.loss.dtype)
+
+
+@torch.library.custom_op("kdfast::distill_loss", mutates_args=())
+def _distill_loss_op(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, kind: str,
+                     beta: float, alpha: float, temperature: float, ignore_index: int, reduction: str, backend: str,
+                     vocab: int, scale_by_t2: bool, want_student_grad: bool,
+                     want_teacher_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, d loss/d student, d loss/d teacher): an unwanted gradient comes back as an empty [0] tensor.
+
+    One opaque op to torch.compile: its host syncs (the non-finite check, the kernel launch) stay inside.
+    """
+    spec = _Spec(kind, beta, alpha, temperature, ignore_index, reduction, backend, vocab, scale_by_t2)
+    gs, gt = (_grad_out(x, want) for x, want in ((student, want_student_grad), (teacher, want_teacher_grad)))
+    loss = _loss_and_grads(student, teacher, labels, spec, gs if want_student_grad else None,
+                           gt if want_teacher_grad else None)
+    return loss, gs, gt
+
+
+@_distill_loss_op.register_fake
+def _(student, teacher, labels, kind, beta, alpha, temperature, ignore_index, reduction, backend, vocab,
+      scale_by_t2, want_student_grad, want_teacher_grad):
+    wide = torch.float64 in (student.dtype, teacher.dtype)
+    shape = student.shape[:-1] if reduction == "none" else ()
+    loss = student.new_empty(shape, dtype=torch.float64 if wide else torch.float32)
+    return loss, _grad_out(student, want_student_grad), _grad_out(teacher, want_teacher_grad)
+
+
+def _grad_out(x: torch.Tensor, want: bool) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device) if want else x.new_empty(0)
+
+
+def _setup_context(ctx, inputs, output):
+    _, gs, gt = output
+    ctx.mark_non_differentiable(gs, gt)
+    ctx.save_for_backward(gs, gt)
+    ctx.want = inputs[-2:]
+
+
+def _backward(ctx, grad_loss, _grad_gs, _grad_gt):
+    gs, gt = ctx.saved_tensors
+    grads = [_times(g, grad_loss, False) if want else None for g, want in zip((gs, gt), ctx.want)]
+    return grads[0], grads[1], *([None] * 12)
+
+
+_distill_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class DistillLossFunction(torch.autograd.Function):
-    """Loss and gradients computed together in the forward; the backward only scales the stored gradients."""
+    """inplace_grad=True: the student gradient overwrites the student logits, which a custom op (whose outputs
+    never alias its inputs) cannot do; torch.compile traces distill_loss through the op instead."""
 
     @staticmethod
-    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
-                spec: _Spec) -> torch.Tensor:
-        lead = student.shape[:-1]
-        # Detached: the gradient buffers may alias the inputs and are written without autograd tracking.
-        s2, t2 = _rows(student.detach()), _rows(teacher.detach())
-        flat_labels = None if labels is None else labels.reshape(-1)
-        want_s = spec.grad_enabled and ctx.needs_input_grad[0]
-        want_t = spec.grad_enabled and spec.teacher_grad and ctx.needs_input_grad[1]
-        gs = (s2 if spec.inplace_grad else torch.empty_like(s2)) if want_s else None
-        gt = torch.empty_like(t2) if want_t else None
-        t2_factor = spec.temperature**2 if spec.scale_by_t2 else 1.0
-        scale = t2_factor * (mean_scale(flat_labels, s2.shape[0], spec.ignore_index) if spec.reduction == "mean"
-                             else 1.0)
-        V = spec.vocab
-        out = divergence_fwd_bwd(
-            s2[:, :V], t2[:, :V], flat_labels, kind=spec.kind, beta=spec.beta, alpha=spec.alpha,
-            temperature=spec.temperature, ignore_index=spec.ignore_index, soft_scale=scale,
-            want_student_grad=want_s, want_teacher_grad=want_t, backend=spec.backend,
-            student_grad_out=None if gs is None else gs[:, :V], teacher_grad_out=None if gt is None else gt[:, :V])
-        raise_if_nonfinite(out.bad, BAD_STUDENT, BAD_TEACHER)
-        for grad in (gs, gt):
-            if grad is not None and grad.shape[1] > V:
-                grad[:, V:].zero_()  # entries outside the common vocabulary take no part in the loss
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, spec: _Spec,
+                want_student_grad: bool, want_teacher_grad: bool) -> torch.Tensor:
+        # Detached: the gradient buffers alias the inputs and are written without autograd tracking.
+        s, t = student.detach(), teacher.detach()
+        gs = _rows(s).view(s.shape) if want_student_grad else None
+        gt = torch.empty_like(t) if want_teacher_grad else None
+        loss = _loss_and_grads(s, t, labels, spec, gs, gt)
         ctx.save_for_backward(gs, gt)
-        ctx.shapes = (student.shape, teacher.shape)
-        ctx.in_place = (spec.inplace_grad, False)
-        if spec.reduction == "none":
-            return (out.loss * t2_factor).reshape(lead)
-        return (out.loss.sum() * scale).to(out.loss.dtype)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         gs, gt = ctx.saved_tensors
-        go = grad_output.reshape(-1, 1) if grad_output.dim() else grad_output
-        grads = [None if g is None else _times(g, go, in_place).view(shape)
-                 for g, shape, in_place in zip((gs, gt), ctx.shapes, ctx.in_place)]
-        return grads[0], grads[1], None, None
+        return _times(gs, grad_output, True), _times(gt, grad_output, False), None, None, None, None
 
 
 def mean_scale(labels: torch.Tensor | None, n: int, ignore_index: int) -> float | torch.Tensor:
@@ -323,11 +373,14 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def _times(grad: torch.Tensor, go: torch.Tensor, inplace: bool) -> torch.Tensor:
-    """grad·grad_output; skipped when grad_output is 1 (the usual case), in place when the buffer was given up."""
-    if bool((go == 1).all()):
+def _times(grad: torch.Tensor | None, grad_output: torch.Tensor, inplace: bool) -> torch.Tensor | None:
+    """grad [..., V] · grad_output ([...] or 0-dim); skipped in eager mode when grad_output is 1 (the usual case),
+    in place when the buffer was given up."""
+    if grad is None:
+        return None
+    if not torch.compiler.is_compiling() and bool((grad_output == 1).all()):
         return grad
-    go = go.to(grad.dtype)
+    go = (grad_output.unsqueeze(-1) if grad_output.dim() else grad_output).to(grad.dtype)
     return grad.mul_(go) if inplace else grad * go
 
 
@@ -336,7 +389,7 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kin
                  labels: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                  vocab: str = "error", backend: str = "auto", teacher_grad: bool = False,
                  inplace_grad: bool = False, scale_by_t2: bool = False) -> torch.Tensor:
-    """Distillation divergence between teacher p = softmax(t/T) and student q = softmax(s/T) (spec §3).
+    """Distillation divergence between teacher p = softmax(t/T) and student q = softmax(s/T) (docs/design.md §3).
 
     student_logits [N, V] or [B, T, V], teacher_logits [N, V'] / [B, T, V'] (fp32, bf16 or fp16; the torch and
     reference backends also take fp64); labels [N] / [B, T] int, positions equal to ignore_index are masked.
@@ -346,7 +399,8 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kin
     backend: triton (CUDA, or CPU under TRITON_INTERPRET=1), torch (token-chunked, any device), reference,
     auto (triton on CUDA, torch elsewhere). The gradient is computed in the forward, in the input dtype;
     teacher_grad=True also returns one for the teacher; inplace_grad=True writes the student gradient into the
-    student logits' own buffer (the caller gives them up). scale_by_t2 multiplies by T² (Hinton).
+    student logits' own buffer (the caller gives them up; eager only, torch.compile needs it off). scale_by_t2
+    multiplies by T² (Hinton).
     Raises ValueError on bad arguments and on NaN/+inf logits in a valid row (naming the first such row).
     """
     check_choice("divergence kind", kind, KINDS)
@@ -368,6 +422,12 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kin
     allowed = (torch.float32, torch.bfloat16, torch.float16) + ((torch.float64,) if backend == "torch" else ())
     check_float("student logits", student_logits, allowed)
     check_float("teacher logits", teacher_logits, allowed)
-    spec = _Spec(kind, beta, alpha, temperature, ignore_index, reduction, backend, V, teacher_grad,
-                 inplace_grad, scale_by_t2, torch.is_grad_enabled())
-    return DistillLossFunction.apply(student_logits, teacher_logits, labels, spec)
+    spec = _Spec(kind, beta, alpha, temperature, ignore_index, reduction, backend, V, scale_by_t2)
+    grad_mode = torch.is_grad_enabled()
+    want_s = grad_mode and student_logits.requires_grad
+    want_t = grad_mode and teacher_grad and teacher_logits.requires_grad
+    if inplace_grad:
+        return DistillLossFunction.apply(student_logits, teacher_logits, labels, spec, want_s, want_t)
+    loss, _, _ = _distill_loss_op(student_logits, teacher_logits, labels, kind, beta, alpha, temperature,
+                                  ignore_index, reduction, backend, V, scale_by_t2, want_s, want_t)
+    return loss

@@ -7,16 +7,11 @@ import torch
 
 from kdfast.ops._checks import (FLOAT_DTYPES, check_choice, check_float, check_labels, check_same_device,
                                 check_temperature, check_unit_interval, common_vocab, raise_if_nonfinite)
-from kdfast.ops.divergence import (BAD_STUDENT, BAD_TEACHER, KINDS, divergence_fwd_bwd, mean_scale,
+from kdfast.ops.divergence import (BAD_STUDENT, BAD_TEACHER, KINDS, _times, divergence_fwd_bwd, mean_scale,
                                    resolve_backend)
+from kdfast.runtime import FUSED_LINEAR_CPU_CHUNK_BYTES, FUSED_LINEAR_GPU_CHUNK_BYTES, FUSED_LINEAR_GPU_MIN_CHUNK
 
 REDUCTIONS = ("mean", "sum")
-# Logits (student + teacher) of one chunk may take this much; the GPU floor keeps the GEMMs efficient. On an
-# H200 at N=8192, V=128256 a 512 MiB budget (1024 tokens) took 1.8 GB and 43.7 ms, 2 GiB (4096) 4.0 GB and
-# 39.8 ms (benchmarks/results/tune-divergence-h200.md): memory is what this op is for.
-GPU_CHUNK_BUDGET = 512 << 20
-CPU_CHUNK_BUDGET = 1 << 26
-GPU_MIN_CHUNK = 512
 
 
 def pick_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -24,9 +19,9 @@ def pick_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch
     per_token = 2 * vocab * dtype.itemsize
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        chunk = max(GPU_MIN_CHUNK, min(GPU_CHUNK_BUDGET, free // 8) // per_token // 256 * 256)
+        chunk = max(FUSED_LINEAR_GPU_MIN_CHUNK, min(FUSED_LINEAR_GPU_CHUNK_BYTES, free // 8) // per_token // 256 * 256)
     else:
-        chunk = max(32, CPU_CHUNK_BUDGET // per_token // 32 * 32)
+        chunk = max(32, FUSED_LINEAR_CPU_CHUNK_BYTES // per_token // 32 * 32)
     return max(1, min(chunk, n_tokens))
 
 
@@ -177,17 +172,65 @@ def fused_linear_distill_loss(
                       teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
                       labels=labels)
     V = common_vocab(student_weight.shape[0], teacher_weight.shape[0], vocab)
-    if hard_weight != 0.0:
-        _check_targets(labels, ignore_index, V)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     n = student_hidden.numel() // student_hidden.shape[-1]
     chunk = chunk_size or pick_chunk_size(n, V, student_hidden.dtype, student_hidden.device)
     accum = accum_dtype or _loss_dtype(student_weight)
-    spec = _Spec(kind, beta, alpha, temperature, ignore_index, hard_weight, soft_weight, reduction, V, chunk, accum,
-                 scale_by_t2, backend, torch.is_grad_enabled())
-    return FusedLinearDistillFunction.apply(student_hidden, student_weight, student_bias, teacher_hidden,
-                                            teacher_weight, teacher_bias, labels, spec)
+    grad_mode = torch.is_grad_enabled()
+    want = [grad_mode and x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)]
+    loss, *_ = _fused_linear_op(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                teacher_bias, labels, kind, beta, alpha, temperature, ignore_index, hard_weight,
+                                soft_weight, reduction, V, chunk, accum, scale_by_t2, backend, *want)
+    return loss
+
+
+_Out = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@torch.library.custom_op("kdfast::fused_linear_distill_loss", mutates_args=())
+def _fused_linear_op(hs: torch.Tensor, ws: torch.Tensor, bs: torch.Tensor | None, ht: torch.Tensor,
+                     wt: torch.Tensor, bt: torch.Tensor | None, labels: torch.Tensor | None, kind: str, beta: float,
+                     alpha: float, temperature: float, ignore_index: int, hard_weight: float, soft_weight: float,
+                     reduction: str, vocab: int, chunk_size: int, accum_dtype: torch.dtype, scale_by_t2: bool,
+                     backend: str, want_h: bool, want_w: bool, want_b: bool) -> _Out:
+    """(loss, d hs, d ws, d bs), an unwanted gradient as an empty [0] tensor: FusedLinearDistillFunction run
+    eagerly, as one op torch.compile does not look into (its chunk loop and checks sync with the host)."""
+    if hard_weight != 0.0:
+        _check_targets(labels, ignore_index, vocab)
+    spec = _Spec(kind, beta, alpha, temperature, ignore_index, hard_weight, soft_weight, reduction, vocab,
+                 chunk_size, accum_dtype, scale_by_t2, backend, True)
+    student = [None if x is None else x.detach().requires_grad_(w) for x, w in ((hs, want_h), (ws, want_w),
+                                                                                  (bs, want_b))]
+    with torch.enable_grad():
+        loss = FusedLinearDistillFunction.apply(*student, ht, wt, bt, labels, spec)
+    wanted = [x for x in student if x is not None and x.requires_grad]
+    # The backward only hands out the gradients the forward stored (grad_output 1: no copy).
+    grads = iter(torch.autograd.grad(loss, wanted) if wanted else ())
+    return loss.detach(), *(next(grads) if x is not None and x.requires_grad else hs.new_empty(0)
+                            for x in student)
+
+
+@_fused_linear_op.register_fake
+def _(hs, ws, bs, ht, wt, bt, labels, kind, beta, alpha, temperature, ignore_index, hard_weight, soft_weight,
+      reduction, vocab, chunk_size, accum_dtype, scale_by_t2, backend, want_h, want_w, want_b):
+    grads = (x.new_empty(x.shape) if want and x is not None else hs.new_empty(0)
+             for x, want in ((hs, want_h), (ws, want_w), (bs, want_b)))
+    return hs.new_empty((), dtype=_loss_dtype(hs)), *grads
+
+
+def _fused_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*output[1:])
+    ctx.want = inputs[-3:]
+
+
+def _fused_backward(ctx, grad_loss, *_):
+    grads = [_times(g, grad_loss, False) if want else None for g, want in zip(ctx.saved_tensors, ctx.want)]
+    return *grads, *([None] * 20)
+
+
+_fused_linear_op.register_autograd(_fused_backward, setup_context=_fused_setup_context)
 
 
 def _check_shapes(hs, ws, bs, ht, wt, bt, allowed) -> torch.Size:

@@ -1,6 +1,7 @@
-"""Per-token statistics (spec §4) in one pass over the vocabulary, and Min-K%: CUDA, C++ or chunked torch.
+"""Per-token statistics (docs/design.md §4) in one pass over the vocabulary, and Min-K%: CUDA, C++ or chunked torch.
 
-Not differentiable (they score, they don't train): inputs are read without recording a graph.
+Not differentiable (they score, they don't train): inputs are read without recording a graph. Each function runs
+as one torch.library custom op (kdfast::token_stats, ...) with a fake registered, so torch.compile traces it.
 """
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from kdfast import _ext, reference
+from kdfast.runtime import HIDDEN_STATS_LOGIT_BYTES, TOKEN_STATS_CPU_CHUNK_BYTES, TOKEN_STATS_GPU_CHUNK_BYTES
 
 BACKENDS = ("auto", "cuda", "cpp", "torch", "reference")
 DEFAULT_KS = (0.05, 0.1, 0.2, 0.3, 0.5)
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_LOGITS_BUDGET = 256 * 2**20  # token_stats_from_hidden: bytes of logits alive at once when chunk_size=None
+# The TokenStats fields in order, as the custom ops return them (their schema needs a fixed-length tuple).
+_Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 _STATUS = {1: "has NaN or +inf logits", 2: "has a target outside [0, V)", 3: "has no finite logit (all -inf)"}
 
 
@@ -96,9 +99,7 @@ def _row_blocks(logits: torch.Tensor) -> list[torch.Tensor]:
 def _torch_stats(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The kernel's math in torch, a chunk of rows at a time: z [N, V], y [N] -> 5 stats, top1, status."""
     n, v = z.shape
-    # A few fp32 temporaries of the chunk's size live at once: keep each within a budget, large enough that
-    # the per-op overhead (a thread-pool round trip on CPU, a launch on GPU) stays small.
-    budget = 2**28 if z.is_cuda else 2**26
+    budget = TOKEN_STATS_GPU_CHUNK_BYTES if z.is_cuda else TOKEN_STATS_CPU_CHUNK_BYTES
     rows = max(1, budget // (4 * v))
     f32 = dict(dtype=torch.float32, device=z.device)
     out = [torch.zeros(n, **f32) for _ in range(5)]
@@ -135,7 +136,7 @@ def _torch_stats(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> tuple
 @torch.no_grad()
 def token_stats(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                 backend: str = "auto") -> TokenStats:
-    """Per-token statistics of spec §4 in one pass over the vocabulary.
+    """Per-token statistics of docs/design.md §4 in one pass over the vocabulary.
 
     logits: [N, V] or [B, T, V] (any leading dims), float32/bfloat16/float16, read in its own dtype and
     accumulated in fp32 (a view such as logits[:, :-1] is read without a copy). targets: integer, shaped like
@@ -152,12 +153,31 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int =
         raise TypeError(f"token_stats: logits must be floating point, got {logits.dtype}")
     if targets.device != logits.device:
         raise ValueError("token_stats: logits and targets must be on one device")
+    return TokenStats(*_token_stats_op(logits, targets, ignore_index, backend))
+
+
+@torch.library.custom_op("kdfast::token_stats", mutates_args=())
+def _token_stats_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                    backend: str) -> _Stats:
+    """The TokenStats fields of token_stats, as one op torch.compile does not look into (the kernels and the
+    bad-row check sync with the host)."""
     lead = logits.shape[:-1]
     y = targets.reshape(-1).long()
     valid = y != ignore_index
     *five, top1, status = _compute(logits, y, valid, ignore_index, _resolve(backend, logits.device))
     _raise_bad_rows(status, lead)
-    return TokenStats(*(t.view(lead) for t in five), top1.view(lead), valid.view(lead))
+    return (*(t.view(lead) for t in five), top1.view(lead), valid.view(lead))
+
+
+@_token_stats_op.register_fake
+def _(logits, targets, ignore_index, backend):
+    return _fake_stats(logits, logits.shape[:-1])
+
+
+def _fake_stats(like: torch.Tensor, lead: torch.Size) -> _Stats:
+    """Empty TokenStats fields shaped lead: five fp32, then top1 and valid bool."""
+    return (*(like.new_empty(lead, dtype=torch.float32) for _ in range(5)),
+            like.new_empty(lead, dtype=torch.bool), like.new_empty(lead, dtype=torch.bool))
 
 
 def _compute(logits: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, ignore_index: int,
@@ -194,13 +214,23 @@ def token_stats_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets:
             or weight.shape[1] != hidden.shape[-1]):
         raise ValueError(f"token_stats_from_hidden: hidden [..., H], weight [V, H], targets [...] must agree, got "
                          f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"token_stats_from_hidden: chunk_size must be at least 1 (or None), got {chunk_size}")
+    return TokenStats(*_token_stats_from_hidden_op(hidden, weight, targets, bias, chunk_size, ignore_index,
+                                                   backend))
+
+
+@torch.library.custom_op("kdfast::token_stats_from_hidden", mutates_args=())
+def _token_stats_from_hidden_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                bias: torch.Tensor | None, chunk_size: int | None, ignore_index: int,
+                                backend: str) -> _Stats:
     lead, v = hidden.shape[:-1], weight.shape[0]
     h = hidden.reshape(-1, hidden.shape[-1])
     y = targets.reshape(-1).long()
     valid = y != ignore_index
     rows = valid.nonzero().squeeze(-1)
     if chunk_size is None:
-        chunk_size = max(1, _LOGITS_BUDGET // (v * hidden.element_size()))
+        chunk_size = max(1, HIDDEN_STATS_LOGIT_BYTES // (v * hidden.element_size()))
     run = _resolve(backend, hidden.device)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     out = [torch.zeros(h.shape[0], **f32) for _ in range(5)] + [torch.zeros(h.shape[0], dtype=torch.bool,
@@ -213,7 +243,12 @@ def token_stats_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets:
             o[idx] = c
         status[idx] = chunk_status
         _raise_bad_rows(status, lead)  # named by its position in hidden, not in the chunk
-    return TokenStats(*(t.view(lead) for t in out), valid.view(lead))
+    return (*(t.view(lead) for t in out), valid.view(lead))
+
+
+@_token_stats_from_hidden_op.register_fake
+def _(hidden, weight, targets, bias, chunk_size, ignore_index, backend):
+    return _fake_stats(hidden, hidden.shape[:-1])
 
 
 def min_k_counts(n_valid: torch.Tensor, ks: Sequence[float]) -> torch.Tensor:
@@ -254,18 +289,27 @@ def min_k(values: torch.Tensor, mask: torch.Tensor | None = None, ks: Sequence[f
     if values.dim() != 2 or mask.shape != values.shape:
         raise ValueError(f"min_k: values [B, T] and mask [B, T] must agree, got {tuple(values.shape)} and "
                          f"{tuple(mask.shape)}")
+    out = _min_k_op(values, mask, list(ks), backend)
+    return out[0] if squeeze else out
+
+
+@torch.library.custom_op("kdfast::min_k", mutates_args=())
+def _min_k_op(values: torch.Tensor, mask: torch.Tensor, ks: list[float], backend: str) -> torch.Tensor:
+    """min_k on [B, T] values and mask: [B, len(ks)] fp32."""
     if torch.isnan(values).logical_and(mask).any():
         raise ValueError("min_k: values hold NaN at valid positions")
     run = _resolve(backend, values.device)
     if run == "reference":
-        out = reference.min_k(values.cpu(), mask.cpu(), ks).float().to(values.device)
-        return out[0] if squeeze else out
+        return reference.min_k(values.cpu(), mask.cpu(), ks).float().to(values.device)
     n = mask.sum(dim=1)
     counts = min_k_counts(n, ks)
     if run == "cuda" and values.shape[1] > _ext.load().ops.min_k_cuda_max_t():
         run = "torch"
     if run == "torch":
-        out = _min_k_torch(values, mask, counts, n)
-    else:
-        out = _ext.load().ops.min_k(values.float().contiguous(), mask.contiguous(), counts)
-    return out[0] if squeeze else out
+        return _min_k_torch(values, mask, counts, n)
+    return _ext.load().ops.min_k(values.float().contiguous(), mask.contiguous(), counts)
+
+
+@_min_k_op.register_fake
+def _(values, mask, ks, backend):
+    return values.new_empty((values.shape[0], len(ks)), dtype=torch.float32)

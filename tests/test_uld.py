@@ -1,5 +1,6 @@
 """kdfast.ops.uld (ULD loss across vocabularies) against the float64 reference, and the reference against a
 one-record-at-a-time version written from the paper."""
+import itertools
 import math
 
 import pytest
@@ -108,7 +109,7 @@ def test_values_and_gradients_match_reference(gen, monkeypatch, dtype, lead, vs,
     cs = -torch.rand(lead, generator=gen, dtype=torch.float64).to(torch.float32)
     ct = -torch.rand(lead, generator=gen, dtype=torch.float64).to(torch.float32)
     cot = torch.rand(lead, generator=gen, dtype=torch.float64) + 0.5 if reduction == "none" else None
-    kw = dict(top_k=top_k, temperature=1.3, reduction=reduction)
+    kw = {"top_k": top_k, "temperature": 1.3, "reduction": reduction}
     want, want_gs, want_gc = run_ref(s, t, labels, cs, ct, cot, **kw)
     got, gs, gc = run_fast(s, t, labels, cs, ct, None if cot is None else cot.to(got_dtype(dtype)), **kw)
     assert gs.dtype == dtype
@@ -140,7 +141,7 @@ def test_top_k_keeps_the_largest_entries(gen):
     s, t = torch.randn(3, 20, generator=gen), torch.randn(3, 33, generator=gen)
     full = ops.uld_loss(s, t, reduction="none")
     top = [ops.uld_loss(s, t, top_k=k, reduction="none") for k in (1, 5, 20, 33)]
-    assert all((a <= b + 1e-6).all() for a, b in zip(top, top[1:]))
+    assert all((a <= b + 1e-6).all() for a, b in itertools.pairwise(top))
     torch.testing.assert_close(top[-1], full)
 
 

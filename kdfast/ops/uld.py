@@ -8,9 +8,21 @@ import math
 import torch
 
 from kdfast import reference
-from kdfast.ops._checks import (check_choice, check_float, check_labels, check_same_device, check_temperature,
-                                raise_if_nonfinite)
-from kdfast.ops.divergence import BAD_STUDENT, BAD_TEACHER, REDUCTIONS, TORCH_CHUNK_ELEMENTS, mean_scale
+from kdfast.ops._checks import (
+    check_choice,
+    check_float,
+    check_labels,
+    check_same_device,
+    check_temperature,
+    raise_if_nonfinite,
+)
+from kdfast.ops.divergence import (
+    BAD_STUDENT,
+    BAD_TEACHER,
+    REDUCTIONS,
+    TORCH_CHUNK_ELEMENTS,
+    mean_scale,
+)
 
 BACKENDS = ("auto", "torch", "reference")
 
@@ -100,6 +112,10 @@ def _top_probs(x: torch.Tensor, lse: torch.Tensor, k: int, log_scale: torch.Tens
     return (vals - shift.unsqueeze(-1)).exp_(), idx
 
 
+def _flat(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.detach().reshape(-1)
+
+
 def _pad(x: torch.Tensor, width: int) -> torch.Tensor:
     return x if x.shape[1] == width else torch.nn.functional.pad(x, (0, width - x.shape[1]))
 
@@ -112,13 +128,12 @@ class ULDLossFunction(torch.autograd.Function):
         lead = student.shape[:-1]
         s2 = student.detach().reshape(-1, student.shape[-1])
         t2 = teacher.detach().reshape(-1, teacher.shape[-1])
-        flat = lambda v: None if v is None else v.detach().reshape(-1)  # noqa: E731
-        labels_f = flat(labels)
+        labels_f = _flat(labels)
         valid = None if labels_f is None else labels_f != spec.ignore_index
         want = spec.grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[3])
         loss, gs, gc, bad = uld_fwd_bwd(s2, t2, top_k=spec.top_k, temperature=spec.temperature,
-                                        student_log_scale=flat(student_log_scale),
-                                        teacher_log_scale=flat(teacher_log_scale), valid=valid, want_grad=want)
+                                        student_log_scale=_flat(student_log_scale),
+                                        teacher_log_scale=_flat(teacher_log_scale), valid=valid, want_grad=want)
         raise_if_nonfinite(bad, BAD_STUDENT, BAD_TEACHER)
         scale = mean_scale(labels_f, s2.shape[0], spec.ignore_index) if spec.reduction == "mean" else 1.0
         if gs is not None and spec.reduction == "mean":

@@ -10,7 +10,13 @@ from transformers import PreTrainedTokenizerFast
 from kdfast import models
 from kdfast.data import IGNORE_INDEX, Encoded
 from kdfast.distill import DistillConfig
-from kdfast.distill.align import align, align_positions, align_spans, boundaries, encode_text
+from kdfast.distill.align import (
+    align,
+    align_positions,
+    align_spans,
+    boundaries,
+    encode_text,
+)
 from kdfast.distill.cross import CrossTokenizer
 
 

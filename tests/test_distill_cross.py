@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from kdfast import models
 from kdfast.data import bundled_records
-from kdfast.distill import DistillConfig, DistillError, Distiller
+from kdfast.distill import DistillConfig, Distiller, DistillError
 
 # uld_top_k: over all 49,152 sorted entries the loss has a floor the student cannot move, 2·(teacher mass beyond
 # its 1,024 entries), which hides the part it learns in 16 steps; the full-vocabulary run adds cross-entropy.
@@ -94,3 +94,22 @@ def test_hard_label_term_uses_the_student_tokens(smollm2_tokenizer):
     Distiller(None, _student(), models.tiny_tokenizer(), DistillConfig(technique="sft", max_steps=1,
               **{**SMALL, "loss": "fkl", "lr": 1e-12})).train(bundled_records()[:4], on_step=lambda s, m: sft.append(m))
     assert seen[0]["objective"] == pytest.approx(sft[0]["objective"], rel=1e-5)
+
+
+def test_cli_teacher_tokenizer(smollm2_tokenizer, tmp_path, capsys):
+    """`kdfast distill --teacher-tokenizer`: a teacher folder whose own tokenizer is not the one it was trained
+    with; without --loss uld the error names the flag that fixes it."""
+    from kdfast.cli import main
+
+    _teacher(49152).save_pretrained(tmp_path / "teacher")
+    models.tiny_tokenizer().save_pretrained(tmp_path / "teacher")
+    smollm2_tokenizer.save_pretrained(tmp_path / "smol")
+    with open(tmp_path / "train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in bundled_records()[:8])
+    args = ["distill", "--teacher", str(tmp_path / "teacher"), "--teacher-tokenizer", str(tmp_path / "smol"),
+            "--student", "tiny:llama", "--data", str(tmp_path / "train.jsonl"), "--max-steps", "1", "--batch-size",
+            "4", "--max-len", "112", "--max-prompt-len", "100", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    assert "--loss uld" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "b"), "--loss", "uld", "--alignment", "positions"]) == 0
+    assert "distill kd: 1/1 steps" in capsys.readouterr().out

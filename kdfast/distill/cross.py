@@ -19,6 +19,7 @@ from kdfast.distill.objective import Rows, forward_rows, token_nll, valid
 from kdfast.models import ModelError, check_same_tokenizer
 from kdfast.ops.uld import uld_loss
 
+
 def cross_tokenizer_mode(teacher_tokenizer, tokenizer, cfg: DistillConfig) -> bool:
     """True when the teacher's tokenizer differs from the student's and the loss is uld; clear errors otherwise."""
     differ = False

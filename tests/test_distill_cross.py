@@ -113,3 +113,16 @@ def test_cli_teacher_tokenizer(smollm2_tokenizer, tmp_path, capsys):
     assert "--loss uld" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "b"), "--loss", "uld", "--alignment", "positions"]) == 0
     assert "distill kd: 1/1 steps" in capsys.readouterr().out
+
+
+def test_audit_size_with_its_own_tokenizer(smollm2_tokenizer):
+    """students.sizes.<name>: <model> with another tokenizer: uld for the techniques that support it."""
+    from kdfast.distill.cross import across_tokenizers
+
+    tok = models.tiny_tokenizer()
+    kd = DistillConfig(technique="gkd", progress=False)
+    assert across_tokenizers(kd, tok, tok, "students.sizes.x") is kd
+    cross = across_tokenizers(kd, smollm2_tokenizer, tok, "students.sizes.x")
+    assert cross.loss == "uld" and cross.technique == "gkd" and cross.lm_kd_ratio == 0
+    with pytest.raises(DistillError, match="students.sizes.x has its own tokenizer and minillm"):
+        across_tokenizers(DistillConfig(technique="minillm"), smollm2_tokenizer, tok, "students.sizes.x")

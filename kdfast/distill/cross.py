@@ -167,3 +167,19 @@ def _merged_log_prob(rows: Rows, targets: torch.Tensor, merge: tuple[torch.Tenso
         return None
     logp = -token_nll(dataclasses.replace(rows, values=rows.values[index]), targets[index])
     return torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add(0, pair, logp)
+
+
+def across_tokenizers(cfg: DistillConfig, teacher_tokenizer, tokenizer, where: str) -> DistillConfig:
+    """cfg for a student given with its own tokenizer (the audit's students.sizes.<name>: <model>): unchanged when
+    the tokenizers agree, else loss='uld' with lm_kd_ratio=0; minillm cannot run across tokenizers."""
+    if not cfg.needs_teacher:
+        return cfg
+    try:
+        check_same_tokenizer(teacher_tokenizer, tokenizer)
+        return cfg
+    except ModelError:
+        pass
+    if cfg.technique == "minillm":
+        raise DistillError(f"{where} has its own tokenizer and minillm needs the teacher's (one vocabulary): remove "
+                           "minillm from students.techniques, or give this size as teacher layers")
+    return cfg if cfg.loss in CROSS_KINDS else dataclasses.replace(cfg, loss="uld", lm_kd_ratio=0.0)

@@ -166,3 +166,13 @@ def test_no_grad_and_reference_backend(gen):
     with torch.no_grad():
         fast = ops.uld_loss(s, t, top_k=3)
     torch.testing.assert_close(ops.uld_loss(s, t, top_k=3, backend="reference"), fast)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_reference(gen, cuda):
+    s, t = pair(gen, (64,), 3000, 5000, torch.bfloat16)
+    labels = labels_for(gen, (64,))
+    want, want_gs, _ = run_ref(s, t, labels, None, None, top_k=256)
+    got, gs, _ = run_fast(s.to(cuda), t.to(cuda), labels.to(cuda), None, None, top_k=256)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
+    assert_grad_close(gs.cpu(), want_gs, torch.bfloat16)

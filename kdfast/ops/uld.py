@@ -25,6 +25,9 @@ from kdfast.ops.divergence import (
 )
 
 BACKENDS = ("auto", "torch", "reference")
+# Elements per chunk: larger than the divergence op's, since the row sorts (which dominate) run faster on more rows
+# at once (256 × 49152 on 2 CPU threads: 1.6 s in chunks of 10 rows, 1.2 s in chunks of 40).
+TORCH_CHUNK_ELEMENTS = 1 << 21
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,5 +27,6 @@ step bench-token-stats 40 python3 benchmarks/bench_token_stats.py --device cuda 
 step bench-memorization 40 python3 benchmarks/bench_memorization.py --device cuda
 step bench-distill-step 70 python3 benchmarks/bench_distill_step.py --device cuda
 step bench-attacks 50 python3 benchmarks/bench_attacks.py --device cuda
+step bench-uld 40 python3 benchmarks/bench_uld.py --device cuda --n 4096
 echo "=== done $(date +%T); failed: ${failed[*]:-none}" | tee -a "$LOG"
 [ ${#failed[@]} = 0 ]

@@ -193,3 +193,25 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on GPUs (the study's setting), fp32 on the CPU (bf16 matmuls there are slower and noisier)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False, revision: str | None = None):
+    """The tokenizer alone of a spec load_model takes (hub id, local folder, .gguf, "smollm2", "tiny:<family>")."""
+    from transformers import AutoTokenizer
+
+    spec = str(spec)
+    if spec.startswith("tiny:"):
+        return tiny_tokenizer()
+    if spec == "smollm2" or spec.endswith(".gguf"):
+        path = smollm2_path() if spec == "smollm2" else Path(spec)
+        if not path.exists():
+            raise ModelError(f"GGUF file {path} not found")
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=trust_remote_code)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision, trust_remote_code=trust_remote_code)
+        except OSError as e:
+            raise ModelError(f"could not load the tokenizer {spec!r}: {e}") from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -163,3 +163,42 @@ def min_k(values: torch.Tensor, mask: torch.Tensor, ks=(0.05, 0.1, 0.2, 0.3, 0.5
             if row.numel():
                 out[b, j] = row[: min_k_count(k, row.numel())].mean()
     return out
+
+
+def uld(student_logits: torch.Tensor, teacher_logits: torch.Tensor, top_k: int | None = None,
+        temperature: float = 1.0, student_log_scale: torch.Tensor | None = None,
+        teacher_log_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Universal Logit Distillation per token (Boizard et al., 2024): Σ_j |a_(j) − b_(j)|.
+
+    a = e^{student_log_scale}·softmax(s/T) [..., Vs] and b likewise for the teacher [..., Vt], each sorted in
+    decreasing order and padded with zeros to max(Vs, Vt); only the first top_k sorted entries count (None: all).
+    −inf logits have probability 0; a row with no finite logit is all zeros. The log scales ([...] or None) merge
+    several tokens into one distribution (kdfast.distill.align). Returns [...] in the promoted float dtype.
+    """
+    a, b = _sorted_probs(student_logits, temperature, student_log_scale), _sorted_probs(
+        teacher_logits, temperature, teacher_log_scale)
+    width = max(a.shape[-1], b.shape[-1])
+    a = torch.nn.functional.pad(a, (0, width - a.shape[-1]))
+    b = torch.nn.functional.pad(b, (0, width - b.shape[-1]))
+    k = width if top_k is None else min(top_k, width)
+    return (a[..., :k] - b[..., :k].to(a.dtype)).abs().sum(-1)
+
+
+def _sorted_probs(logits: torch.Tensor, temperature: float, log_scale: torch.Tensor | None) -> torch.Tensor:
+    x = _float(logits) / temperature
+    alive = torch.isfinite(x).any(-1, keepdim=True)
+    p = torch.softmax(torch.where(alive, x, 0.0), -1)  # a dead row's NaN softmax would poison the gradient
+    p = torch.where(alive & (x != -math.inf), p, 0.0)
+    if log_scale is not None:
+        p = p * log_scale.to(p.dtype).exp().unsqueeze(-1)
+    return p.sort(-1, descending=True).values
+
+
+def uld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, top_k: int | None = None,
+             temperature: float = 1.0, labels: torch.Tensor | None = None, ignore_index: int = -100,
+             reduction: str = "mean", student_log_scale: torch.Tensor | None = None,
+             teacher_log_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Masked, reduced uld: labels [...] (ignore_index rows masked), as distill_loss."""
+    per_token = uld(student_logits, teacher_logits, top_k, temperature, student_log_scale, teacher_log_scale)
+    valid = torch.ones_like(per_token, dtype=torch.bool) if labels is None else labels != ignore_index
+    return reduce(per_token, valid, reduction)

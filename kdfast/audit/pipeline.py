@@ -19,6 +19,7 @@ from kdfast.audit.stages import Stages
 from kdfast.audit.utility import rouge_l
 from kdfast.data import RecordError, bundled_records, load_hub_dataset, load_records, study_split
 from kdfast.distill import DistillConfig, Distiller, make_student
+from kdfast.distill.cross import across_tokenizers
 from kdfast.io import atomic_write_json
 from kdfast.models import ModelError, load_model, resolve_device
 
@@ -199,8 +200,11 @@ class Audit:
             del base
             cfg = DistillConfig(**settings, out=str(work / "run"), resume=True, save_every=50,
                                 device=str(self.device), progress=self.progress)
-            teacher_model = self.model(teacher.path)[0] if cfg.needs_teacher else None
-            summary = Distiller(teacher_model, student, tok, cfg).train(self.split["public"], self.eval_records)
+            teacher_model, teacher_tok = self.model(teacher.path) if cfg.needs_teacher else (None, None)
+            if teacher_tok is not None and not isinstance(init, list):  # a size given as a model: its own tokenizer
+                cfg = across_tokenizers(cfg, teacher_tok, tok, f"students.sizes.{size}")
+            summary = Distiller(teacher_model, student, tok, cfg, teacher_tokenizer=teacher_tok).train(
+                self.split["public"], self.eval_records)
             self.log(str(summary))
             return {"final": "run/final", "loss": summary.loss, "steps": summary.steps}
 

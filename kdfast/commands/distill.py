@@ -17,16 +17,17 @@ import json
 import typing
 
 from kdfast.data import bundled_records, load_records
-from kdfast.distill import DistillConfig, DistillError, Distiller, make_student
+from kdfast.distill import DistillConfig, Distiller, DistillError, make_student
 from kdfast.distill import config as config_module
-from kdfast.models import check_same_tokenizer, load_model
+from kdfast.models import load_model, load_tokenizer
 
 # Options the command handles itself (not DistillConfig fields).
 _OWN = ("teacher", "student", "student_layers", "student_num_layers", "data", "eval_data", "lm_data", "limit",
-        "config", "trust_remote_code")
+        "config", "trust_remote_code", "teacher_tokenizer")
 
 
-_CHOICES = {"technique": config_module.TECHNIQUES, "loss": config_module.KINDS,
+_CHOICES = {"technique": config_module.TECHNIQUES, "loss": config_module.KINDS + config_module.CROSS_KINDS,
+            "alignment": config_module.ALIGNMENTS,
             "lr_scheduler": config_module.SCHEDULERS,
             "vocab": ("error", "intersect"), "replay_ratio": config_module.REPLAY_RATIOS,
             "teacher_dtype": ("auto", "float32", "bfloat16", "float16")}
@@ -40,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     student.add_argument("--student", help="student: hub id, local folder or .gguf file (teacher's tokenizer)")
     student.add_argument("--student-layers", help="build the student from these teacher blocks, e.g. 0,10,20,29")
     student.add_argument("--student-num-layers", type=int, help="build the student from k evenly spaced teacher blocks")
+    models.add_argument("--teacher-tokenizer", help="the teacher's tokenizer where it is not the --teacher model's "
+                                                    "own (hub id, folder, .gguf, 'smollm2'); with --loss uld it may "
+                                                    "differ from the student's")
     models.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help="training records (.jsonl/.json/.csv/.parquet with instruction, "
@@ -94,16 +98,17 @@ def main(args: argparse.Namespace) -> int:
             raise DistillError(f"technique {cfg.technique!r} needs --teacher" if cfg.needs_teacher else
                                "--student-layers/--student-num-layers build the student from --teacher: give it")
         teacher, teacher_tok = load_model(args.teacher, trust_remote_code=args.trust_remote_code)
+        if args.teacher_tokenizer:
+            teacher_tok = load_tokenizer(args.teacher_tokenizer, trust_remote_code=args.trust_remote_code)
     if args.student is not None:
         student, tokenizer = load_model(args.student, trust_remote_code=args.trust_remote_code)
-        if teacher_tok is not None:
-            check_same_tokenizer(teacher_tok, tokenizer)
     else:
         layers = [int(x) for x in args.student_layers.split(",")] if args.student_layers else None
         student = make_student(teacher, layers, num_layers=args.student_num_layers)
         tokenizer = teacher_tok
     student = student.float()
-    distiller = Distiller(teacher if cfg.needs_teacher else None, student, tokenizer, cfg)
+    distiller = Distiller(teacher if cfg.needs_teacher else None, student, tokenizer, cfg,
+                          teacher_tokenizer=teacher_tok if cfg.needs_teacher else None)
     summary = distiller.train(train, evals, lm)
     if distiller.accelerator.is_main_process:
         print(summary)

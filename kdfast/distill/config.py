@@ -10,6 +10,8 @@ from kdfast.lora import DEFAULT_TARGETS as LORA_TARGETS
 
 TECHNIQUES = ("sft", "kd", "seqkd", "imitkd", "gkd", "minillm", "distillm")
 KINDS = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
+CROSS_KINDS = ("uld",)  # losses for a teacher with another tokenizer (kdfast.distill.cross)
+ALIGNMENTS = ("spans", "positions")
 SCHEDULERS = ("cosine", "constant", "linear")
 REPLAY_RATIOS = ("decreasing", "constant", "increasing")
 
@@ -134,6 +136,10 @@ class DistillConfig:
     teacher_dtype: str | None = _help("teacher dtype: auto (bf16 on CUDA), float32, bfloat16, float16, or None "
                                       "(keep)", default="auto")
     progress: bool = _help("show a progress bar and a final summary", default=True)
+    # cross-tokenizer distillation (loss="uld" with a teacher_tokenizer that differs from the student's)
+    uld_top_k: int | None = _help("ULD: compare only the k largest sorted probabilities (None: all)", default=None)
+    alignment: str = _help("cross-tokenizer alignment of response tokens: spans (shared character boundaries, "
+                           "merged tokens) or positions (the i-th token of each)", default="spans")
 
     def __post_init__(self):
         if self.technique not in TECHNIQUES:
@@ -149,7 +155,8 @@ class DistillConfig:
 
     def _validate(self) -> None:
         self._check_types()
-        _choice("loss", self.loss, KINDS)
+        _choice("loss", self.loss, KINDS + CROSS_KINDS)
+        self._check_cross()
         _choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
         _choice("vocab", self.vocab, ("error", "intersect"))
         _choice("replay_ratio", self.replay_ratio, REPLAY_RATIOS)
@@ -187,6 +194,20 @@ class DistillConfig:
         if self.technique == "sft" and (self.kd_ratio or self.student_gen_fraction or self.lm_kd_ratio):
             raise DistillError("sft trains without a teacher: kd_ratio, lm_kd_ratio and student_gen_fraction "
                                "must be 0 (use technique='kd' to distill)")
+
+    def _check_cross(self) -> None:
+        _choice("alignment", self.alignment, ALIGNMENTS)
+        if self.uld_top_k is not None and self.uld_top_k < 1:
+            raise DistillError(f"uld_top_k must be at least 1 (or None: all entries), got {self.uld_top_k}")
+        if self.loss not in CROSS_KINDS:
+            return
+        if self.technique == "minillm":
+            raise DistillError("minillm cannot use loss='uld': its sampling mixture (1 − α)q + αp and its rewards "
+                               "log p − log q need the teacher's probability of each student token (one vocabulary); "
+                               "across tokenizers use kd, seqkd, gkd, imitkd or distillm")
+        if self.lm_kd_ratio:
+            raise DistillError("lm_kd_ratio > 0 distills pretraining text with a same-vocabulary divergence; with "
+                               "loss='uld' set lm_kd_ratio=0 (the text term is then plain cross-entropy)")
 
     def _check_types(self) -> None:
         """A number given as text (a YAML or JSON slip) fails here, naming the field, not later in a comparison."""

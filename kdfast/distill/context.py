@@ -40,6 +40,7 @@ class RunContext:
         self.wrapped: nn.Module = student
         self.optimizer = self.scheduler = self.scaler = None
         self._teacher_head = None
+        self.cross = None  # a kdfast.distill.cross.CrossTokenizer when the teacher has another tokenizer
 
     # data
     def take(self, k: int) -> list[Encoded]:

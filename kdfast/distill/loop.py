@@ -25,13 +25,13 @@ from kdfast.data import Encoded
 from kdfast.distill.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
 from kdfast.distill.config import DistillConfig, DistillError
 from kdfast.distill.context import RunContext
+from kdfast.distill.cross import CrossTokenizer, check_cross_vocab, cross_tokenizer_mode
 from kdfast.distill.data import count_targets, encode_records, encode_texts
 from kdfast.distill.objective import forward_rows, token_nll, valid
 from kdfast.distill.techniques import CLASSES
 from kdfast.generation import eval_mode
 from kdfast.io import atomic_path, atomic_write_json, atomic_write_text
 from kdfast.lora import apply_lora, has_lora, merged_state_dict
-from kdfast.models import check_same_tokenizer
 
 # Config fields that may change when a run resumes (they do not change what the steps compute).
 _RESUMABLE = {"epochs", "max_steps", "out", "resume", "save_every", "keep_checkpoints", "eval_every", "progress",
@@ -93,7 +93,8 @@ class Distiller:
     teacher: an HF causal LM (None for technique="sft"); it runs in inference mode (eval, no grad; bf16 on CUDA
     by default, on `teacher_device` if set). student: any HF causal LM sharing the teacher's tokenizer (e.g. from
     make_student); trained in place. tokenizer: the shared tokenizer; pass `teacher_tokenizer` to have the two
-    checked. Launch with `accelerate launch` for several processes; `accelerator` may be given.
+    checked. A teacher_tokenizer that differs from the student's, with loss="uld", distills across tokenizers
+    (kdfast.distill.cross). Launch with `accelerate launch` for several processes; `accelerator` may be given.
     """
 
     def __init__(self, teacher: nn.Module | None, student: nn.Module, tokenizer, cfg: DistillConfig | None = None, *,
@@ -101,13 +102,15 @@ class Distiller:
         self.cfg = cfg = cfg or DistillConfig()
         if cfg.needs_teacher and teacher is None:
             raise DistillError(f"technique {cfg.technique!r} needs a teacher model (only 'sft' trains without one)")
-        if teacher_tokenizer is not None:
-            check_same_tokenizer(teacher_tokenizer, tokenizer)
+        self.teacher_tokenizer = teacher_tokenizer if cross_tokenizer_mode(teacher_tokenizer, tokenizer, cfg) else None
         self.teacher = teacher if cfg.needs_teacher else None
         self.student, self.tokenizer = student, tokenizer
         if cfg.lora_rank and not has_lora(student):
             apply_lora(student, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-        _check_vocab(self.teacher, student, tokenizer, cfg.vocab)
+        if self.teacher_tokenizer is not None:
+            check_cross_vocab(self.teacher, student, self.teacher_tokenizer, tokenizer)
+        else:
+            _check_vocab(self.teacher, student, tokenizer, cfg.vocab)
         if cfg.resume and not cfg.out:
             raise DistillError("resume=True needs out= (the folder holding the checkpoints)")
         self.accelerator = accelerator or _accelerator(cfg)
@@ -198,6 +201,8 @@ class Distiller:
         self.student.to(self.device).train()
         run = RunContext(cfg, self.student, self.teacher, self.tokenizer, acc, self.device, self.teacher_device,
                          self.amp_dtype, train, lm, out)
+        if self.teacher_tokenizer is not None:
+            run.cross = CrossTokenizer(run, self.teacher_tokenizer)
         run.technique = CLASSES[cfg.technique](run)
         run.technique.prepare()
         per_epoch = len(run.train) // (cfg.batch_size * run.world)

@@ -22,6 +22,7 @@ class MicroBatch:
     lm: list[Encoded] | None = None
     generated: bool = False
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    cross: object | None = None  # the teacher's side across tokenizers (kdfast.distill.cross.CrossBatch)
 
     def counts(self) -> dict[str, int]:
         return {"tokens": count_targets(self.seqs), "lm_tokens": count_targets(self.lm) if self.lm else 0}
@@ -114,7 +115,10 @@ class DivergenceTechnique(Technique):
     def micro_batch(self, step: int, micro: int) -> MicroBatch:
         examples = self.ctx.take(self.cfg.batch_size)
         seqs, generated = self.choose(examples, step, micro)
-        return MicroBatch(seqs, self.ctx.take_lm(self.cfg.batch_size), generated)
+        cross = None
+        if self.ctx.cross is not None:
+            seqs, cross = self.ctx.cross.pair(seqs)
+        return MicroBatch(seqs, self.ctx.take_lm(self.cfg.batch_size), generated, cross=cross)
 
     def choose(self, examples: list[Encoded], step: int, micro: int) -> tuple[list[Encoded], bool]:
         fraction = self.cfg.student_gen_fraction
@@ -129,12 +133,15 @@ class DivergenceTechnique(Technique):
 
     def loss(self, model: nn.Module, mb: MicroBatch, totals: dict[str, float]) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
-        batch = self.ctx.collate(mb.seqs)
-        student = forward_rows(model, batch, cfg.fused)
-        teacher = self.ctx.teacher_rows(batch) if cfg.kd_ratio > 0 else None
-        total = divergence_sum(student, teacher, batch["targets"][valid(batch)], kind=cfg.loss, soft=cfg.kd_ratio,
-                               hard=1.0 - cfg.kd_ratio, beta=cfg.beta, alpha=cfg.skew_alpha,
-                               temperature=cfg.temperature, vocab=cfg.vocab, chunk_size=cfg.chunk_size)
+        if mb.cross is not None:
+            total = self.ctx.cross.loss_sum(model, mb.seqs, mb.cross, soft=cfg.kd_ratio, hard=1.0 - cfg.kd_ratio)
+        else:
+            batch = self.ctx.collate(mb.seqs)
+            student = forward_rows(model, batch, cfg.fused)
+            teacher = self.ctx.teacher_rows(batch) if cfg.kd_ratio > 0 else None
+            total = divergence_sum(student, teacher, batch["targets"][valid(batch)], kind=cfg.loss,
+                                   soft=cfg.kd_ratio, hard=1.0 - cfg.kd_ratio, beta=cfg.beta, alpha=cfg.skew_alpha,
+                                   temperature=cfg.temperature, vocab=cfg.vocab, chunk_size=cfg.chunk_size)
         loss = total / max(totals["tokens"], 1.0)
         return self.add_lm_loss(model, mb.lm, totals, loss, {"objective": loss.detach()})
 

@@ -31,6 +31,8 @@ class SeqKD(DivergenceTechnique):
         prompts = [prompt_of(e) for e in ctx.train]
         settings = {"max_len": cfg.max_len, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.gen_temperature,
                     "top_k": cfg.gen_top_k, "top_p": cfg.gen_top_p, "seed": cfg.seed, "eos": ctx.eos_id}
+        if ctx.cross is not None:  # responses re-tokenized for the student: another cache entry
+            settings["teacher_tokenizer"] = ctx.cross.fingerprint()
         key = _digest([model_fingerprint(ctx.teacher), _digest(prompts), settings])
         folder = cfg.seqkd_cache or (Path(ctx.out) / "seqkd-cache" if ctx.out else None)
         path = Path(folder) / f"teacher-{key[:20]}.json" if folder else None
@@ -45,7 +47,7 @@ class SeqKD(DivergenceTechnique):
 
     def _sample(self, prompts: list[list[int]]) -> list[list[int]]:
         """Teacher samples for all prompts; each process takes every world-th prompt, then all share the results."""
-        ctx, cfg = self.ctx, self.cfg
+        ctx, cfg, cross = self.ctx, self.cfg, self.ctx.cross
         mine = list(range(ctx.rank, len(prompts), ctx.world))
         step = 4 * (cfg.gen_batch_size or cfg.batch_size)
         done: list[tuple[int, list[int]]] = []
@@ -54,11 +56,16 @@ class SeqKD(DivergenceTechnique):
         for start in range(0, len(mine), step):
             idx = mine[start: start + step]
             chunk = [prompts[i] for i in idx]
+            pad, eos = ctx.pad_id, ctx.eos_id
+            if cross is not None:
+                chunk, pad, eos = [cross.teacher_prompt(p) for p in chunk], cross.teacher_pad, cross.teacher_eos
             with ctx.autocast():
-                new = generate(ctx.teacher, chunk, ctx.max_new_tokens(chunk), pad_id=ctx.pad_id, eos_id=ctx.eos_id,
+                new = generate(ctx.teacher, chunk, ctx.max_new_tokens(chunk), pad_id=pad, eos_id=eos,
                                do_sample=True, temperature=cfg.gen_temperature, top_k=cfg.gen_top_k,
                                top_p=cfg.gen_top_p, batch_size=cfg.gen_batch_size or cfg.batch_size,
                                seed=ctx.seed("seqkd", start))
+            if cross is not None:
+                new = [cross.student_response(r) for r in new]
             done.extend(zip(idx, new))
             bar.update(len(idx))
         bar.close()

@@ -55,21 +55,25 @@ def encode_records(tokenizer, records: list[dict], response_only: bool = True, m
     """Tokenize records as the field scores them; response_only=False also scores the prompt tokens.
 
     A {"text"} record is `tokenizer(text)` as it is (BOS only where the tokenizer adds one; its first token
-    unscored), as mimir and the Min-K%++ code score WikiMIA/MIMIR. An instruction record keeps the study's
-    template and its response's EOS (the teacher was trained on it). add_eos=True appends EOS to text records
-    too (kdfast's former behaviour). numbers: each record's position in the caller's list, for error messages.
+    unscored), as mimir and the Min-K%++ code score WikiMIA/MIMIR; add_eos=True appends the EOS (kdfast's
+    former behaviour). An instruction record keeps the study's template and its response's EOS (the teacher
+    was trained on it). numbers: each record's position in the caller's list, for error messages.
     """
     numbers = numbers if numbers is not None else range(len(records))
-    items = [encode_text(tokenizer, r["text"], max_len, f"record {i}") if "text" in r and not add_eos
+    items = [encode_text(tokenizer, r["text"], max_len, add_eos, f"record {i}") if "text" in r
              else encode(tokenizer, r, max_len=max_len, where=f"record {i}") for i, r in zip(numbers, records)]
     if not response_only:
         items = [Encoded(it.input_ids, list(it.input_ids), 0) for it in items]
     return items
 
 
-def encode_text(tokenizer, text: str, max_len: int | None = None, where: str = "record") -> Encoded:
-    """`tokenizer(text)` as it is (cut to max_len), every token scored but the first."""
-    ids = tokenizer(text)["input_ids"][:max_len]
+def encode_text(tokenizer, text: str, max_len: int | None = None, add_eos: bool = False,
+                where: str = "record") -> Encoded:
+    """`tokenizer(text)` as it is (+ EOS with add_eos), cut to max_len; every token scored but the first."""
+    ids = tokenizer(text)["input_ids"]
+    if add_eos and tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    ids = ids[:max_len]
     if not ids:
         raise RecordError(f"{where}: the text tokenizes to nothing; remove the record")
     return Encoded(ids, [IGNORE_INDEX] + ids[1:], 0)

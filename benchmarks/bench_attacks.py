@@ -244,7 +244,7 @@ def calibrated_main(device: torch.device, n: int) -> None:
     batch_tokens = 4096 if device.type == "cpu" else 16384
     rows, base = [], None
     for label, (names, n_refs) in CALIBRATED_RUNS.items():
-        def run():
+        def run(names=names, n_refs=n_refs):
             attacks.score(target, tok, records, names, membership=membership, progress=False,
                           references=dict(list(refs.items())[:n_refs]) or None, population=population,
                           batch_tokens=batch_tokens)

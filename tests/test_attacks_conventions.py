@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from kdfast import attacks, models, reference
+from kdfast import attacks, models
 from kdfast.cli import main
-from kdfast.data import RecordError, load_labeled, next_token_targets
+from kdfast.data import RecordError, load_labeled
 
 TEXTS = [{"text": "The Quick brown fox jumps over the lazy dog, again and again."}, {"text": "Short Text."},
          {"text": "A tall perennial woody plant, with a trunk and branches."}]
@@ -113,7 +113,7 @@ def test_cli_data_file(tmp_path, capsys):
     tok = models.tiny_tokenizer()
     models.tiny_model("llama", seed=27).save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
-    texts = [f"Text number {i} about the {w} and its neighbours." for i, w in enumerate("oak elm ash fir yew box".split())]
+    texts = [f"Text number {i} about the {w} and its neighbours." for i, w in enumerate(["oak", "elm", "ash", "fir", "yew", "box"])]
     data = _write(tmp_path / "wikimia.jsonl", [{"input": t, "label": i % 2} for i, t in enumerate(texts)])
     base = ["attack", "--model", str(tmp_path / "model"), "--bootstrap", "0", "--attacks", "loss"]
     assert main([*base, "--data", str(data), "--out", str(tmp_path / "out")]) == 0

@@ -4,6 +4,7 @@ scikit-learn and scipy are imported where used: scoring (and the GPU benchmark) 
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +103,7 @@ def calibration_split(n_nonmembers: int, fraction: float = 0.5, seed: int = 0) -
     if not 0 < fraction < 1:
         raise ValueError(f"calibration must be a fraction in (0, 1), got {fraction}")
     order = np.random.default_rng(seed).permutation(n_nonmembers)
-    cut = int(round(fraction * n_nonmembers))
+    cut = round(fraction * n_nonmembers)
     if cut == 0 or cut == n_nonmembers:
         raise ValueError(f"calibration={fraction} leaves an empty half of {n_nonmembers} non-members; "
                          "give more non-members or a fraction nearer 0.5")
@@ -125,7 +126,7 @@ def calibrated_thresholds(labels, scores, fraction: float = 0.5, seed: int = 0, 
     ranked = np.sort(negatives[cal])[::-1]
     at = {}
     for x in fprs:
-        k = int(np.floor(x * ranked.size + 1e-9))
+        k = math.floor(x * ranked.size + 1e-9)
         tau = float(ranked[k]) if k < ranked.size else -np.inf
         at[f"{x:g}"] = {"threshold": tau, "tpr": float((positives > tau).mean()) if positives.size else float("nan"),
                         "fpr": float((negatives[held] > tau).mean())}

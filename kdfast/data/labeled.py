@@ -5,7 +5,7 @@ from pathlib import Path
 
 from kdfast.data.records import RecordError, _raw_rows
 
-LABELS = {0: 0, 1: 1, "0": 0, "1": 1, False: 0, True: 1}
+LABELS = {0: 0, 1: 1, "0": 0, "1": 1}  # True/False hash as 1/0
 
 
 def load_labeled(path: str | Path, text_column: str = "input", label_column: str = "label",

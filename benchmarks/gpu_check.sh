@@ -27,5 +27,6 @@ step bench-token-stats 40 python3 benchmarks/bench_token_stats.py --device cuda 
 step bench-memorization 40 python3 benchmarks/bench_memorization.py --device cuda
 step bench-distill-step 70 python3 benchmarks/bench_distill_step.py --device cuda
 step bench-attacks 50 python3 benchmarks/bench_attacks.py --device cuda
+step bench-attacks-calibrated 60 python3 benchmarks/bench_attacks.py --device cuda --calibrated
 echo "=== done $(date +%T); failed: ${failed[*]:-none}" | tee -a "$LOG"
 [ ${#failed[@]} = 0 ]

@@ -2,6 +2,8 @@
 mimir-style baseline (one record at a time, full log_softmax on the CPU, one pass per attack) vs a bare forward.
 
 python benchmarks/bench_attacks.py [--device cpu|cuda]  ->  benchmarks/results/attacks-<device>.md
+python benchmarks/bench_attacks.py --calibrated  ->  benchmarks/results/attacks-calibrated-<device>.md (issue 14: records/s
+of attacks.score with con_recall, dc_pdd, rmia, lira beside the logit attacks alone)
 CPU: SmolLM2-135M (the carried GGUF). CUDA: a random-init LlamaForCausalLM of SmolLM2's shape in bf16 (the GGUF
 cannot travel), fed by the tiny tokenizer; the timings depend on shapes, not on the weights.
 """
@@ -106,8 +108,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--records", type=int, default=None, help="records scored (default: 256 CPU, 2048 GPU)")
+    parser.add_argument("--calibrated", action="store_true", help="time the calibrated attacks instead (short run)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.calibrated:
+        return calibrated_main(device, args.records or (48 if device.type == "cpu" else 1024))
     plan = dict(PLANS[device.type])
     plan["records"] = args.records or plan["records"]
     start = time.perf_counter()
@@ -203,6 +208,57 @@ def _scored(batch) -> torch.Tensor:
 
 def _rows(scores: dict[str, np.ndarray]) -> list[dict[str, float]]:
     return [{k: float(v[b]) for k, v in scores.items()} for b in range(len(scores["loss"]))]
+
+
+
+CALIBRATED_RUNS = {  # label -> (attacks, references used)
+    "logit attacks alone (loss, zlib, min_k, min_k_pp)": (("loss", "zlib", "min_k", "min_k_pp"), 0),
+    "+ dc_pdd (no extra pass)": (("loss", "zlib", "min_k", "min_k_pp", "dc_pdd"), 0),
+    "+ lira (2 references: 1 pass each)": (("loss", "zlib", "min_k", "min_k_pp", "lira"), 2),
+    "+ rmia (2 references; references and target also score the population)": (
+        ("loss", "zlib", "min_k", "min_k_pp", "rmia"), 2),
+    "+ rmia, lira (sharing the 2 references' passes)": (("loss", "zlib", "min_k", "min_k_pp", "rmia", "lira"), 2),
+    "+ recall, con_recall (3 prefix passes: 1 shared)": (("loss", "zlib", "min_k", "min_k_pp", "recall", "con_recall"), 0),
+}
+
+
+def calibrated_main(device: torch.device, n: int) -> None:
+    """attacks.score end to end (tokenization included) on a random-init Llama of SmolLM2's width, fewer layers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kdfast import attacks
+
+    shape = dict(SMOLLM2_SHAPE, num_hidden_layers=3 if device.type == "cpu" else 30, vocab_size=1024)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+
+    def make(seed):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(**shape)).to(device, dtype).eval()
+
+    tok, target, refs = tiny_tokenizer(), make(0), {"a": make(1), "b": make(2)}
+    records, population = bundled_records()[:n], bundled_records()[n: n + n // 2]
+    membership = [1] * (n // 2) + [0] * (n - n // 2)
+    batch_tokens = 4096 if device.type == "cpu" else 16384
+    rows, base = [], None
+    for label, (names, n_refs) in CALIBRATED_RUNS.items():
+        def run(names=names, n_refs=n_refs):
+            attacks.score(target, tok, records, names, membership=membership, progress=False,
+                          references=dict(list(refs.items())[:n_refs]) or None, population=population,
+                          batch_tokens=batch_tokens)
+        seconds = median_ms(run, device, warmup=1 if base is None else 0, reps=3) / 1e3
+        base = base or seconds
+        rows.append([label, n, seconds, n / seconds, seconds / base])
+    notes = [f"Target and references: random-init LlamaForCausalLM, SmolLM2-135M's width, {shape['num_hidden_layers']} "
+             f"layers, vocab 1024 (the tiny tokenizer), {str(dtype).split('.')[-1]}; timings depend on shapes only.",
+             f"{n} bundled WordNet records ({n // 2} members), population {len(population)} records; median of 3 "
+             "whole score() calls, no out= (so nothing is reused between calls).",
+             "rmia and lira need each reference's pass over the records (rmia: and the population), computed once "
+             "per score() call and shared by both; dc_pdd reuses the target's pass; con_recall adds the member-prefix "
+             "pass to recall's non-member-prefix pass."]
+    if device.type == "cpu":
+        notes.append("Measured on a 2-core CPU shared with other jobs: times are noisy; the ratios are the figure.")
+    write_table("attacks-calibrated", device, "Calibrated attacks: records/s of attacks.score",
+                ["attacks", "records", "time (s)", "records/s", "time vs logit attacks alone"], rows, notes)
 
 
 if __name__ == "__main__":

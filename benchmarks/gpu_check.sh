@@ -28,5 +28,6 @@ step bench-memorization 40 python3 benchmarks/bench_memorization.py --device cud
 step bench-distill-step 70 python3 benchmarks/bench_distill_step.py --device cuda
 step bench-attacks 50 python3 benchmarks/bench_attacks.py --device cuda
 step bench-uld 40 python3 benchmarks/bench_uld.py --device cuda --n 4096
+step bench-attacks-calibrated 60 python3 benchmarks/bench_attacks.py --device cuda --calibrated
 echo "=== done $(date +%T); failed: ${failed[*]:-none}" | tee -a "$LOG"
 [ ${#failed[@]} = 0 ]

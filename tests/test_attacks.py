@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from kdfast import attacks, models, reference
 from kdfast.attacks import bulk
-from kdfast.data import bundled_records, encode, next_token_targets, pad_batch, prompt_text, target_text
+from kdfast.data import Encoded, bundled_records, encode, next_token_targets, pad_batch, prompt_text, target_text
 
 KS = (0.1, 0.25)
 RECORDS = [
@@ -36,6 +36,15 @@ def other_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<s>")
 
 
+def scored_item(tok, record, add_eos=False):
+    """The field's convention: a {"text"} record is tokenizer(text) as it is, every token scored but the first
+    (add_eos: + EOS); an instruction record is the study's template with the response's EOS."""
+    if "text" not in record:
+        return encode(tok, record)
+    ids = tok(record["text"])["input_ids"] + ([tok.eos_token_id] if add_eos else [])
+    return Encoded(ids, [-100] + ids[1:], 0)
+
+
 def oracle_stats(model, item):
     """float64 reference statistics of one record: no batch, no padding, no position ids."""
     logits = model(input_ids=torch.tensor([item.input_ids])).logits.double()
@@ -51,7 +60,7 @@ def oracle_ll(model, item):
 def oracle_conditioned_ll(model, tok, record, prefix):
     """ll(x | prefix): the prefix records in full, a blank line after each, then the record; only the record's own
     scored tokens count."""
-    item = encode(tok, record)
+    item = scored_item(tok, record)
     text = "".join(prompt_text(r) + target_text(r) + "\n\n" for r in prefix)
     ids = tok(text, add_special_tokens=False)["input_ids"] + item.input_ids
     logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits.double()[0], -1)
@@ -68,8 +77,8 @@ def oracle_gradnorm(model, item):
     return -torch.sqrt(sum(g.double().pow(2).sum() for g in grads)).item()
 
 
-def oracle_logit_scores(model, tok, record):
-    item = encode(tok, record)
+def oracle_logit_scores(model, tok, record, add_eos=False):
+    item = scored_item(tok, record, add_eos)
     s = oracle_stats(model, item)
     logp, valid = s["logp"], s["valid"]
     ll = logp[valid].mean().item()
@@ -78,7 +87,7 @@ def oracle_logit_scores(model, tok, record):
     lower = {k: v.lower() if k in ("text", "response") else v for k, v in record.items()}
     text = record.get("text", record.get("response"))
     out = {"loss": ll, "zlib": ll / len(zlib.compress(text.encode())), "n_tokens": int(valid.sum()),
-           "lowercase": oracle_ll(model, encode(tok, lower)) / ll}
+           "lowercase": oracle_ll(model, scored_item(tok, lower, add_eos)) / ll}
     for j, k in enumerate(KS):
         out[f"min_k@{k:g}"], out[f"min_k_pp@{k:g}"] = low[j].item(), low_pp[j].item()
     return out
@@ -140,9 +149,9 @@ def test_ref_recall_gradnorm_match_oracle(target, side):
                           padding_side=side, batch_tokens=150, progress=False)
     assert list(table.columns) == ["id", "n_tokens", "ref_other", "ref_same", "gradnorm", "recall"]
     for i, record in enumerate(RECORDS):
-        item = encode(tok, record)
+        item = scored_item(tok, record)
         ll = oracle_ll(model, item)
-        assert table["ref_other"][i] == pytest.approx(ll - oracle_ll(ref, encode(ref_tok, record)), abs=1e-4)
+        assert table["ref_other"][i] == pytest.approx(ll - oracle_ll(ref, scored_item(ref_tok, record)), abs=1e-4)
         assert table["ref_same"][i] == pytest.approx(ll - oracle_ll(ref2, item), abs=1e-4)
         assert table["recall"][i] == pytest.approx(oracle_conditioned_ll(model, tok, record, PREFIX) / ll, abs=1e-4)
         assert table["gradnorm"][i] == pytest.approx(oracle_gradnorm(model, item), rel=1e-4)

@@ -32,11 +32,14 @@ def test_end_to_end(files, capsys):
     printed = capsys.readouterr().out
     assert "AUC" in printed and "min_k@0.2" in printed and "ref_base" in printed
     table = pd.read_parquet(out / "scores.parquet")
-    assert list(table.columns) == ["id", "member", "category", "n_tokens", "loss", "min_k@0.2", "ref_base", "gradnorm"]
+    scores = ["loss", "min_k@0.2", "ref_base", "gradnorm"]
+    assert list(table.columns) == ["id", "member", "category", "n_tokens", *scores, *(f"pct_{c}" for c in scores)]
+    assert table["pct_loss"].between(0, 100).all()
     assert table["member"].sum() == 12 and len(table) == 24
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["results"]) == {"loss", "min_k@0.2", "ref_base", "gradnorm"}
     loss = metrics["results"]["loss"]
+    assert loss["calibrated"]["n_calibration"] == 6 and set(loss["calibrated"]["at_fpr"]) == {"0.1", "0.01", "0.001"}
     assert 0 <= loss["auc"] <= 1 and len(loss["auc_ci95"]) == 2 and set(loss["tpr_at_fpr"]) == {"0.25", "0.05", "0.01", "0.001", "0"}
     assert (out / "roc.png").read_bytes()[:4] == b"\x89PNG"
 

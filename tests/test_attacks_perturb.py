@@ -7,7 +7,7 @@ import torch
 
 from kdfast import attacks, models
 from kdfast.attacks.perturb import Perturbation, noise_seed
-from kdfast.data import encode, next_token_targets
+from kdfast.data import Encoded, encode, next_token_targets
 
 RECORDS = [
     {"instruction": "Define the noun \"cat\".", "response": "A small domesticated feline mammal with soft fur."},
@@ -18,7 +18,9 @@ RECORDS = [
 
 
 def mean_ll(model, record, tok):
-    item = encode(tok, record)
+    # The field's convention: a {"text"} record is tokenizer(text) as it is, its first token unscored.
+    item = encode(tok, record) if "text" not in record else Encoded(tok(record["text"])["input_ids"],
+                                                                    [-100] + tok(record["text"])["input_ids"][1:], 0)
     logp = torch.log_softmax(model(input_ids=torch.tensor([item.input_ids])).logits.double(), -1)[0]
     targets = next_token_targets(torch.tensor([item.labels]))[0]
     valid = targets != -100

@@ -93,6 +93,16 @@ def test_every_artifact_and_every_auc(run):
         assert 0.0 <= model["memorization"]["member"] <= 1.0 and 0.0 <= model["utility"]["rouge_l"] <= 1.0
     assert all(m["mope_block"] for m in results["models"] if m["role"] != "teacher")
     assert "AUC by model and attack" in (out / "summary.md").read_text()
+    # rmia / lira: the teacher against base + ref_second, students against base + two SFT reference controls
+    assert {"rmia", "lira"} <= set(results["attacks"])
+    stages = set(results["stages"]["ran"]) | set(results["stages"]["reused"])
+    assert {"calibration-base", "calibration-second", "calibration-sft1", "calibration-sft2",
+            "student-small-sft-ref0", "student-small-sft-ref1"} <= stages
+    for model in results["models"]:
+        cal = model["calibrated"]["rmia"]["at_fpr"]["0.01"]
+        assert 0 <= cal["tpr"] <= 1 and 0 <= cal["fpr"] <= 1 and model["calibrated"]["rmia"]["n_heldout"] > 0
+    summary = (out / "summary.md").read_text()
+    assert "TPR at 1% FPR" in summary and "rmia" in summary and "lira" in summary
     assert "Report:" in run["stdout"] and "Teacher" in run["stdout"]
 
 

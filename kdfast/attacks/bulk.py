@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdfast.data import IGNORE_INDEX, Encoded, encode, next_token_targets, pad_batch, token_budget_batches
+from kdfast.data import (IGNORE_INDEX, Encoded, RecordError, encode, next_token_targets, pad_batch,
+                         token_budget_batches)
 from kdfast.data.template import prompt_text, target_text
 from kdfast.models import ModelError, hidden_and_head, output_head
 from kdfast.ops.token_stats import min_k, token_stats, token_stats_from_hidden
@@ -50,16 +51,32 @@ class BatchStats:
 
 
 def encode_records(tokenizer, records: list[dict], response_only: bool = True, max_len: int | None = None,
-                   numbers: list[int] | None = None) -> list[Encoded]:
-    """Tokenize records under the study's template; response_only=False also scores the prompt tokens.
+                   numbers: list[int] | None = None, add_eos: bool = False) -> list[Encoded]:
+    """Tokenize records as the field scores them; response_only=False also scores the prompt tokens.
 
-    numbers: each record's position in the caller's list, for error messages (default 0, 1, ...).
+    A {"text"} record is `tokenizer(text)` as it is (BOS only where the tokenizer adds one; its first token
+    unscored), as mimir and the Min-K%++ code score WikiMIA/MIMIR; add_eos=True appends the EOS (kdfast's
+    former behaviour). An instruction record keeps the study's template and its response's EOS (the teacher
+    was trained on it). numbers: each record's position in the caller's list, for error messages.
     """
     numbers = numbers if numbers is not None else range(len(records))
-    items = [encode(tokenizer, r, max_len=max_len, where=f"record {i}") for i, r in zip(numbers, records)]
+    items = [encode_text(tokenizer, r["text"], max_len, add_eos, f"record {i}") if "text" in r
+             else encode(tokenizer, r, max_len=max_len, where=f"record {i}") for i, r in zip(numbers, records)]
     if not response_only:
         items = [Encoded(it.input_ids, list(it.input_ids), 0) for it in items]
     return items
+
+
+def encode_text(tokenizer, text: str, max_len: int | None = None, add_eos: bool = False,
+                where: str = "record") -> Encoded:
+    """`tokenizer(text)` as it is (+ EOS with add_eos), cut to max_len; every token scored but the first."""
+    ids = tokenizer(text)["input_ids"]
+    if add_eos and tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    ids = ids[:max_len]
+    if not ids:
+        raise RecordError(f"{where}: the text tokenizes to nothing; remove the record")
+    return Encoded(ids, [IGNORE_INDEX] + ids[1:], 0)
 
 
 def scored_text(record: dict, response_only: bool = True) -> str:

@@ -4,6 +4,7 @@ scikit-learn and scipy are imported where used: scoring (and the GPU benchmark) 
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,9 @@ import numpy as np
 from kdfast.io import atomic_path
 
 FPRS = (0.25, 0.05, 0.01, 0.001, 0.0)
+CALIBRATED_FPRS = (0.1, 0.01, 0.001)
 META_COLUMNS = ("id", "member", "category", "n_tokens")
+PERCENTILE_PREFIX = "pct_"
 
 
 def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, x: float) -> float:
@@ -71,11 +74,16 @@ def roc_metrics(labels, scores, n_bootstrap: int = 1000, seed: int = 0, fprs=FPR
 
 def score_columns(table) -> list[str]:
     """The attack score columns of a score() table."""
-    return [c for c in table.columns if c not in META_COLUMNS]
+    return [c for c in table.columns if c not in META_COLUMNS and not c.startswith(PERCENTILE_PREFIX)]
 
 
-def evaluate(table, membership=None, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, dict]:
-    """roc_metrics of every score column of a score() table; membership: 0/1 per row (default: its member column)."""
+def evaluate(table, membership=None, n_bootstrap: int = 1000, seed: int = 0,
+             calibration: float | None = None) -> dict[str, dict]:
+    """roc_metrics of every score column of a score() table; membership: 0/1 per row (default: its member column).
+
+    calibration: the fraction of non-members on which thresholds are chosen (calibrated_thresholds, seeded by
+    `seed`); each column's result then holds them under "calibrated".
+    """
     if membership is None:
         if "member" not in table.columns:
             raise ValueError("the table has no member column: pass membership=[0/1 per row] (1 = member)")
@@ -83,15 +91,75 @@ def evaluate(table, membership=None, n_bootstrap: int = 1000, seed: int = 0) -> 
     membership = np.asarray(membership)
     if membership.shape != (len(table),):
         raise ValueError(f"membership needs one label per row ({len(table)} rows, got shape {membership.shape})")
-    return {c: roc_metrics(membership, table[c].to_numpy(), n_bootstrap, seed) for c in score_columns(table)}
+    results = {c: roc_metrics(membership, table[c].to_numpy(), n_bootstrap, seed) for c in score_columns(table)}
+    if calibration is not None:
+        for c, r in results.items():
+            r["calibrated"] = calibrated_thresholds(membership, table[c].to_numpy(), calibration, seed)
+    return results
+
+
+def calibration_split(n_nonmembers: int, fraction: float = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration, held-out) positions among n non-members: a seeded permutation cut at round(fraction · n)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"calibration must be a fraction in (0, 1), got {fraction}")
+    order = np.random.default_rng(seed).permutation(n_nonmembers)
+    cut = round(fraction * n_nonmembers)
+    if cut == 0 or cut == n_nonmembers:
+        raise ValueError(f"calibration={fraction} leaves an empty half of {n_nonmembers} non-members; "
+                         "give more non-members or a fraction nearer 0.5")
+    return np.sort(order[:cut]), np.sort(order[cut:])
+
+
+def calibrated_thresholds(labels, scores, fraction: float = 0.5, seed: int = 0, fprs=CALIBRATED_FPRS) -> dict:
+    """Thresholds an auditor can quote: chosen on the calibration half of the non-members, measured on the rest.
+
+    For each target FPR x, τ_x is the (k+1)-th highest calibration score with k = ⌊x · n_calibration⌋, and a
+    record is called a member when its score > τ_x (so at most k calibration non-members are); reported are τ_x,
+    the TPR over all members and the realized FPR on the held-out non-members. NaN scores are left out.
+    Returns {"fraction", "seed", "n_calibration", "n_heldout", "at_fpr": {f"{x:g}": {"threshold", "tpr", "fpr"}}}.
+    """
+    labels, scores = np.asarray(labels, dtype=int), np.asarray(scores, dtype=np.float64)
+    keep = np.isfinite(scores)
+    labels, scores = labels[keep], scores[keep]
+    negatives, positives = scores[labels == 0], scores[labels == 1]
+    cal, held = calibration_split(negatives.size, fraction, seed)
+    ranked = np.sort(negatives[cal])[::-1]
+    at = {}
+    for x in fprs:
+        k = math.floor(x * ranked.size + 1e-9)
+        tau = float(ranked[k]) if k < ranked.size else -np.inf
+        at[f"{x:g}"] = {"threshold": tau, "tpr": float((positives > tau).mean()) if positives.size else float("nan"),
+                        "fpr": float((negatives[held] > tau).mean())}
+    return {"fraction": fraction, "seed": seed, "n_calibration": int(cal.size), "n_heldout": int(held.size), "at_fpr": at}
+
+
+def with_percentiles(table):
+    """The table plus pct_<score> per score column: 100 × the fraction of non-member scores ≤ the record's score
+    (per-record risk; NaN for a NaN score). Needs the member column."""
+    member = table["member"].to_numpy().astype(bool)
+    out = table.copy()
+    for c in score_columns(table):
+        values = table[c].to_numpy(dtype=np.float64)
+        reference = np.sort(values[~member & np.isfinite(values)])
+        with np.errstate(invalid="ignore"):
+            pct = 100 * np.searchsorted(reference, values, side="right") / max(reference.size, 1)
+        out[PERCENTILE_PREFIX + c] = np.where(np.isfinite(values) & (reference.size > 0), pct, np.nan)
+    return out
 
 
 def format_results(results: dict[str, dict]) -> str:
-    """A plain-text table: attack, AUC, its 95% CI, TPR at 1% FPR, TPR at 0.1% FPR."""
-    lines = [f"{'attack':<18} {'AUC':>6}  {'95% CI':<15} {'TPR@1%':>7} {'TPR@0.1%':>9}"]
+    """A plain-text table: attack, AUC, its 95% CI, TPR at 1% FPR, TPR at 0.1% FPR; with calibrated thresholds also
+    the held-out TPR and realized FPR at the 1% threshold."""
+    calibrated = all("calibrated" in r for r in results.values()) and bool(results)
+    extra = f" {'cal TPR@1%':>10} {'(real FPR)':>10}" if calibrated else ""
+    lines = [f"{'attack':<18} {'AUC':>6}  {'95% CI':<15} {'TPR@1%':>7} {'TPR@0.1%':>9}{extra}"]
     for name, r in results.items():
         ci = "{:.3f}–{:.3f}".format(*r["auc_ci95"]) if r["auc_ci95"] else "-"
-        lines.append(f"{name:<18} {r['auc']:>6.3f}  {ci:<15} {r['tpr_at_fpr']['0.01']:>7.3f} {r['tpr_at_fpr']['0.001']:>9.3f}")
+        line = f"{name:<18} {r['auc']:>6.3f}  {ci:<15} {r['tpr_at_fpr']['0.01']:>7.3f} {r['tpr_at_fpr']['0.001']:>9.3f}"
+        if calibrated:
+            at = r["calibrated"]["at_fpr"]["0.01"]
+            line += f" {at['tpr']:>10.3f} {at['fpr']:>10.3f}"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -11,13 +11,15 @@ from kdfast.data import IGNORE_INDEX, Encoded
 from kdfast.data.template import prompt_text, target_text
 
 
-def choose_prefix(membership: list[int], shots: int = 3, seed: int = 0) -> list[int]:
-    """Indices of `shots` non-members (seeded choice) to serve as the prefix; they are held out from the recall scores."""
-    nonmembers = [i for i, m in enumerate(membership) if not m]
-    if len(nonmembers) <= shots:
-        raise ValueError(f"recall needs more than {shots} non-members to take its prefix from (got {len(nonmembers)}); "
-                         "lower recall_shots or pass recall_prefix=[...] records")
-    return sorted(random.Random(seed).sample(nonmembers, shots))
+def choose_prefix(membership: list[int], shots: int = 3, seed: int = 0, members: bool = False) -> list[int]:
+    """Indices of `shots` non-members (members: Con-ReCaLL's member prefix), a seeded choice, to serve as the
+    prefix; they are held out from the recall scores."""
+    pool = [i for i, m in enumerate(membership) if bool(m) == members]
+    kind = "members" if members else "non-members"
+    if len(pool) <= shots:
+        raise ValueError(f"recall needs more than {shots} {kind} to take its prefix from (got {len(pool)}); "
+                         f"lower recall_shots or pass {'member_prefix' if members else 'recall_prefix'}=[...] records")
+    return sorted(random.Random(seed).sample(pool, shots))
 
 
 def prefix_ids(tokenizer, prefix: list[dict]) -> list[int]:
@@ -38,8 +40,12 @@ def conditioned(item: Encoded, prefix: list[int], bos_id: int | None) -> Encoded
                    [IGNORE_INDEX] * (head + len(prefix)) + labels, item.prompt_len + len(prefix))
 
 
-def recall_scores(model: nn.Module, items: list[Encoded], prefix: list[int], ll: np.ndarray, bos_id: int | None,
-                  **batching) -> np.ndarray:
+def conditioned_ll(model: nn.Module, items: list[Encoded], prefix: list[int], bos_id: int | None,
+                   **batching) -> np.ndarray:
+    """ll(x | prefix): each item's mean ℓ_t of its own scored tokens after the prefix (float64 [len(items)])."""
+    return mean_log_likelihoods(model, [conditioned(it, prefix, bos_id) for it in items], **batching)
+
+
+def recall_scores(ll: np.ndarray, cond_ll: np.ndarray) -> np.ndarray:
     """ll(x | prefix) / ll(x) per item (float64); `ll` is each item's unconditioned mean ℓ_t."""
-    cond_ll = mean_log_likelihoods(model, [conditioned(it, prefix, bos_id) for it in items], **batching)
-    return cond_ll / ll
+    return np.asarray(cond_ll, dtype=np.float64) / ll

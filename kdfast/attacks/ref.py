@@ -9,13 +9,14 @@ from kdfast.attacks.bulk import encode_records, mean_log_likelihoods
 
 def ref_scores(ref_model: nn.Module, ref_tokenizer, records: list[dict], target_ll: np.ndarray,
                response_only: bool = True, max_len: int | None = None, numbers: list[int] | None = None,
-               **batching) -> np.ndarray:
+               add_eos: bool = False, **batching) -> np.ndarray:
     """loss_ref − loss_target per record (float64): high when the target fits a record much better than the reference.
 
     target_ll: the target model's mean ℓ_t per record; numbers: the records' positions for error messages;
+    add_eos: as in encode_records;
     `batching` goes to mean_log_likelihoods (batch_tokens, padding_side, autocast).
     """
-    items = encode_records(ref_tokenizer, records, response_only, max_len, numbers)
+    items = encode_records(ref_tokenizer, records, response_only, max_len, numbers, add_eos)
     ref_ll = mean_log_likelihoods(ref_model, items, pad_id(ref_tokenizer), **batching)
     return reference_scores(target_ll, ref_ll)
 

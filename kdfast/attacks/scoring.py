@@ -20,16 +20,24 @@ from tqdm.auto import tqdm
 
 from kdfast.attacks.bulk import (encode_records, forward_stats, inference_context, logit_scores,
                                  lowercased, mean_log_likelihoods, model_device, scored_text, zlib_length)
+from kdfast.attacks.con_recall import con_recall_scores
+from kdfast.attacks.dc_pdd import dc_pdd_score, token_frequencies
 from kdfast.attacks.gradnorm import gradnorm_scores
-from kdfast.attacks.metrics import META_COLUMNS
+from kdfast.attacks.metrics import META_COLUMNS, with_percentiles
 from kdfast.attacks.perturb import mope_scores
-from kdfast.attacks.recall import choose_prefix, prefix_ids, recall_scores
+from kdfast.attacks.lira import lira_scores
+from kdfast.attacks.recall import choose_prefix, conditioned_ll, prefix_ids, recall_scores
 from kdfast.attacks.ref import pad_id, ref_scores
-from kdfast.data import pad_batch, record_key, token_budget_batches
+from kdfast.attacks.references import cached_mean_ll, resolve_references
+from kdfast.attacks.rmia import rmia_scores
+from kdfast.data import next_token_targets, pad_batch, record_key, token_budget_batches
 from kdfast.io import atomic_path, atomic_write_json
 from kdfast.models import transformer_blocks
 
-ATTACKS = ("loss", "zlib", "lowercase", "min_k", "min_k_pp", "ref", "mope", "mope_block", "gradnorm", "recall")
+ATTACKS = ("loss", "zlib", "lowercase", "min_k", "min_k_pp", "ref", "mope", "mope_block", "gradnorm", "recall",
+           "con_recall", "dc_pdd", "rmia", "lira")
+# Computed over the whole table once every record is scored (they compare records with the population).
+CALIBRATED = ("rmia", "lira")
 DEFAULT_ATTACKS = ("loss", "zlib", "lowercase", "min_k", "min_k_pp")
 SCORES_FILE = "scores.parquet"
 
@@ -43,6 +51,9 @@ class AttackConfig:
     std. recall_shots: non-members in ReCaLL's prefix. batch_tokens: padded tokens per forward pass.
     max_len: cut responses to fit. padding_side: "right" or "left" (scores do not depend on it).
     seed: MoPe noise and the ReCaLL prefix choice. autocast: bf16 autocast (None: on a GPU only).
+    add_eos: score {"text"} records with an EOS appended (default: tokenizer(text) as it is, as the field does).
+    rmia_a, rmia_gamma: RMIA's offline correction a (1: none) and its threshold γ on the likelihood ratio.
+    con_recall_gamma: Con-ReCaLL's weight γ of the member-prefix likelihood. dc_pdd_clip: DC-PDD's upper bound.
     """
 
     attacks: tuple[str, ...] = DEFAULT_ATTACKS
@@ -56,6 +67,11 @@ class AttackConfig:
     padding_side: str = "right"
     seed: int = 0
     autocast: bool | None = None
+    add_eos: bool = False
+    rmia_a: float = 1.0
+    rmia_gamma: float = 1.0
+    con_recall_gamma: float = 1.0
+    dc_pdd_clip: float = 0.01
 
     def __post_init__(self):
         self.attacks = (self.attacks,) if isinstance(self.attacks, str) else tuple(dict.fromkeys(self.attacks))
@@ -73,6 +89,9 @@ class AttackConfig:
             raise ValueError(f"batch_tokens must be ≥ 1, got {self.batch_tokens}")
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+        if not 0 <= self.rmia_a <= 1 or self.rmia_gamma <= 0 or self.dc_pdd_clip <= 0:
+            raise ValueError(f"rmia_a must lie in [0, 1], rmia_gamma and dc_pdd_clip be > 0 (got {self.rmia_a}, "
+                             f"{self.rmia_gamma}, {self.dc_pdd_clip})")
 
     def columns(self, ref_names: list[str], n_blocks: int) -> list[str]:
         """The table's score columns, in ATTACKS order."""
@@ -83,19 +102,31 @@ class AttackConfig:
 
 def score(model: nn.Module, tokenizer, records: list[dict], attacks=None, *, ref_model: nn.Module | None = None,
           ref_tokenizer=None, ref_models: dict | None = None, membership=None, recall_prefix: list[dict] | None = None,
+          references: dict | None = None, population: list[dict] | None = None,
+          member_prefix: list[dict] | None = None, frequency_corpus: list[dict] | None = None,
           out: str | Path | None = None, progress: bool = True, config: AttackConfig | None = None, **options):
     """Score `records` with every attack in `attacks`; returns a pandas DataFrame, one row per record.
 
     Columns: id (the record's index), member (when `membership` is given), category (when records have one),
     n_tokens (scored tokens), then one column per score, higher = more likely a member: loss, zlib,
     lowercase, min_k@k, min_k_pp@k, ref (one column per reference model: the key of `ref_models`, or "ref"
-    for ref_model/ref_tokenizer), mope, mope_block@l (one per transformer block), gradnorm, recall.
+    for ref_model/ref_tokenizer), mope, mope_block@l (one per transformer block), gradnorm, recall,
+    con_recall, dc_pdd, rmia, lira.
     attacks: names from ATTACKS (default: the config's, DEFAULT_ATTACKS). `options` are AttackConfig fields
     (ks=, mope_n=, batch_tokens=, ...) applied over `config`. A record with no scored token scores NaN.
 
     Forward passes per batch: one for loss, zlib, min_k and min_k_pp together; lowercase one more (the
     lower-cased text tokenizes differently); ref one per reference model; recall one (prefix + record);
-    mope mope_n + 1; mope_block mope_n per block; gradnorm one forward and backward per record.
+    mope mope_n + 1; mope_block mope_n per block; gradnorm one forward and backward per record; con_recall
+    two (member and non-member prefix; the latter shared with recall); dc_pdd none.
+
+    rmia and lira compare the target with `references` ({name: model, (model, tokenizer) or path}: a model
+    object shares the target's tokenizer, a path brings its own), OUT models that never saw the members.
+    Each reference scores the records (and rmia's `population`: non-members disjoint from the records) once,
+    cached under out/references/; the target scores the population once too. dc_pdd's token frequencies
+    come from `frequency_corpus` (default: the population). con_recall's prefixes: `member_prefix` (default:
+    recall_shots members chosen by seed from `membership`) and recall's non-member prefix; records serving
+    as a prefix score NaN under recall and con_recall.
 
     recall's prefix: `recall_prefix` records, else recall_shots non-members chosen by seed from `membership`;
     those prefix records get recall = NaN (evaluate() skips them). With out=DIR, finished groups of records
@@ -118,8 +149,57 @@ def score(model: nn.Module, tokenizer, records: list[dict], attacks=None, *, ref
     if not records:
         raise ValueError("no records to score")
     labels = _membership(membership, len(records))
-    job = _Job(model, tokenizer, records, cfg, refs, labels, recall_prefix)
-    return job.run(out, progress)
+    calibration = _Calibration(tokenizer, records, cfg, references, population, frequency_corpus)
+    job = _Job(model, tokenizer, records, cfg, refs, labels, recall_prefix, member_prefix, calibration.frequencies)
+    table = calibration.add_scores(model, job.run(out, progress), out)
+    if labels is not None:
+        table = with_percentiles(table)
+    if out is not None and rank_and_world()[0] == 0:
+        with atomic_path(Path(out) / SCORES_FILE) as tmp:
+            table.to_parquet(tmp, index=False)
+    return table
+
+
+class _Calibration:
+    """What rmia, lira and dc_pdd need beyond the target's own pass: references, population, token frequencies."""
+
+    def __init__(self, tokenizer, records, cfg: AttackConfig, references, population, frequency_corpus):
+        self.tokenizer, self.records, self.cfg = tokenizer, records, cfg
+        self.wanted = [a for a in CALIBRATED if a in cfg.attacks]
+        if self.wanted and not references:
+            raise ValueError(f"attack(s) {self.wanted} compare the target with reference models: pass "
+                             "references={name: model or path} (models that never saw the members; CLI --reference)")
+        self.population = list(population or [])
+        if "rmia" in cfg.attacks and not self.population:
+            raise ValueError("rmia needs population=[records]: non-members of the target, disjoint from the scored "
+                             "records (CLI --population FILE)")
+        scored = {record_key(r) for r in records}
+        if any(record_key(r) in scored for r in self.population):
+            raise ValueError("a population record is also a scored record; the population must be disjoint from them")
+        self.refs = resolve_references(references, tokenizer) if self.wanted else {}
+        corpus = frequency_corpus if frequency_corpus is not None else self.population
+        if "dc_pdd" in cfg.attacks and not corpus:
+            raise ValueError("dc_pdd estimates token frequencies from a reference corpus: pass frequency_corpus=[records] "
+                             "(or population=)")
+        self.frequencies = token_frequencies(tokenizer, corpus) if "dc_pdd" in cfg.attacks else None
+
+    def add_scores(self, model, table, out):
+        """The table with rmia / lira columns added and the internal mean-ℓ_t column dropped."""
+        if self.wanted:
+            c = self.cfg
+            options = {"response_only": c.response_only, "max_len": c.max_len, "add_eos": c.add_eos,
+                       "batch_tokens": c.batch_tokens, "padding_side": c.padding_side, "autocast": c.autocast}
+            folder = lambda name: Path(out) / "references" / name if out is not None else None  # noqa: E731
+            records = self.records + self.population
+            ref_ll = np.stack([cached_mean_ll(m, t, records, folder(name), **options)
+                               for name, (m, t) in self.refs.items()])
+            target_ll, n = table["_ll"].to_numpy(), len(self.records)
+            if "rmia" in self.wanted:
+                pop_ll = cached_mean_ll(model, self.tokenizer, self.population, folder("_target"), **options)
+                table["rmia"] = rmia_scores(target_ll, ref_ll[:, :n], pop_ll, ref_ll[:, n:], c.rmia_a, c.rmia_gamma)
+            if "lira" in self.wanted:
+                table["lira"] = lira_scores(target_ll, ref_ll[:, :n])
+        return table.drop(columns="_ll")
 
 
 def _reference_models(ref_model, ref_tokenizer, ref_models) -> dict[str, tuple]:
@@ -177,18 +257,36 @@ def rank_and_world() -> tuple[int, int]:
 class _Job:
     """One scoring run: the encoded records, the shared per-group computations, resume and gathering."""
 
-    def __init__(self, model, tokenizer, records, cfg: AttackConfig, refs, labels, recall_prefix):
+    def __init__(self, model, tokenizer, records, cfg: AttackConfig, refs, labels, recall_prefix,
+                 member_prefix=None, frequencies: np.ndarray | None = None):
         self.model, self.tokenizer, self.records, self.cfg, self.refs, self.labels = model, tokenizer, records, cfg, refs, labels
-        self.items = encode_records(tokenizer, records, cfg.response_only, cfg.max_len)
+        self.items = encode_records(tokenizer, records, cfg.response_only, cfg.max_len, add_eos=cfg.add_eos)
         self.keys = [record_hash(r) for r in records]
         self.blocks = list(transformer_blocks(model)) if "mope_block" in cfg.attacks else []
         self.columns = cfg.columns(list(refs), len(self.blocks))
         self.batching = {"pad_id": pad_id(tokenizer), "batch_tokens": cfg.batch_tokens,
                          "padding_side": cfg.padding_side, "autocast": cfg.autocast}
+        self.frequencies = frequencies
         self.prefix, self.prefix_keys = self._recall_prefix(recall_prefix)
+        self.member_prefix, member_keys = self._member_prefix(member_prefix)
+        self.prefix_keys |= member_keys
+
+    def _member_prefix(self, member_prefix) -> tuple[list[int], set[str]]:
+        """con_recall's member prefix: the given records, else recall_shots members chosen by seed."""
+        if "con_recall" not in self.cfg.attacks:
+            return [], set()
+        if member_prefix is None:
+            if self.labels is None:
+                raise ValueError("con_recall needs member prefix records: pass membership= (a few members are then "
+                                 "held out as the prefix) or member_prefix=[...]")
+            member_prefix = [self.records[i] for i in choose_prefix(self.labels, self.cfg.recall_shots, self.cfg.seed,
+                                                                    members=True)]
+        if not member_prefix:
+            raise ValueError("member_prefix is empty; give at least one member record")
+        return prefix_ids(self.tokenizer, member_prefix), {record_hash(r) for r in member_prefix}
 
     def _recall_prefix(self, recall_prefix) -> tuple[list[int], set[str]]:
-        if "recall" not in self.cfg.attacks:
+        if "recall" not in self.cfg.attacks and "con_recall" not in self.cfg.attacks:
             return [], set()
         if recall_prefix is None:
             if self.labels is None:
@@ -211,7 +309,9 @@ class _Job:
             cfg.pop(name)
         ident = {"config": cfg, "model": fingerprint(self.model), "tokenizer": _tokenizer_id(self.tokenizer),
                  "refs": {n: [fingerprint(m), _tokenizer_id(t)] for n, (m, t) in self.refs.items()},
-                 "prefix": self.prefix, "device": model_device(self.model).type, "columns": self.columns}
+                 "prefix": self.prefix, "device": model_device(self.model).type, "columns": self.columns,
+                 "member_prefix": self.member_prefix,
+                 "frequencies": None if self.frequencies is None else hashlib.sha256(self.frequencies.tobytes()).hexdigest()}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     def run(self, out, progress: bool):
@@ -221,7 +321,7 @@ class _Job:
         for m in models:
             m.eval()  # no dropout while scoring
         try:
-            store = _PartStore(Path(out) / "parts" / self.settings_hash(), ["n_tokens", *self.columns]) if out else None
+            store = _PartStore(Path(out) / "parts" / self.settings_hash(), self.part_columns()) if out else None
             done = store.load() if store else {}
             if world > 1:
                 dist.barrier()  # every rank has read the finished parts before any rank writes new ones
@@ -246,21 +346,19 @@ class _Job:
         finally:
             for m, mode in zip(models, modes):
                 m.train(mode)
-        table = self._table(done)
-        if out is not None and rank == 0:
-            with atomic_path(Path(out) / SCORES_FILE) as tmp:
-                table.to_parquet(tmp, index=False)
-        return table
+        return self._table(done)
 
     def _score_group(self, group: list[int]) -> dict[str, list[float]]:
         """Every requested score of a group of records (one padded batch of the target tokenization)."""
         cfg, model, items = self.cfg, self.model, [self.items[i] for i in group]
         records = [self.records[i] for i in group]
+        batch = pad_batch(items, self.batching["pad_id"], cfg.padding_side)
         with inference_context(model_device(model), cfg.autocast):
-            stats = forward_stats(model, pad_batch(items, self.batching["pad_id"], cfg.padding_side))
+            stats = forward_stats(model, batch)
         scores = logit_scores(stats, cfg.ks)
         ll = scores["loss"]
         scores["n_tokens"] = stats.n_tokens().astype(float)
+        scores["_ll"] = ll
         attacks = cfg.attacks
         stage = self._bar.set_postfix_str
         if "zlib" in attacks:
@@ -270,14 +368,23 @@ class _Job:
             lower = encode_records(self.tokenizer, [lowercased(r, cfg.response_only) for r in records],
                                    cfg.response_only, cfg.max_len, group)
             scores["lowercase"] = -mean_log_likelihoods(model, lower, **self.batching) / np.maximum(-ll, 1e-12)
+        if "dc_pdd" in attacks:
+            scores["dc_pdd"] = self._dc_pdd(stats, next_token_targets(batch["labels"]))
         for name, (ref, ref_tok) in self.refs.items():
             stage(name)
-            scores[name] = ref_scores(ref, ref_tok, records, ll, cfg.response_only, cfg.max_len, group,
+            scores[name] = ref_scores(ref, ref_tok, records, ll, cfg.response_only, cfg.max_len, group, cfg.add_eos,
                                       **{k: v for k, v in self.batching.items() if k != "pad_id"})
-        if "recall" in attacks:
+        prefix_rows = [self.keys[i] in self.prefix_keys for i in group]
+        if "recall" in attacks or "con_recall" in attacks:
             stage("recall")
-            recall = recall_scores(model, items, self.prefix, ll, self.tokenizer.bos_token_id, **self.batching)
-            scores["recall"] = np.where([self.keys[i] in self.prefix_keys for i in group], np.nan, recall)
+            bos = self.tokenizer.bos_token_id
+            nonmember_ll = conditioned_ll(model, items, self.prefix, bos, **self.batching)
+            if "recall" in attacks:
+                scores["recall"] = np.where(prefix_rows, np.nan, recall_scores(ll, nonmember_ll))
+            if "con_recall" in attacks:
+                member_ll = conditioned_ll(model, items, self.member_prefix, bos, **self.batching)
+                con = con_recall_scores(ll, nonmember_ll, member_ll, cfg.con_recall_gamma)
+                scores["con_recall"] = np.where(prefix_rows, np.nan, con)
         if "mope" in attacks or "mope_block" in attacks:
             base = mean_log_likelihoods(model, items, fused=False, **self.batching)
             mope = {"n": cfg.mope_n, "sigma": cfg.mope_sigma, "seed": cfg.seed, **self.batching}
@@ -290,8 +397,17 @@ class _Job:
         if "gradnorm" in attacks:
             stage("gradnorm")
             scores["gradnorm"] = gradnorm_scores(model, items, cfg.autocast)
-        names = ["n_tokens", *self.columns]
+        names = self.part_columns()
         return {self.keys[i]: [float(scores[c][j]) for c in names] for j, i in enumerate(group)}
+
+    def part_columns(self) -> list[str]:
+        """What a finished group keeps: n_tokens, the target's mean ℓ_t (the calibrated attacks' statistic), scores."""
+        return ["n_tokens", "_ll", *(c for c in self.columns if c not in CALIBRATED)]
+
+    def _dc_pdd(self, stats, targets) -> np.ndarray:
+        logp, valid, targets = stats.logp.double().cpu().numpy(), stats.valid.cpu().numpy(), targets.cpu().numpy()
+        return np.array([dc_pdd_score(logp[b, valid[b]], targets[b, valid[b]], self.frequencies, self.cfg.dc_pdd_clip)
+                         for b in range(logp.shape[0])])
 
     def _table(self, rows: dict[str, list[float]]):
         import pandas as pd
@@ -305,9 +421,8 @@ class _Job:
             table["member"] = self.labels
         if any("category" in r for r in self.records):
             table["category"] = [r.get("category", "") for r in self.records]
-        table["n_tokens"] = values[:, 0].astype(np.int64)
-        for j, column in enumerate(self.columns, 1):
-            table[column] = values[:, j]
+        for j, column in enumerate(self.part_columns()):
+            table[column] = values[:, j].astype(np.int64) if column == "n_tokens" else values[:, j]
         return table
 
 

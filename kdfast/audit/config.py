@@ -79,6 +79,14 @@ class AttacksConfig:
     batch_tokens: int = 8192
     autocast: bool | None = None  # bf16 autocast of the scoring passes (None: on GPUs only)
     bootstrap: int = 200
+    # Calibrated attacks: OUT references of rmia/lira (the teacher's: the pretrained base + ref_second; a
+    # student's: the base + `references` extra SFT controls trained on the public half with seeds seed+1, ...).
+    calibrated: list[str] = field(default_factory=lambda: ["rmia", "lira"])
+    references: int = 2
+    population: int = 200  # rmia's population: non-members beyond the attack records
+    rmia_a: float = 1.0  # RMIA's offline correction (1: none)
+    rmia_gamma: float = 1.0
+    calibration: float = 0.5  # fraction of the non-members that sets the TPR@FPR thresholds (the rest measures them)
 
 
 @dataclass
@@ -153,6 +161,7 @@ def validate(cfg: AuditConfig) -> AuditConfig:
     _check_choices(cfg.students.techniques, TECHNIQUES, "students.techniques")
     _check_choices(cfg.students.per_technique, TECHNIQUES, "students.per_technique")
     _check_choices(cfg.attacks.attacks, ATTACKS, "attacks.attacks")
+    _check_calibrated(cfg.attacks)
     _check_choices(cfg.ablations.divergence, KINDS, "ablations.divergence")
     if not cfg.students.techniques and not cfg.students.control:
         raise ConfigError("students: no techniques and no control: nothing to audit; list at least one technique")
@@ -174,6 +183,16 @@ def validate(cfg: AuditConfig) -> AuditConfig:
         raise ConfigError(f"data.max_prompt_len ({cfg.data.max_prompt_len}) must be below data.max_len ({cfg.data.max_len})")
     _check_student_settings(cfg)
     return cfg
+
+
+def _check_calibrated(a: AttacksConfig) -> None:
+    _check_choices(a.calibrated, ("rmia", "lira"), "attacks.calibrated")
+    if a.references < 0 or a.population < 0:
+        raise ConfigError(f"attacks.references and attacks.population must be ≥ 0 (got {a.references}, {a.population})")
+    if not 0 < a.calibration < 1:
+        raise ConfigError(f"attacks.calibration must be a fraction in (0, 1), got {a.calibration}")
+    if not 0 <= a.rmia_a <= 1 or a.rmia_gamma <= 0:
+        raise ConfigError(f"attacks.rmia_a must lie in [0, 1] and attacks.rmia_gamma be > 0 (got {a.rmia_a}, {a.rmia_gamma})")
 
 
 def student_settings(cfg: AuditConfig, technique: str, overrides: dict | None = None) -> dict:

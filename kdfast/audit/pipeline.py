@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 from kdfast import attacks, memorization
+from kdfast.audit.calibrated import CalibratedReferences
 from kdfast.audit.config import AuditConfig, ConfigError, student_settings
 from kdfast.audit.report import auc_table, text_table, write_report
 from kdfast.audit.stages import Stages
@@ -227,15 +228,16 @@ class Audit:
         _, folder = self.stages.run(f"reference-{name}", inputs, run)
         return np.load(folder / "ll.npy"), folder.name
 
-    def attack(self, entry: ModelEntry, refs: dict[str, tuple[np.ndarray, str]]) -> dict:
+    def attack(self, entry: ModelEntry, refs: dict[str, tuple[np.ndarray, str]],
+               calibrated: CalibratedReferences | None = None) -> dict:
         a = self.cfg.attacks
         names = [n for n in a.attacks if not n.startswith("ref_")]
-        if refs and "loss" not in names:
+        if (refs or calibrated) and "loss" not in names:
             names.insert(0, "loss")
         sigma = a.mope_sigma_teacher if entry.role == "teacher" else a.mope_sigma_student
         inputs = {"model": entry.key, "data": self.digest["attack"], "attacks": asdict(a),
                   "refs": {k: v[1] for k, v in refs.items()},
-                  "sigma": sigma}
+                  "sigma": sigma, "calibrated": calibrated.inputs(entry) if calibrated else None}
 
         def run(work: Path) -> dict:
             model, tok = self.model(entry.path)
@@ -245,10 +247,14 @@ class Audit:
                                   autocast=a.autocast, seed=self.cfg.seed, out=work / "parts", progress=self.progress)
             for name, (ref_ll, _) in refs.items():
                 table[name] = attacks.reference_scores(table["loss"].to_numpy(), ref_ll)
+            if calibrated:
+                calibrated.add_scores(entry, model, tok, table, work)
             if "loss" not in a.attacks:
                 table = table.drop(columns="loss")
+            table = attacks.with_percentiles(table)
             table.to_parquet(work / "scores.parquet")
-            return {"metrics": attacks.evaluate(table, n_bootstrap=a.bootstrap, seed=self.cfg.seed)}
+            return {"metrics": attacks.evaluate(table, n_bootstrap=a.bootstrap, seed=self.cfg.seed,
+                                                calibration=a.calibration)}
 
         return self.stages.run(f"attacks-{entry.id.replace('/', '-')}", inputs, run)[0]["metrics"]
 
@@ -308,9 +314,10 @@ class Audit:
                 if name in self.cfg.attacks.attacks and spec}
         for spec in wanted.values():
             self.forget(spec)
+        calibrated = CalibratedReferences(self, teacher) if self.cfg.attacks.calibrated else None
         rows = []
         for entry in entries:
-            rows.append(self._evaluate(entry, refs))
+            rows.append(self._evaluate(entry, refs, calibrated))
             self.forget(entry.path)
         results = self._results(entries, rows, time.time() - started)
         paths = write_report(results, self.out)
@@ -318,8 +325,8 @@ class Audit:
         self.log(f"\nReport: {paths['report']}\nResults: {paths['results']}  Summary: {paths['summary']}")
         return results
 
-    def _evaluate(self, entry: ModelEntry, refs: dict) -> dict:
-        metrics = self.attack(entry, refs)
+    def _evaluate(self, entry: ModelEntry, refs: dict, calibrated: CalibratedReferences | None = None) -> dict:
+        metrics = self.attack(entry, refs, calibrated)
         mem = self.memorize(entry)
         blocks = self.blocks(entry) if self.cfg.attacks.mope_block and entry.role != "teacher" else None
         return {"metrics": metrics, "memorization": mem, "mope_block": blocks}
@@ -336,6 +343,7 @@ class Audit:
                 "auc": {c: m["auc"] for c, m in metrics.items()},
                 "auc_ci95": {c: m["auc_ci95"] for c, m in metrics.items()},
                 "tpr_at_fpr": {c: m["tpr_at_fpr"] for c, m in metrics.items()},
+                "calibrated": {c: m.get("calibrated") for c, m in metrics.items()},
                 "roc": {c: m["roc"] for c, m in metrics.items()},
                 "memorization": mem, "utility": {"rouge_l": row["memorization"]["rouge_l"]},
                 "mope_block": row["mope_block"],

@@ -28,6 +28,21 @@ def auc_table(results: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def tpr_table(results: dict, fpr: str = "0.01") -> tuple[list[str], list[list[str]]]:
+    """TPR at FPR ≤ fpr by model and attack: the ROC's, then "held-out TPR / realized FPR" at the threshold chosen
+    on the calibration half of the non-members (where the run calibrated it)."""
+    header = ["model"] + results["attacks"]
+    rows = []
+    for m in results["models"]:
+        row = [m["label"]]
+        for a in results["attacks"]:
+            cell = _fmt(m.get("tpr_at_fpr", {}).get(a, {}).get(fpr), 3)
+            cal = (m.get("calibrated", {}).get(a) or {}).get("at_fpr", {}).get(fpr)
+            row.append(f"{cell} ({_fmt(cal['tpr'], 3)}/{_fmt(cal['fpr'], 3)})" if cal else cell)
+        rows.append(row)
+    return header, rows
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -238,6 +253,8 @@ def write_report(results: dict, out: str | Path, main_attack: str = "loss") -> d
     auc_header, auc_rows = auc_table(results)
     sections = [
         ("Membership inference: AUC by model and attack", _html_table(auc_header, auc_rows) + _img(figures["heatmap"])),
+        ("TPR at 1% FPR by model and attack (in brackets: held-out TPR / realized FPR at the threshold set on "
+         "the calibration half of the non-members)", _html_table(*tpr_table(results))),
         (f"ROC and TPR at low FPR ({main_attack} attack)", _html_table(*_tpr_rows(results, main_attack)) + _img(figures["roc"])),
         ("Memorization and utility", _html_table(*_memorization_rows(results)) + _img(figures["memorization"])
          + _img(figures["utility"])),
@@ -264,6 +281,8 @@ def write_report(results: dict, out: str | Path, main_attack: str = "loss") -> d
     summary = (f"# kdfast audit: {results['name']}\n\n{split['private']} members, {split['public']} public, "
                f"{split['nonmembers']} non-members; {results['machine']}; {results['time_seconds'] / 60:.1f} min.\n\n"
                f"## AUC by model and attack\n\n{markdown_table(auc_header, auc_rows)}\n\n"
+               f"## TPR at 1% FPR (held-out TPR / realized FPR at the calibrated threshold)\n\n"
+               f"{markdown_table(*tpr_table(results))}\n\n"
                f"## Memorization and utility\n\n{markdown_table(*_memorization_rows(results))}\n")
     atomic_write_text(out / "summary.md", summary)
     return {"report": out / "report.html", "results": out / "results.json", "summary": out / "summary.md",

@@ -17,14 +17,29 @@ import torch.distributed as dist
 
 from kdfast.attacks import ATTACKS, DEFAULT_ATTACKS, AttackConfig, evaluate, format_results, plot_roc, score
 from kdfast.commands._common import add_common_model_options, add_model_argument, load_membership
+from kdfast.data import load_labeled, load_records
 from kdfast.io import atomic_write_json
 from kdfast.models import default_dtype, load_model, resolve_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser, help_text="target model: hub id, local folder, .gguf file, or 'smollm2'")
-    parser.add_argument("--members", required=True, help="records in the model's training data (.jsonl/.json/.csv/.parquet)")
-    parser.add_argument("--nonmembers", required=True, help="records not in the training data (same formats)")
+    parser.add_argument("--members", help="records in the model's training data (.jsonl/.json/.csv/.parquet)")
+    parser.add_argument("--nonmembers", help="records not in the training data (same formats)")
+    parser.add_argument("--data", help="instead of --members/--nonmembers: one benchmark file (WikiMIA, MIMIR) with a "
+                                       "text column and a 0/1 label column")
+    parser.add_argument("--text-column", default="input", help="--data's text column (default: input)")
+    parser.add_argument("--label-column", default="label", help="--data's label column, 1 = member (default: label)")
+    parser.add_argument("--add-eos", action="store_true",
+                        help="score text records with an EOS appended (default: tokenizer(text) as it is)")
+    parser.add_argument("--reference", action="append", default=[], metavar="NAME=MODEL",
+                        help="OUT reference model of rmia and lira (never saw the members), with its own tokenizer; repeat")
+    parser.add_argument("--population", help="non-member records disjoint from the scored ones: rmia's population "
+                                             "and dc_pdd's token frequencies")
+    parser.add_argument("--rmia-a", type=float, default=1.0, help="RMIA's offline correction a (default 1: none)")
+    parser.add_argument("--rmia-gamma", type=float, default=1.0, help="RMIA's threshold γ (default 1)")
+    parser.add_argument("--calibration", type=float, default=0.5,
+                        help="fraction of non-members on which TPR@FPR thresholds are chosen (default 0.5; 0: none)")
     parser.add_argument("--ref-model", action="append", default=[], metavar="[NAME=]MODEL",
                         help="reference model for the 'ref' attack, scored with its own tokenizer; repeat for several "
                              "(column ref_NAME; a single one without NAME= is column 'ref')")
@@ -58,6 +73,34 @@ def parse_ref_models(specs: list[str]) -> dict[str, str]:
     return refs
 
 
+def parse_references(specs: list[str]) -> dict[str, str]:
+    """'NAME=MODEL' specs of --reference -> {NAME: model spec}."""
+    refs = {}
+    for spec in specs:
+        match = re.fullmatch(r"(\w+)=(.+)", spec)
+        if not match:
+            raise ValueError(f"--reference {spec!r}: write NAME=MODEL (e.g. --reference base=HuggingFaceTB/SmolLM2-135M)")
+        if match[1] in refs:
+            raise ValueError(f"two --reference models are named {match[1]!r}; give each a distinct NAME")
+        refs[match[1]] = match[2]
+    return refs
+
+
+def _available(attack: str, args) -> bool:
+    """Whether the arguments give what an attack needs (its reference models, its population)."""
+    needs = {"ref": [args.ref_model], "rmia": [args.reference, args.population], "lira": [args.reference],
+             "dc_pdd": [args.population]}
+    return all(needs.get(attack, []))
+
+
+def _labeled_records(args) -> tuple[list[dict], list[int]]:
+    if (args.members or args.nonmembers) if args.data else not (args.members and args.nonmembers):
+        raise ValueError("give either --data FILE (a text and a 0/1 label column) or both --members and --nonmembers")
+    if args.data:
+        return load_labeled(args.data, args.text_column, args.label_column)
+    return load_membership(args.members, args.nonmembers)
+
+
 def _init_distributed(device_arg: str | None) -> torch.device:
     """Join the process group that torchrun / accelerate launch describe in the environment; the device of this rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -79,33 +122,44 @@ def _subset(records: list[dict], labels: list[int], limit: int | None) -> tuple[
 
 def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    attacks = tuple(a for a in ATTACKS if a != "ref" or args.ref_model) if "all" in args.attacks else tuple(args.attacks)
+    attacks = tuple(a for a in ATTACKS if _available(a, args)) if "all" in args.attacks else tuple(args.attacks)
     config = AttackConfig(attacks=attacks, response_only=not args.all_tokens, ks=tuple(args.ks), mope_n=args.mope_n,
                           mope_sigma=args.mope_sigma, recall_shots=args.recall_shots, batch_tokens=args.batch_tokens,
-                          max_len=args.max_len, padding_side=args.padding_side, seed=args.seed)
+                          max_len=args.max_len, padding_side=args.padding_side, seed=args.seed, add_eos=args.add_eos,
+                          rmia_a=args.rmia_a, rmia_gamma=args.rmia_gamma)
     if "ref" in attacks and not args.ref_model:
         raise ValueError("attack 'ref' needs --ref-model MODEL (a reference model scored with its own tokenizer)")
+    needs = {"rmia": "--reference NAME=MODEL and --population FILE", "lira": "--reference NAME=MODEL",
+             "dc_pdd": "--population FILE"}
+    for name in attacks:
+        if name in needs and not _available(name, args):
+            raise ValueError(f"attack {name!r} needs {needs[name]} (references: OUT models that never saw the members; "
+                             "population: non-members disjoint from the scored records)")
     ref_specs = parse_ref_models(args.ref_model)
-    records, labels = _subset(*load_membership(args.members, args.nonmembers), args.limit)
+    reference_specs = parse_references(args.reference)
+    records, labels = _subset(*_labeled_records(args), args.limit)
+    population = load_records(args.population) if args.population else None
     device = _init_distributed(args.device)
     rank = dist.get_rank() if dist.is_initialized() else 0
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
     load = lambda spec: load_model(spec, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)  # noqa: E731
     model, tokenizer = load(args.model)
     refs = {name: load(spec) for name, spec in ref_specs.items()}
+    references = {name: load(spec) for name, spec in reference_specs.items()}
     try:
-        table = score(model, tokenizer, records, ref_models=refs, membership=labels, out=args.out,
-                      config=config)
+        table = score(model, tokenizer, records, ref_models=refs, membership=labels, out=args.out, config=config,
+                      references=references, population=population)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     if rank != 0:
         return 0
-    results = evaluate(table, n_bootstrap=args.bootstrap, seed=args.seed)
+    results = evaluate(table, n_bootstrap=args.bootstrap, seed=args.seed, calibration=args.calibration or None)
     out = Path(args.out)
     atomic_write_json(out / "metrics.json", {
-        "model": args.model, "members": args.members, "nonmembers": args.nonmembers,
-        "ref_models": ref_specs, "n_members": sum(labels), "n_nonmembers": len(labels) - sum(labels),
+        "model": args.model, "members": args.members, "nonmembers": args.nonmembers, "data": args.data,
+        "ref_models": ref_specs, "references": reference_specs, "population": args.population,
+        "n_members": sum(labels), "n_nonmembers": len(labels) - sum(labels),
         "config": dataclasses.asdict(config), "results": results})
     plot_roc(results, out / "roc.png", title=f"Membership inference on {args.model}")
     elapsed = time.perf_counter() - start

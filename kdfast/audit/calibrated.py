@@ -1,0 +1,77 @@
+"""rmia and lira in the audit: OUT references that come almost free (the pretrained base, extra SFT controls
+trained with other seeds on the public half, ref_second for the teacher), each scored once per record set."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kdfast import attacks
+from kdfast.attacks.lira import lira_scores
+from kdfast.attacks.rmia import rmia_scores
+from kdfast.audit.config import ConfigError
+
+
+class CalibratedReferences:
+    """The references of every audited model and their mean ℓ_t over the attack records + the population."""
+
+    def __init__(self, audit, teacher):
+        self.audit, a = audit, audit.cfg.attacks
+        self.population = audit.split["nonmembers"][len(audit.nonmembers):][: a.population]
+        if "rmia" in a.calibrated and not self.population:
+            raise ConfigError("attacks.population: no non-members are left beyond the attack records for rmia's "
+                              "population; lower attacks.n_records or drop rmia from attacks.calibrated")
+        self.records = audit.members + audit.nonmembers + self.population
+        size = next(iter(audit.cfg.students.sizes))
+        controls = [audit.student(teacher, f"{size}/sft-ref{i}", "reference", f"SFT reference {i + 1} ({size})", size,
+                                  {"technique": "sft", "seed": audit.cfg.seed + 1 + i}) for i in range(a.references)]
+        self.ll = {"base": self._ll("base", audit.base_path, audit.base_key)}
+        if a.ref_second:
+            self.ll["second"] = self._ll("second", a.ref_second, a.ref_second)
+        for i, entry in enumerate(controls):
+            self.ll[f"sft{i + 1}"] = self._ll(f"sft{i + 1}", entry.path, entry.key)
+        self.control_ids = [e.id for e in controls]
+
+    def _ll(self, name: str, spec: str, key: str) -> tuple[np.ndarray, str]:
+        """Mean ℓ_t of a model over the records (one stage per model, shared by every target)."""
+        a, audit = self.audit.cfg.attacks, self.audit
+        inputs = {"model": key, "data": attacks_digest(self.records), "batch_tokens": a.batch_tokens,
+                  "autocast": a.autocast}
+
+        def run(work: Path) -> dict:
+            model, tok = audit.model(spec)
+            table = attacks.score(model, tok, self.records, ["loss"], batch_tokens=a.batch_tokens,
+                                  autocast=a.autocast, out=work / "parts", progress=audit.progress)
+            np.save(work / "ll.npy", table["loss"].to_numpy())
+            return {"model": spec}
+
+        _, folder = audit.stages.run(f"calibration-{name}", inputs, run)
+        audit.forget(spec)
+        return np.load(folder / "ll.npy"), folder.name
+
+    def names(self, entry) -> list[str]:
+        """The teacher's references: base (+ ref_second); a student's: base and the SFT reference controls."""
+        if entry.role == "teacher":
+            return [n for n in ("base", "second") if n in self.ll]
+        return ["base", *(n for n in self.ll if n.startswith("sft"))]
+
+    def inputs(self, entry) -> dict:
+        return {n: self.ll[n][1] for n in self.names(entry)} | {"population": attacks_digest(self.population)}
+
+    def add_scores(self, entry, model, tok, table, work: Path) -> None:
+        """rmia / lira columns of an attack table whose loss column holds the target's mean ℓ_t."""
+        a, n = self.audit.cfg.attacks, len(table)
+        ref_ll = np.stack([self.ll[name][0] for name in self.names(entry)])
+        target_ll = table["loss"].to_numpy()
+        if "rmia" in a.calibrated:
+            pop = attacks.score(model, tok, self.population, ["loss"], batch_tokens=a.batch_tokens,
+                                autocast=a.autocast, out=work / "population", progress=False)["loss"].to_numpy()
+            table["rmia"] = rmia_scores(target_ll, ref_ll[:, :n], pop, ref_ll[:, n:], a.rmia_a, a.rmia_gamma)
+        if "lira" in a.calibrated:
+            table["lira"] = lira_scores(target_ll, ref_ll[:, :n])
+
+
+def attacks_digest(records: list[dict]) -> str:
+    from kdfast.audit.pipeline import _digest  # the pipeline imports this module
+
+    return _digest(records)

@@ -90,6 +90,7 @@ class MemorizationConfig:
     batch_size: int = 32
     taus: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
     agreement_flag_rate: float = 0.1  # flag the top 10% of each signal for the agreement analysis
+    utility_tokens: int | None = None  # tokens generated for ROUGE-L (None: reuse the n_tokens generations)
 
 
 @dataclass

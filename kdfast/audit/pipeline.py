@@ -16,7 +16,7 @@ from kdfast import attacks, memorization
 from kdfast.audit.config import AuditConfig, ConfigError, student_settings
 from kdfast.audit.report import auc_table, text_table, write_report
 from kdfast.audit.stages import Stages
-from kdfast.audit.utility import rouge_l
+from kdfast.audit.utility import greedy_responses, mean_rouge_l
 from kdfast.data import RecordError, bundled_records, load_hub_dataset, load_records, study_split
 from kdfast.distill import DistillConfig, Distiller, make_student
 from kdfast.io import atomic_write_json
@@ -276,8 +276,10 @@ class Audit:
             frame = res.to_frame()
             frame["member"] = [1] * self.n_mem + [0] * self.n_mem
             frame.to_parquet(work / "records.parquet")
-            nonmember_text = res.generated[self.n_mem:]
-            utility = float(np.mean([rouge_l(g, r["response"]) for g, r in zip(nonmember_text, self.nonmembers)]))
+            held_out = self.nonmembers[: self.n_mem]
+            texts = (res.generated[self.n_mem:] if m.utility_tokens in (None, m.n_tokens) else
+                     greedy_responses(model, tok, held_out, m.utility_tokens, m.batch_size, self.progress))
+            utility = mean_rouge_l(texts, [r["response"] for r in held_out])
             acc = np.asarray(res.accuracy)
             member, nonmember = float(acc[: self.n_mem].mean()), float(acc[self.n_mem:].mean())
             approx = np.asarray(res.approx, dtype=float)

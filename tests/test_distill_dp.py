@@ -45,7 +45,7 @@ def test_dp_finetuning_spends_the_budget_and_learns(family, accountant):
 
 def test_a_smaller_epsilon_needs_more_noise():
     model, tok = load_model("tiny:llama")
-    kw = dict(epochs=1, lr=1e-3, batch_size=8, max_len=96, max_prompt_len=80)
+    kw = {"epochs": 1, "lr": 1e-3, "batch_size": 8, "max_len": 96, "max_prompt_len": 80}
     strict = train_dp(model, tok, RECORDS, DPConfig(epsilon=1.0), **kw)
     loose = train_dp(load_model("tiny:llama")[0], tok, RECORDS, DPConfig(epsilon=8.0), **kw)
     assert strict.noise_multiplier > loose.noise_multiplier and strict.epsilon < loose.epsilon

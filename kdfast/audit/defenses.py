@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,13 +58,15 @@ def check_defenses(cfg: AuditConfig) -> None:
                               "teacher.finetuned")
     if d.dp is not None:
         dp_config(d.dp, "defenses.dp")
+    if (cfg.teacher.dp is not None or d.dp is not None) and re.search(r"(^|[:/])opt", cfg.teacher.model.lower()):
+        raise ConfigError(f"teacher.model {cfg.teacher.model!r}: DP-SGD cannot run on OPT (Opacus cannot take "
+                          "per-sample gradients through its positional embedding); use a LLaMA- or GPT-2-family teacher")
     for t in d.temperature:
         if not (isinstance(t, (int, float)) and t > 0):
             raise ConfigError(f"defenses.temperature: {t!r} is not a positive number")
-    if m := cfg.memorization.utility_tokens:
-        if m < 1:
-            raise ConfigError(f"memorization.utility_tokens must be at least 1, got {m}")
-    if not (d.init or d.dp or d.temperature):
+    if (m := cfg.memorization.utility_tokens) is not None and m < 1:
+        raise ConfigError(f"memorization.utility_tokens must be at least 1, got {m}")
+    if not (d.init or d.dp is not None or d.temperature):
         return
     if d.technique not in s.techniques:
         raise ConfigError(f"defenses.technique {d.technique!r} must also be in students.techniques (its undefended "
@@ -95,7 +98,7 @@ def defense_plan(cfg: AuditConfig) -> list[tuple[str, str, str, str, dict]]:
     `_init` (a block rule), `_teacher` ("dp": distil from the DP teacher).
     """
     d = cfg.defenses
-    if not (d.init or d.dp or d.temperature):
+    if not (d.init or d.dp is not None or d.temperature):
         return []
     size, tech = defense_size(cfg), d.technique
     plan = [(f"{size}/{tech}-{rule}", "defense", f"{tech.upper()} {rule.replace('_', '-')} init ({size})", size,

@@ -7,7 +7,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 LOW_FPR = "0.01"
 MARKERS = {"teacher": ("*", "tab:red"), "control": ("s", "tab:gray"), "student": ("o", "tab:blue"),

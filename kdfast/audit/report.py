@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kdfast.audit.frontier import plot_frontier  # noqa: E402
+from kdfast.audit.frontier import frontier_points, plot_frontier  # noqa: E402
 from kdfast.io import atomic_path, atomic_write_json, atomic_write_text  # noqa: E402
 
 FPRS = ("0.25", "0.05", "0.01", "0.001", "0.0")
@@ -250,6 +250,8 @@ def write_report(results: dict, out: str | Path, main_attack: str = "loss") -> d
     """Write results.json, summary.md, the PNGs and report.html under `out`; returns their paths."""
     out = Path(out)
     redacted = results.get("redacted", False)
+    if "frontier" not in results:  # a results.json written before the frontier existed
+        results = {**results, "frontier": frontier_points(results["models"])}
     figures = {
         "heatmap": plot_heatmap(results, out / "heatmap_auc.png"),
         "roc": plot_roc(results, main_attack, out / "roc.png"),

@@ -59,3 +59,44 @@ def test_num_layers_and_errors():
         make_student(teacher)
     with pytest.raises(ValueError, match="num_layers must lie in"):
         make_student(teacher, num_layers=6)
+
+
+def _copied_from(student, teacher) -> list[int]:
+    """Which teacher block each student block is a copy of (by weights)."""
+    t_blocks = models.transformer_blocks(teacher)
+    return [next(i for i, t in enumerate(t_blocks)
+                 if all(torch.equal(a, b) for a, b in zip(s.state_dict().values(), t.state_dict().values())))
+            for s in models.transformer_blocks(student)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_risk_rules_keep_the_lowest_or_highest_risk_blocks(family):
+    teacher = models.tiny_model(family, seed=1, layers=6, hidden=32)
+    auc = [0.61, 0.52, 0.70, 0.50, 0.58, 0.66]  # per-block MoPe AUC
+    low = make_student(teacher, "low_risk", num_layers=3, risk=auc)
+    high = make_student(teacher, "high_risk", num_layers=3, risk={str(i): a for i, a in enumerate(auc)})
+    # one record at a time: rank the blocks by hand
+    ranked = sorted(range(6), key=lambda i: auc[i])
+    assert _copied_from(low, teacher) == sorted(ranked[:3]) == [1, 3, 4]
+    assert _copied_from(high, teacher) == sorted(ranked[-3:]) == [0, 2, 5]
+    assert low.config.num_hidden_layers == high.config.num_hidden_layers == 3
+    evenly = make_student(teacher, "evenly", num_layers=3)
+    assert _copied_from(evenly, teacher) == _copied_from(make_student(teacher, num_layers=3), teacher)
+
+
+def test_risk_rule_ties_and_errors():
+    teacher = models.tiny_model("gpt2", seed=0, layers=4, hidden=32)
+    from kdfast.distill.student import choose_blocks
+
+    assert choose_blocks(4, "low_risk", 2, [0.5, 0.5, 0.5, 0.4]) == [0, 3]  # a tie goes to the earlier block
+    assert choose_blocks(4, "high_risk", 4, [0.1, 0.2, 0.3, 0.4]) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="needs risk="):
+        make_student(teacher, "low_risk", num_layers=2)
+    with pytest.raises(ValueError, match="needs num_layers"):
+        make_student(teacher, "high_risk", risk=[0.5] * 4)
+    with pytest.raises(ValueError, match="the teacher has 4 blocks"):
+        make_student(teacher, "low_risk", num_layers=2, risk=[0.5] * 3)
+    with pytest.raises(ValueError, match="unknown block rule 'lowrisk'"):
+        make_student(teacher, "lowrisk", num_layers=2, risk=[0.5] * 4)
+    with pytest.raises(ValueError, match="num_layers must lie in"):
+        make_student(teacher, "low_risk", num_layers=5, risk=[0.5] * 4)

@@ -12,7 +12,7 @@ import yaml
 
 TECHNIQUES = ("kd", "seqkd", "imitkd", "gkd", "minillm", "distillm")
 ATTACKS = ("loss", "zlib", "lowercase", "min_k", "min_k_pp", "ref_base", "ref_second", "mope", "gradnorm", "recall")
-PRESETS = ("default", "tiny", "paper-gpt2", "paper-opt", "paper-llama")
+PRESETS = ("default", "tiny", "paper-gpt2", "paper-opt", "paper-llama", "defenses")
 
 
 class ConfigError(ValueError):
@@ -46,6 +46,7 @@ class TeacherConfig:
     batch_size: int = 16
     bf16: bool | None = None  # bf16 autocast while fine-tuning (None: on GPUs only)
     lora_rank: int = 0  # > 0: fine-tune LoRA adapters of this rank, merged into the saved teacher (paper-llama)
+    dp: dict[str, Any] | None = None  # DP-SGD: {epsilon: 8, delta: 1e-5, max_grad_norm: 1.0} (kdfast.distill.dp.DPConfig)
 
 
 @dataclass
@@ -60,6 +61,7 @@ class StudentsConfig:
     batch_size: int = 16
     distill: dict[str, Any] = field(default_factory=dict)  # DistillConfig fields for every technique
     per_technique: dict[str, dict[str, Any]] = field(default_factory=dict)  # technique -> DistillConfig overrides
+    init: str = "evenly"  # blocks of list sizes: evenly (as listed), low_risk / high_risk (teacher's per-block MoPe)
 
 
 @dataclass
@@ -98,6 +100,7 @@ class MemorizationConfig:
     batch_size: int = 32
     taus: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
     agreement_flag_rate: float = 0.1  # flag the top 10% of each signal for the agreement analysis
+    utility_tokens: int | None = None  # tokens generated for ROUGE-L (None: reuse the n_tokens generations)
 
 
 @dataclass
@@ -106,6 +109,19 @@ class AblationsConfig:
 
     divergence: list[str] = field(default_factory=list)  # KD with these losses, e.g. [fkl, rkl]
     student_gen_fraction: list[float] = field(default_factory=list)  # e.g. [0.0, 0.5, 1.0]
+
+
+@dataclass
+class DefensesConfig:
+    """Defended students beside the plain ones, each a point on the privacy-utility frontier (kdfast.audit.defenses)."""
+
+    technique: str = "kd"  # what every defended student is trained with (also in students.techniques: the baseline)
+    size: str | None = None  # a list size of students.sizes (None: the first)
+    init: list[str] = field(default_factory=list)  # low_risk / high_risk: blocks of the least / most leaky teacher blocks
+    dp: dict[str, Any] | None = None  # a DP-SGD teacher beside the plain one, and a student distilled from it
+    temperature: list[float] = field(default_factory=list)  # logit release: the teacher softened at these temperatures
+    risk_records: int = 64  # members and non-members each for the teacher's per-block risk (kept off the attack records)
+    risk_n: int = 2  # perturbations per block for that risk
 
 
 @dataclass
@@ -119,6 +135,7 @@ class AuditConfig:
     attacks: AttacksConfig = field(default_factory=AttacksConfig)
     memorization: MemorizationConfig = field(default_factory=MemorizationConfig)
     ablations: AblationsConfig = field(default_factory=AblationsConfig)
+    defenses: DefensesConfig = field(default_factory=DefensesConfig)
     redact: bool = False
 
     def to_dict(self) -> dict:
@@ -143,7 +160,7 @@ def _build(cls, values: dict, path: str):
         sub = known[key].type
         nested = {"DataConfig": DataConfig, "TeacherConfig": TeacherConfig, "StudentsConfig": StudentsConfig,
                   "AttacksConfig": AttacksConfig, "MemorizationConfig": MemorizationConfig,
-                  "AblationsConfig": AblationsConfig}.get(str(sub))
+                  "AblationsConfig": AblationsConfig, "DefensesConfig": DefensesConfig}.get(str(sub))
         kwargs[key] = _build(nested, value, where) if nested else value
     return cls(**kwargs)
 
@@ -182,6 +199,9 @@ def validate(cfg: AuditConfig) -> AuditConfig:
     if cfg.data.max_prompt_len >= cfg.data.max_len:
         raise ConfigError(f"data.max_prompt_len ({cfg.data.max_prompt_len}) must be below data.max_len ({cfg.data.max_len})")
     _check_student_settings(cfg)
+    from kdfast.audit.defenses import check_defenses
+
+    check_defenses(cfg)
     return cfg
 
 

@@ -13,11 +13,13 @@ import pandas as pd
 import torch
 
 from kdfast import attacks, memorization
+from kdfast.audit import defenses
 from kdfast.audit.calibrated import CalibratedReferences
 from kdfast.audit.config import AuditConfig, ConfigError, student_settings
+from kdfast.audit.frontier import frontier_points
 from kdfast.audit.report import auc_table, text_table, write_report
 from kdfast.audit.stages import Stages
-from kdfast.audit.utility import rouge_l
+from kdfast.audit.utility import greedy_responses, mean_rouge_l
 from kdfast.data import RecordError, bundled_records, load_hub_dataset, load_records, study_split
 from kdfast.distill import DistillConfig, Distiller, make_student
 from kdfast.distill.cross import across_tokenizers
@@ -87,6 +89,9 @@ class Audit:
         self.stages = Stages(self.out, log=self.log)
         self.device = resolve_device(cfg.device)
         self._models: dict[str, tuple] = {}
+        self.privacy: dict[str, dict] = {}  # model id -> the DP-SGD spend of a DP teacher
+        self.risk: dict | None = None  # the teacher's per-block MoPe AUC, when a block rule needs it
+        self.blocks_of: dict[str, list[int] | str] = {}  # student id -> the teacher blocks it kept
 
     def log(self, text: str) -> None:
         if self.progress:
@@ -158,6 +163,8 @@ class Audit:
                   "max_len": self.cfg.data.max_len, "max_prompt_len": self.cfg.data.max_prompt_len}
 
         def run(work: Path) -> dict:
+            if t.dp is not None:
+                return defenses.train_teacher_dp(self, work, defenses.dp_config(t.dp, "teacher.dp"))
             model, tok = load_model(self.base_path)
             cfg = DistillConfig(technique="sft", lr=t.lr, epochs=t.epochs, batch_size=t.batch_size, bf16=t.bf16,
                                 max_len=self.cfg.data.max_len, max_prompt_len=self.cfg.data.max_prompt_len,
@@ -168,6 +175,8 @@ class Audit:
             return {"final": "run/final", "loss": summary.loss, "steps": summary.steps}
 
         result, folder = self.stages.run("teacher", inputs, run)
+        if "dp" in result:
+            self.privacy["teacher"] = result["dp"]
         return ModelEntry("teacher", "teacher", "Teacher", str(folder / result["final"]), folder.name)
 
     def student_plan(self) -> list[tuple[str, str, str, str, dict]]:
@@ -186,12 +195,13 @@ class Audit:
                     plan.append((f"{size}/kd-gen{frac:g}", "ablation", f"KD gen {frac:g} ({size})", size,
                                  {"technique": "kd", "student_gen_fraction": frac,
                                   "_ablation": ("student_gen_fraction", frac)}))
-        return plan
+        return plan + defenses.defense_plan(self.cfg)
 
     def student(self, teacher: ModelEntry, sid: str, role: str, label: str, size: str, spec: dict) -> ModelEntry:
         overrides = {k: v for k, v in spec.items() if not k.startswith("_")}
         settings = student_settings(self.cfg, overrides.pop("technique"), overrides)
-        init = self.cfg.students.sizes[size]
+        init = defenses.student_blocks(self, size, spec.get("_init", self.cfg.students.init), self.risk)
+        self.blocks_of[sid] = init
         inputs = {"teacher": teacher.key, "base": self.base_key, "data": self.digest["public"], "init": init,
                   "settings": settings}
 
@@ -286,8 +296,10 @@ class Audit:
             frame = res.to_frame()
             frame["member"] = [1] * self.n_mem + [0] * self.n_mem
             frame.to_parquet(work / "records.parquet")
-            nonmember_text = res.generated[self.n_mem:]
-            utility = float(np.mean([rouge_l(g, r["response"]) for g, r in zip(nonmember_text, self.nonmembers)]))
+            held_out = self.nonmembers[: self.n_mem]
+            texts = (res.generated[self.n_mem:] if m.utility_tokens in (None, m.n_tokens) else
+                     greedy_responses(model, tok, held_out, m.utility_tokens, m.batch_size, self.progress))
+            utility = mean_rouge_l(texts, [r["response"] for r in held_out])
             acc = np.asarray(res.accuracy)
             member, nonmember = float(acc[: self.n_mem].mean()), float(acc[self.n_mem:].mean())
             approx = np.asarray(res.approx, dtype=float)
@@ -307,8 +319,13 @@ class Audit:
         self.data()
         self.base()
         teacher = self.teacher()
-        entries = [teacher] + [self.student(teacher, *item) for item in self.student_plan()]
-        self.forget(teacher.path)
+        if defenses.needs_risk(self.cfg):
+            self.risk = defenses.teacher_risk(self, teacher)
+        extra = [defenses.dp_teacher(self)] if self.cfg.defenses.dp is not None else []
+        entries = [teacher, *extra] + [self.student(extra[0] if item[4].get("_teacher") == "dp" else teacher, *item)
+                                       for item in self.student_plan()]
+        for entry in [teacher, *extra]:
+            self.forget(entry.path)
         wanted = {"ref_base": self.base_path, "ref_second": self.cfg.attacks.ref_second}
         refs = {name: self.reference(name, spec) for name, spec in wanted.items()
                 if name in self.cfg.attacks.attacks and spec}
@@ -346,7 +363,8 @@ class Audit:
                 "calibrated": {c: m.get("calibrated") for c, m in metrics.items()},
                 "roc": {c: m["roc"] for c, m in metrics.items()},
                 "memorization": mem, "utility": {"rouge_l": row["memorization"]["rouge_l"]},
-                "mope_block": row["mope_block"],
+                "mope_block": row["mope_block"], "blocks": self.blocks_of.get(entry.id),
+                "dp": self.privacy.get(entry.id),
             })
             mem_frames[entry.id] = pd.read_parquet(row["memorization"]["records"])
         results = {
@@ -356,8 +374,10 @@ class Audit:
             "teacher_conditioned": self._conditioned(entries, mem_frames),
             "agreement": self._agreement(entries, mem_frames),
             "ablations": self._ablations(),
+            "frontier": frontier_points(models), "teacher_risk": self.risk,
             "redacted": self.cfg.redact,
         }
+        results["defenses"] = defenses.defense_table(self.cfg, results["frontier"], self.privacy)
         if not self.cfg.redact:
             results["examples"] = self._examples(entries, mem_frames)
         return results

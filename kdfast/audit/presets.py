@@ -1,8 +1,8 @@
 """Named audit configurations: the embedded CPU default, the CI-sized tiny run, and the paper's three settings."""
 from __future__ import annotations
 
-from kdfast.audit.config import (AblationsConfig, AttacksConfig, AuditConfig, DataConfig, MemorizationConfig,
-                                 StudentsConfig, TeacherConfig)
+from kdfast.audit.config import (AblationsConfig, AttacksConfig, AuditConfig, DataConfig, DefensesConfig,
+                                 MemorizationConfig, StudentsConfig, TeacherConfig)
 
 DOLLY = dict(source="hub:databricks/databricks-dolly-15k", fields={"input": "context"}, n_members=None,
              n_public=None, max_len=512, max_prompt_len=256)
@@ -70,4 +70,16 @@ def paper_llama() -> AuditConfig:
     return _paper("paper-llama", "openlm-research/open_llama_7b", {"3b": "openlm-research/open_llama_3b"}, lora_rank=16)
 
 
-PRESETS = {"default": default, "tiny": tiny, "paper-gpt2": paper_gpt2, "paper-opt": paper_opt, "paper-llama": paper_llama}
+def defenses() -> AuditConfig:
+    """The default's data, teacher and scale with KD defended three ways beside its plain KD student: students of the
+    least / most leaky teacher blocks, a DP-SGD teacher (ε = 8), and the teacher's logits softened at T = 4."""
+    cfg = default()
+    cfg.name = "defenses"
+    cfg.students.techniques = ["kd"]
+    cfg.defenses = DefensesConfig(technique="kd", init=["low_risk", "high_risk"],
+                                  dp={"epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0}, temperature=[4.0],
+                                  risk_records=64, risk_n=2)
+    return cfg
+
+
+PRESETS = {"default": default, "defenses": defenses, "tiny": tiny, "paper-gpt2": paper_gpt2, "paper-opt": paper_opt, "paper-llama": paper_llama}

@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from kdfast.audit.frontier import frontier_points, plot_frontier  # noqa: E402
 from kdfast.io import atomic_path, atomic_write_json, atomic_write_text  # noqa: E402
 
 FPRS = ("0.25", "0.05", "0.01", "0.001", "0.0")
@@ -230,6 +231,30 @@ def _examples_html(examples: list[dict]) -> str:
     return "".join(blocks)
 
 
+def _frontier_html(results: dict, image: str) -> str:
+    from kdfast.audit.frontier import defense_table_rows, frontier_table
+
+    points, table = results.get("frontier", []), results.get("defenses", [])
+    if not points:
+        return "<p class='note'>no model has both a utility and an AUC</p>"
+    note = ("<p class='note'>Each model is a point: x its ROUGE-L (rouge_score, stemmed) on held-out prompts, y the "
+            "AUC and the TPR at 1% FPR of the attack strongest on it.</p>")
+    defended = _html_table(*defense_table_rows(table)) if table else ""
+    return note + image + defended + _html_table(*frontier_table(points, table))
+
+
+def _frontier_md(results: dict) -> str:
+    from kdfast.audit.frontier import defense_table_rows, frontier_table
+
+    points, table = results.get("frontier", []), results.get("defenses", [])
+    if not points:
+        return ""
+    text = f"\n## Privacy–utility frontier\n\n{markdown_table(*frontier_table(points, table))}\n"
+    if table:
+        text += f"\n## Defenses\n\n{markdown_table(*defense_table_rows(table))}\n"
+    return text
+
+
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%}figure{margin:1em 0}
@@ -240,6 +265,8 @@ def write_report(results: dict, out: str | Path, main_attack: str = "loss") -> d
     """Write results.json, summary.md, the PNGs and report.html under `out`; returns their paths."""
     out = Path(out)
     redacted = results.get("redacted", False)
+    if "frontier" not in results:  # a results.json written before the frontier existed
+        results = {**results, "frontier": frontier_points(results["models"])}
     figures = {
         "heatmap": plot_heatmap(results, out / "heatmap_auc.png"),
         "roc": plot_roc(results, main_attack, out / "roc.png"),
@@ -248,6 +275,7 @@ def write_report(results: dict, out: str | Path, main_attack: str = "loss") -> d
         "sizes": plot_sizes(results, main_attack, out / "student_size.png"),
         "ablations": plot_ablations(results, main_attack, out / "ablations.png"),
         "utility": plot_utility(results, main_attack, out / "utility_vs_leakage.png"),
+        "frontier": plot_frontier(results.get("frontier", []), out / "frontier.png"),
     }
     atomic_write_json(out / "results.json", _finite(results))
     auc_header, auc_rows = auc_table(results)
@@ -260,6 +288,7 @@ def write_report(results: dict, out: str | Path, main_attack: str = "loss") -> d
          + _img(figures["utility"])),
         ("Teacher-conditioned memorization", _html_table(*_conditioned_rows(results))),
         ("Agreement of membership and memorization", _html_table(*_agreement_rows(results))),
+        ("Privacy–utility frontier", _frontier_html(results, _img(figures["frontier"]))),
         ("Per-block MoPe", _img(figures["per_block"]) or "<p class='note'>not run</p>"),
         ("Student size and ablations", (_img(figures["sizes"]) + _img(figures["ablations"]))
          or "<p class='note'>one student size and no ablations configured</p>"),
@@ -283,7 +312,8 @@ def write_report(results: dict, out: str | Path, main_attack: str = "loss") -> d
                f"## AUC by model and attack\n\n{markdown_table(auc_header, auc_rows)}\n\n"
                f"## TPR at 1% FPR (held-out TPR / realized FPR at the calibrated threshold)\n\n"
                f"{markdown_table(*tpr_table(results))}\n\n"
-               f"## Memorization and utility\n\n{markdown_table(*_memorization_rows(results))}\n")
+               f"## Memorization and utility\n\n{markdown_table(*_memorization_rows(results))}\n"
+               f"{_frontier_md(results)}")
     atomic_write_text(out / "summary.md", summary)
     return {"report": out / "report.html", "results": out / "results.json", "summary": out / "summary.md",
             **{k: v for k, v in figures.items() if v is not None}}

@@ -1,33 +1,41 @@
-"""Utility of a model on held-out prompts: ROUGE-L F1 between its greedy response and the reference."""
+"""Utility of a model on held-out prompts: ROUGE-L F1 of its greedy responses, as MiniLLM and DistiLLM report it."""
 from __future__ import annotations
 
-import re
+from functools import lru_cache
 
-_TOKEN = re.compile(r"\w+", re.UNICODE)
+import numpy as np
+from torch import nn
+
+from kdfast.data import encode
+from kdfast.generation import eval_mode, generate
 
 
-def _tokens(text: str) -> list[str]:
-    return _TOKEN.findall(text.lower())
+@lru_cache(maxsize=1)
+def _scorer():
+    from rouge_score import rouge_scorer
 
-
-def lcs_length(a: list[str], b: list[str]) -> int:
-    """Length of the longest common subsequence (O(len(a)·len(b)) time, O(len(b)) memory)."""
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b, 1):
-            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
-        prev = cur
-    return prev[-1]
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 on lower-cased word tokens (as the distillation papers report it); 0 when either is empty."""
-    p, r = _tokens(prediction), _tokens(reference)
-    if not p or not r:
-        return 0.0
-    lcs = lcs_length(p, r)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(p), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
+    """ROUGE-L F1 of one response: rouge_score's RougeScorer(["rougeL"], use_stemmer=True), the field's setting."""
+    return float(_scorer().score(reference, prediction)["rougeL"].fmeasure)
+
+
+def mean_rouge_l(predictions: list[str], references: list[str]) -> float:
+    """The mean ROUGE-L F1 over paired responses (the utility number of a model)."""
+    if len(predictions) != len(references) or not predictions:
+        raise ValueError(f"mean_rouge_l needs as many predictions as references, at least one; got "
+                         f"{len(predictions)} and {len(references)}")
+    return float(np.mean([rouge_l(p, r) for p, r in zip(predictions, references)]))
+
+
+def greedy_responses(model: nn.Module, tokenizer, records: list[dict], n_tokens: int, batch_size: int = 32,
+                     progress: bool = False) -> list[str]:
+    """Decoded greedy responses (at most n_tokens tokens, cut after EOS) to each instruction record's prompt."""
+    prompts = [(e := encode(tokenizer, r, where=f"record {i}")).input_ids[: e.prompt_len] for i, r in enumerate(records)]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with eval_mode(model):
+        ids = generate(model, prompts, n_tokens, pad_id=pad_id, eos_id=tokenizer.eos_token_id, batch_size=batch_size,
+                       progress=progress, desc="utility")
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)

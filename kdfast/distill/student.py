@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -10,18 +10,27 @@ from torch import nn
 from kdfast.models import transformer_blocks
 
 
-def make_student(teacher: nn.Module, layers: Sequence[int] | None = None, *, num_layers: int | None = None,
+INIT_RULES = ("evenly", "low_risk", "high_risk")
+
+
+def make_student(teacher: nn.Module, layers: Sequence[int] | str | None = None, *, num_layers: int | None = None,
+                 risk: Mapping[int, float] | Sequence[float] | None = None,
                  dtype: torch.dtype | None = None) -> nn.Module:
     """A copy of `teacher` keeping only the blocks `layers` (in that order), re-indexed 0..k−1.
 
     Embeddings, final norm and output head are copied; config.num_hidden_layers (and layer_types, where the config
     has it) follow. Give either `layers` (negative indices count from the end) or `num_layers`
-    (evenly spaced blocks, first and last included). Works for GPT-2, OPT, LLaMA and any HF causal LM whose blocks
-    kdfast.models.transformer_blocks finds; the teacher is left untouched and only the kept blocks are copied.
+    (evenly spaced blocks, first and last included), or a rule of INIT_RULES with `num_layers` (see
+    choose_blocks: "low_risk" keeps the blocks of lowest `risk`, e.g. the teacher's per-block MoPe AUC). Works for
+    GPT-2, OPT, LLaMA and any HF causal LM whose blocks kdfast.models.transformer_blocks finds; the teacher is
+    left untouched and only the kept blocks are copied.
     """
     blocks = transformer_blocks(teacher)
     total = len(blocks)
-    chosen = _choose(total, layers, num_layers)
+    if isinstance(layers, str):
+        chosen = choose_blocks(total, layers, num_layers, risk)
+    else:
+        chosen = _choose(total, layers, num_layers)
     parent, attr = _owner(teacher, blocks)
     setattr(parent, attr, nn.ModuleList([blocks[i] for i in chosen]))
     try:
@@ -37,6 +46,29 @@ def make_student(teacher: nn.Module, layers: Sequence[int] | None = None, *, num
     if dtype is not None:
         student = student.to(dtype)
     return student
+
+
+def choose_blocks(total: int, rule: str, num_layers: int | None,
+                  risk: Mapping[int, float] | Sequence[float] | None = None) -> list[int]:
+    """`num_layers` teacher block indices (ascending) by `rule`: "evenly" spaced (first and last included),
+    "low_risk" / "high_risk": the blocks of lowest / highest `risk` (one value per teacher block, as a sequence or
+    a {block index: value} mapping, e.g. per-block MoPe AUC; ties go to the earlier block)."""
+    if rule not in INIT_RULES:
+        raise ValueError(f"unknown block rule {rule!r}; choose from {', '.join(INIT_RULES)}")
+    if num_layers is None:
+        raise ValueError(f"layers={rule!r} needs num_layers=k, the student's block count")
+    if rule == "evenly":
+        return _choose(total, None, num_layers)
+    if risk is None:
+        raise ValueError(f"layers={rule!r} needs risk=, one value per teacher block (e.g. per-block MoPe AUC)")
+    values = {int(k): float(v) for k, v in (risk.items() if isinstance(risk, Mapping) else enumerate(risk))}
+    if sorted(values) != list(range(total)):
+        raise ValueError(f"risk gives blocks {sorted(values)}; the teacher has {total} blocks (0..{total - 1}), "
+                         "give one value for each")
+    if not 1 <= num_layers <= total:
+        raise ValueError(f"num_layers must lie in [1, {total}] (the teacher has {total} blocks), got {num_layers}")
+    sign = 1.0 if rule == "low_risk" else -1.0
+    return sorted(sorted(range(total), key=lambda i: (sign * values[i], i))[:num_layers])
 
 
 def _choose(total: int, layers: Sequence[int] | None, num_layers: int | None) -> list[int]:

@@ -16,18 +16,15 @@ from kdfast.ops._checks import (
     check_temperature,
     raise_if_nonfinite,
 )
+from kdfast.runtime import ULD_CHUNK_ELEMENTS
 from kdfast.ops.divergence import (
     BAD_STUDENT,
     BAD_TEACHER,
     REDUCTIONS,
-    TORCH_CHUNK_ELEMENTS,
     mean_scale,
 )
 
 BACKENDS = ("auto", "torch", "reference")
-# Elements per chunk: larger than the divergence op's, since the row sorts (which dominate) run faster on more rows
-# at once (256 × 49152 on 2 CPU threads: 1.6 s in chunks of 10 rows, 1.2 s in chunks of 40).
-TORCH_CHUNK_ELEMENTS = 1 << 21
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +55,7 @@ def uld_fwd_bwd(student: torch.Tensor, teacher: torch.Tensor, *, top_k: int | No
     bad = torch.zeros(n, dtype=torch.int32, device=student.device)
     grad = torch.zeros_like(student) if want_grad else None
     grad_scale = torch.zeros_like(loss) if want_grad and student_log_scale is not None else None
-    rows = max(1, TORCH_CHUNK_ELEMENTS // width)
+    rows = max(1, ULD_CHUNK_ELEMENTS // width)
     for i in range(0, n, rows):
         sl = slice(i, min(i + rows, n))
         cs = None if student_log_scale is None else student_log_scale[sl].to(cdtype)

@@ -147,3 +147,17 @@ def test_cli_lists_every_command():
         build_parser(name)  # imports the command's module and its arguments
     done = subprocess.run([sys.executable, "-m", "kdfast", "--help"], text=True, capture_output=True)
     assert done.returncode == 0 and all(name in done.stdout for name in COMMANDS)
+
+
+def test_degenerate_models_are_flagged_and_greyed(run):
+    """The tiny preset's random-init models answer in loops or one phrase for every prompt: the rule flags
+    them, and the report greys out exactly the flagged rows and withholds findings about them."""
+    results = json.loads((run["out"] / "results.json").read_text())
+    flagged = [m for m in results["models"] if m["health"]["degenerate"]]
+    assert flagged and all(m["health"]["reasons"] for m in flagged)
+    for m in results["models"]:
+        assert {"empty_rate", "repeated_4gram", "distinct_2", "cross_entropy"} <= set(m["health"])
+    page = (run["out"] / "report.html").read_text()
+    assert page.count("<tr class='degenerate'>") == 2 * len(flagged)  # the AUC table and the health table
+    assert "No finding is stated about" in page and flagged[0]["label"] in page
+    assert "~~" in (run["out"] / "summary.md").read_text()

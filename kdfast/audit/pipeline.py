@@ -16,6 +16,7 @@ from kdfast import attacks, memorization
 from kdfast.audit import defenses
 from kdfast.audit.calibrated import CalibratedReferences
 from kdfast.audit.config import AuditConfig, ConfigError, student_settings
+from kdfast.audit.degeneracy import DegeneracyRule, degeneracy_metrics, degeneracy_reasons
 from kdfast.audit.frontier import frontier_points
 from kdfast.audit.report import auc_table, text_table, write_report
 from kdfast.audit.stages import Stages
@@ -311,6 +312,23 @@ class Audit:
         result["records"] = str(folder / "records.parquet")
         return result
 
+    def health(self, entry: ModelEntry, mem: dict) -> dict:
+        """degeneracy_metrics of a model: its greedy answers to the memorization's non-member prompts and its
+        cross-entropy on those records' responses (mean over records of nats per response token)."""
+        a = self.cfg.attacks
+        inputs = {"model": entry.key, "data": self.digest["attack"], "memorization": asdict(self.cfg.memorization),
+                  "batch_tokens": a.batch_tokens, "autocast": a.autocast}
+
+        def run(work: Path) -> dict:
+            generations = pd.read_parquet(mem["records"])["generated"].astype(str).tolist()[self.n_mem:]
+            model, tok = self.model(entry.path)
+            table = attacks.score(model, tok, self.nonmembers[: self.n_mem], ["loss"], batch_tokens=a.batch_tokens,
+                                  autocast=a.autocast, progress=self.progress)
+            return degeneracy_metrics(generations, float(-np.nanmean(table["loss"].to_numpy())))
+
+        result = self.stages.run(f"health-{entry.id.replace('/', '-')}", inputs, run)[0]
+        return {k: v for k, v in result.items() if not k.startswith("_")}
+
     # the whole study --------------------------------------------------------------------------------------
     def run(self) -> dict:
         started = time.time()
@@ -346,12 +364,14 @@ class Audit:
         metrics = self.attack(entry, refs, calibrated)
         mem = self.memorize(entry)
         blocks = self.blocks(entry) if self.cfg.attacks.mope_block and entry.role != "teacher" else None
-        return {"metrics": metrics, "memorization": mem, "mope_block": blocks}
+        return {"metrics": metrics, "memorization": mem, "mope_block": blocks, "health": self.health(entry, mem)}
 
     def _results(self, entries: list[ModelEntry], rows: list[dict], seconds: float) -> dict:
         columns = list(dict.fromkeys(c for r in rows for c in r["metrics"]))
-        models, mem_frames = [], {}
+        models, mem_frames, rule = [], {}, DegeneracyRule()
+        teacher_ce = next((r["health"]["cross_entropy"] for e, r in zip(entries, rows) if e.role == "teacher"), None)
         for entry, row in zip(entries, rows):
+            reasons = degeneracy_reasons(row["health"], teacher_ce if entry.role != "teacher" else None, rule)
             metrics = row["metrics"]
             mem = {k: v for k, v in row["memorization"].items() if k not in ("records", "_seconds", "rouge_l")}
             models.append({
@@ -365,6 +385,7 @@ class Audit:
                 "memorization": mem, "utility": {"rouge_l": row["memorization"]["rouge_l"]},
                 "mope_block": row["mope_block"], "blocks": self.blocks_of.get(entry.id),
                 "dp": self.privacy.get(entry.id),
+                "health": {**row["health"], "degenerate": bool(reasons), "reasons": reasons},
             })
             mem_frames[entry.id] = pd.read_parquet(row["memorization"]["records"])
         results = {
@@ -375,6 +396,7 @@ class Audit:
             "agreement": self._agreement(entries, mem_frames),
             "ablations": self._ablations(),
             "frontier": frontier_points(models), "teacher_risk": self.risk,
+            "degeneracy_rule": asdict(rule),
             "redacted": self.cfg.redact,
         }
         results["defenses"] = defenses.defense_table(self.cfg, results["frontier"], self.privacy)

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kdfast.audit.frontier import frontier_points, plot_frontier  # noqa: E402
@@ -22,10 +23,23 @@ def _fmt(x, digits: int = 2) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def degenerate(model: dict) -> bool:
+    """Whether the audit flagged this model degenerate (kdfast.audit.degeneracy's rule; old runs: never)."""
+    return bool((model.get("health") or {}).get("degenerate"))
+
+
+def _working(model: dict) -> str:
+    if not model.get("health"):
+        return "not measured"
+    return "degenerate: " + "; ".join(model["health"]["reasons"]) if degenerate(model) else "yes"
+
+
 def auc_table(results: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the model × attack AUC table (the study's heatmap as text)."""
-    header = ["model"] + results["attacks"]
-    rows = [[m["label"]] + [_fmt(m["auc"].get(a)) for a in results["attacks"]] for m in results["models"]]
+    """Header and rows of the model × attack AUC table (the study's heatmap as text), with whether each model
+    is a working model: a degenerate one's AUCs are no evidence about its technique."""
+    header = ["model"] + results["attacks"] + ["working model"]
+    rows = [[m["label"]] + [_fmt(m["auc"].get(a)) for a in results["attacks"]] + [_working(m)]
+            for m in results["models"]]
     return header, rows
 
 
@@ -42,6 +56,11 @@ def tpr_table(results: dict, fpr: str = "0.01") -> tuple[list[str], list[list[st
             row.append(f"{cell} ({_fmt(cal['tpr'], 3)}/{_fmt(cal['fpr'], 3)})" if cal else cell)
         rows.append(row)
     return header, rows
+
+
+def _struck(rows: list[list[str]], grey: list[bool]) -> list[list[str]]:
+    """Markdown has no grey: a degenerate model's figures are struck through (its label and verdict are not)."""
+    return [[r[0]] + [f"~~{c}~~" if g and c != "–" else c for c in r[1:-1]] + [r[-1]] for r, g in zip(rows, grey)]
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -67,16 +86,23 @@ def plot_heatmap(results: dict, path: Path) -> Path:
     attacks, models = results["attacks"], results["models"]
     grid = np.array([[m["auc"].get(a, np.nan) for a in attacks] for m in models], dtype=float)
     fig, ax = plt.subplots(figsize=(1.1 * len(attacks) + 2.5, 0.45 * len(models) + 1.5))
-    im = ax.imshow(grid, cmap="RdBu_r", vmin=0.0, vmax=1.0, aspect="auto")
+    greyed = np.array([degenerate(m) for m in models], dtype=bool)
+    im = ax.imshow(np.where(greyed[:, None], np.nan, grid), cmap="RdBu_r", vmin=0.0, vmax=1.0, aspect="auto")
+    if greyed.any():  # a degenerate model's row: grey, its figures faint, marked on its label
+        ax.imshow(np.where(greyed[:, None], 0.0, np.nan) + np.zeros_like(grid),
+                  cmap=ListedColormap(["#e6e6e6"]), aspect="auto")
     ax.set_xticks(range(len(attacks)), attacks, rotation=35, ha="right")
-    ax.set_yticks(range(len(models)), [m["label"] for m in models])
+    ax.set_yticks(range(len(models)), [m["label"] + (" (degenerate)" if g else "") for m, g in zip(models, greyed)])
+    for tick, g in zip(ax.get_yticklabels(), greyed):
+        tick.set_color("grey" if g else "black")
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
             if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                        color="white" if abs(grid[i, j] - 0.5) > 0.3 else "black")
+                color = "#999999" if greyed[i] else "white" if abs(grid[i, j] - 0.5) > 0.3 else "black"
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8, color=color)
     fig.colorbar(im, ax=ax, label="ROC AUC (0.5 = no leakage)")
-    ax.set_title("Membership inference AUC by model and attack")
+    title = "Membership inference AUC by model and attack"
+    ax.set_title(title + ("\ngrey rows: degenerate models, their AUCs are no evidence" if greyed.any() else ""))
     return _save(fig, path)
 
 
@@ -182,10 +208,41 @@ def _img(path: Path | None) -> str:
     return f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}"></figure>'
 
 
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
+def _html_table(header: list[str], rows: list[list[str]], grey: list[bool] | None = None) -> str:
+    """An escaped table; rows where `grey` is true are greyed out (a degenerate model's figures)."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    grey = grey or [False] * len(rows)
+    body = "".join(("<tr class='degenerate'>" if g else "<tr>") + "".join(f"<td>{html.escape(str(c))}</td>" for c in r)
+                   + "</tr>" for r, g in zip(rows, grey))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _health_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["model", "ROUGE-L", "empty answers", "repeated 4-grams", "distinct-2", "held-out cross-entropy",
+              "working model"]
+    rows = [[m["label"], _fmt(m.get("utility", {}).get("rouge_l"), 3), _fmt(h.get("empty_rate"), 2),
+             _fmt(h.get("repeated_4gram"), 2), _fmt(h.get("distinct_2"), 2), _fmt(h.get("cross_entropy"), 2),
+             _working(m)] for m in results["models"] if (h := m.get("health"))]
+    return header, rows
+
+
+def no_finding_note(results: dict) -> str:
+    """The sentence that withholds findings about degenerate models ("" when every model works)."""
+    bad = [m for m in results["models"] if degenerate(m)]
+    if not bad:
+        return ""
+    rule = results.get("degeneracy_rule", {})
+    names = ", ".join(m["label"] for m in bad)
+    return (f"No finding is stated about {names}: degenerate by the audit's rule ({_rule_text(rule)}), so its "
+            "membership and memorization figures measure a model that cannot answer, not its technique.")
+
+
+def _rule_text(rule: dict) -> str:
+    if not rule:
+        return "see kdfast/audit/degeneracy.py"
+    return (f"more than {rule['max_empty']:.0%} empty answers, more than {rule['max_repeated_4gram']:.0%} repeated "
+            f"4-grams, distinct-2 below {rule['min_distinct_2']}, or held-out cross-entropy more than "
+            f"{rule['max_excess_cross_entropy']} nats above the teacher's")
 
 
 def _memorization_rows(results: dict) -> tuple[list[str], list[list[str]]]:
@@ -258,7 +315,7 @@ def _frontier_md(results: dict) -> str:
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%}figure{margin:1em 0}
-.ex{border-left:3px solid #88a;padding-left:1em;margin:1em 0;font-size:13px}dt{font-weight:bold}.note{color:#555}"""
+tr.degenerate td{color:#aaa;background:#f4f4f4}.ex{border-left:3px solid #88a;padding-left:1em;margin:1em 0;font-size:13px}dt{font-weight:bold}.note{color:#555}"""
 
 
 def write_report(results: dict, out: str | Path, main_attack: str = "loss") -> dict[str, Path]:
@@ -279,8 +336,15 @@ def write_report(results: dict, out: str | Path, main_attack: str = "loss") -> d
     }
     atomic_write_json(out / "results.json", _finite(results))
     auc_header, auc_rows = auc_table(results)
+    grey = [degenerate(m) for m in results["models"]]
+    note = no_finding_note(results)
+    note_html = f"<p class='note'>{html.escape(note)}</p>" if note else ""
     sections = [
-        ("Membership inference: AUC by model and attack", _html_table(auc_header, auc_rows) + _img(figures["heatmap"])),
+        ("Membership inference: AUC by model and attack",
+         note_html + _html_table(auc_header, auc_rows, grey) + _img(figures["heatmap"])),
+        ("Are the models working language models?", _html_table(*_health_rows(results), grey)
+         + f"<p class='note'>Greedy answers to held-out prompts; a model is degenerate with "
+           f"{html.escape(_rule_text(results.get('degeneracy_rule', {})))}.</p>"),
         ("TPR at 1% FPR by model and attack (in brackets: held-out TPR / realized FPR at the threshold set on "
          "the calibration half of the non-members)", _html_table(*tpr_table(results))),
         (f"ROC and TPR at low FPR ({main_attack} attack)", _html_table(*_tpr_rows(results, main_attack)) + _img(figures["roc"])),
@@ -309,9 +373,11 @@ def write_report(results: dict, out: str | Path, main_attack: str = "loss") -> d
     atomic_write_text(out / "report.html", page)
     summary = (f"# kdfast audit: {results['name']}\n\n{split['private']} members, {split['public']} public, "
                f"{split['nonmembers']} non-members; {results['machine']}; {results['time_seconds'] / 60:.1f} min.\n\n"
-               f"## AUC by model and attack\n\n{markdown_table(auc_header, auc_rows)}\n\n"
+               f"## AUC by model and attack\n\n{note + chr(10) * 2 if note else ''}"
+               f"{markdown_table(auc_header, _struck(auc_rows, grey))}\n\n"
                f"## TPR at 1% FPR (held-out TPR / realized FPR at the calibrated threshold)\n\n"
                f"{markdown_table(*tpr_table(results))}\n\n"
+               f"## Are the models working language models?\n\n{markdown_table(*_health_rows(results))}\n\n"
                f"## Memorization and utility\n\n{markdown_table(*_memorization_rows(results))}\n"
                f"{_frontier_md(results)}")
     atomic_write_text(out / "summary.md", summary)

@@ -11,6 +11,7 @@ from torch import nn
 BUNDLED = Path(__file__).parent / "data" / "bundled"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FAMILIES = ("gpt2", "opt", "llama")
+QUANTIZATIONS = ("nf4", "int8")
 
 
 class ModelError(ValueError):
@@ -43,17 +44,23 @@ def _as_plain_model(model: nn.Module) -> nn.Module:
 
 
 def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-               trust_remote_code: bool = False, revision: str | None = None):
+               trust_remote_code: bool = False, revision: str | None = None, quantize: str | None = None):
     """(model, tokenizer) from a hub id, a local directory, a .gguf file, "smollm2", or "tiny:<family>".
 
     Weights load from safetensors only (no unpickling of untrusted checkpoints); remote code stays off
     unless trust_remote_code=True. A hub id downloads: that is the only network use. "tiny:llama" (gpt2,
     opt) is a random-init tiny model with the bundled tiny tokenizer, for tests and the tiny preset.
+    quantize: "nf4" or "int8" loads a frozen, bitsandbytes-quantized model for inference (a teacher); the LM
+    head stays in `dtype` (see bnb_config). Never `.to()` such a model afterwards.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = str(spec)
+    check_quantize(quantize)
     kwargs = {"trust_remote_code": trust_remote_code}
+    if quantize is not None and not spec.startswith("tiny:") and not (spec == "smollm2" or spec.endswith(".gguf")):
+        kwargs.update(quantization_config=bnb_config(quantize), device_map={"": str(resolve_device(device))},
+                      dtype=dtype or "auto")
     if spec.startswith("tiny:"):
         model, tokenizer = tiny_model(spec.split(":", 1)[1]), tiny_tokenizer()
     elif spec == "smollm2" or spec.endswith(".gguf"):
@@ -79,11 +86,77 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | None = None, dev
             raise ModelError(f"could not load model {spec!r}: {e}") from e
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if quantize is not None:
+        if not is_quantized(model):  # built in memory (tiny, GGUF): through the same bitsandbytes loader
+            model = quantize_model(model, quantize, dtype=dtype, device=device)
+        _check_head_unquantized(model)
+        return model, tokenizer
     if dtype is not None:
         model = model.to(dtype)
     if device is not None:
         model = model.to(device)
     return model, tokenizer
+
+
+def check_quantize(quantize: str | None) -> None:
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ModelError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)} (or none)")
+
+
+def bnb_config(quantize: str):
+    """transformers.BitsAndBytesConfig for "nf4" (double quantization, bf16 compute) or "int8" (LLM.int8()).
+
+    The LM head is left unquantized: the fused-linear loss reads its weight as a plain matrix.
+    """
+    from transformers import BitsAndBytesConfig
+
+    check_quantize(quantize)
+    skip = ["lm_head"]
+    if quantize == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True when the model holds bitsandbytes (or other integer-quantized) layers: frozen, not trainable."""
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
+        return True
+    return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+
+
+def quantize_model(model: nn.Module, quantize: str, *, dtype: torch.dtype | None = None,
+                   device: str | torch.device | None = None) -> nn.Module:
+    """A bitsandbytes-quantized copy of an in-memory HF model, loaded as from_pretrained would load it.
+
+    The model goes through a temporary safetensors folder (its size on disk, once); for large models prefer
+    load_model(name, quantize=...), which quantizes layer by layer while reading the weights.
+    """
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    check_quantize(quantize)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with tempfile.TemporaryDirectory(prefix="kdfast-quantize-") as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            return AutoModelForCausalLM.from_pretrained(
+                tmp, quantization_config=bnb_config(quantize), device_map={"": str(resolve_device(device))},
+                dtype=dtype or next(model.parameters()).dtype, use_safetensors=True).eval()
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _check_head_unquantized(model: nn.Module) -> None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and not head.weight.dtype.is_floating_point:
+        raise ModelError(f"the LM head of {type(model).__name__} was quantized ({head.weight.dtype}); kdfast keeps "
+                         "it in floating point (llm_int8_skip_modules=['lm_head']): this model names its head "
+                         "differently, load it without quantize")
 
 
 def tiny_tokenizer():
@@ -169,6 +242,15 @@ def hidden_and_head(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     kwargs.setdefault("use_cache", False)
     out = base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     return out.last_hidden_state, (weight, bias)
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of an HF model's blocks (active in train mode only, as HF does)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:

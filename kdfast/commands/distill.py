@@ -30,7 +30,9 @@ _CHOICES = {"technique": config_module.TECHNIQUES, "loss": config_module.KINDS +
             "alignment": config_module.ALIGNMENTS,
             "lr_scheduler": config_module.SCHEDULERS,
             "vocab": ("error", "intersect"), "replay_ratio": config_module.REPLAY_RATIOS,
-            "teacher_dtype": ("auto", "float32", "bfloat16", "float16")}
+            "teacher_dtype": ("auto", "float32", "bfloat16", "float16"),
+            "optim": config_module.OPTIMIZERS, "teacher_quantize": config_module.QUANTIZATIONS,
+            "master_weights": config_module.MASTER_WEIGHTS}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,7 +99,9 @@ def main(args: argparse.Namespace) -> int:
         if not args.teacher:
             raise DistillError(f"technique {cfg.technique!r} needs --teacher" if cfg.needs_teacher else
                                "--student-layers/--student-num-layers build the student from --teacher: give it")
-        teacher, teacher_tok = load_model(args.teacher, trust_remote_code=args.trust_remote_code)
+        # A student built from the teacher's blocks needs them unquantized; the Distiller quantizes afterwards.
+        quantize = cfg.teacher_quantize if args.student is not None and cfg.needs_teacher else None
+        teacher, teacher_tok = load_model(args.teacher, trust_remote_code=args.trust_remote_code, quantize=quantize)
         if args.teacher_tokenizer:
             teacher_tok = load_tokenizer(args.teacher_tokenizer, trust_remote_code=args.trust_remote_code)
     if args.student is not None:

@@ -94,11 +94,7 @@ def _save_optimizer(optimizer, folder: Path) -> None:
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for pid, entries in state["state"].items():
-        for name, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{pid}.{name}"] = value.detach().contiguous().cpu()
-            else:
-                scalars.setdefault(str(pid), {})[name] = value
+        _split_state(entries, f"state.{pid}.", tensors, scalars.setdefault(str(pid), {}))
     save_file(tensors, str(folder / "optimizer.safetensors"))
     atomic_write_json(folder / "optimizer.json", {"param_groups": state["param_groups"], "scalars": scalars})
 
@@ -106,13 +102,32 @@ def _save_optimizer(optimizer, folder: Path) -> None:
 def _load_optimizer(optimizer, folder: Path) -> None:
     meta = json.loads((folder / "optimizer.json").read_text())
     state: dict[int, dict] = {}
+    for pid, entries in meta["scalars"].items():
+        state[int(pid)] = entries
     for key, value in load_file(str(folder / "optimizer.safetensors")).items():
         _, pid, name = key.split(".", 2)
-        state.setdefault(int(pid), {})[name] = value
-    for pid, entries in meta["scalars"].items():
-        state.setdefault(int(pid), {}).update(entries)
+        *parents, leaf = name.split("/")
+        node = state.setdefault(int(pid), {})
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
     groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _split_state(entries: dict, prefix: str, tensors: dict, scalars: dict) -> None:
+    """Tensors of one parameter's state to `tensors` (nested dicts, as bitsandbytes keeps, as a/b names), the
+    rest to `scalars` (nested alike)."""
+    for name, value in entries.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach().contiguous().cpu()
+            # bitsandbytes shares one quantization map between parameters; safetensors wants distinct storage
+            shared = any(t.untyped_storage().data_ptr() == value.untyped_storage().data_ptr() for t in tensors.values())
+            tensors[prefix + name] = value.clone() if shared else value
+        elif isinstance(value, dict):
+            _split_state(value, f"{prefix}{name}/", tensors, scalars.setdefault(name, {}))
+        else:
+            scalars[name] = value
 
 
 def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:

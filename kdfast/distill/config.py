@@ -6,7 +6,9 @@ import difflib
 import math
 from dataclasses import dataclass, field
 
+from kdfast.distill.optim import MASTER_WEIGHTS, OPTIMIZERS
 from kdfast.lora import DEFAULT_TARGETS as LORA_TARGETS
+from kdfast.models import QUANTIZATIONS
 
 TECHNIQUES = ("sft", "kd", "seqkd", "imitkd", "gkd", "minillm", "distillm")
 KINDS = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
@@ -140,6 +142,16 @@ class DistillConfig:
     uld_top_k: int | None = _help("ULD: compare only the k largest sorted probabilities (None: all)", default=None)
     alignment: str = _help("cross-tokenizer alignment of response tokens: spans (shared character boundaries, "
                            "merged tokens) or positions (the i-th token of each)", default="spans")
+    # memory (`kdfast plan` predicts what each saves)
+    gradient_checkpointing: bool = _help("recompute the student's blocks in backward (non-reentrant): activations "
+                                         "of the block inputs only, about 30% more compute", default=False)
+    teacher_quantize: str | None = _help("load the frozen teacher through bitsandbytes: nf4 or int8 (None: off); "
+                                         "its LM head stays unquantized", default=None)
+    optim: str = _help("adamw (torch), adamw_8bit, paged_adamw_8bit (bitsandbytes) or adafactor (transformers)",
+                       default="adamw")
+    master_weights: str = _help("fp32 (weights fp32, bf16/fp16 autocast) or bf16 (pure bf16 student: weights, "
+                                "grads and optimizer states; half the memory, updates below bf16's resolution "
+                                "are lost)", default="fp32")
 
     def __post_init__(self):
         if self.technique not in TECHNIQUES:
@@ -161,6 +173,12 @@ class DistillConfig:
         _choice("vocab", self.vocab, ("error", "intersect"))
         _choice("replay_ratio", self.replay_ratio, REPLAY_RATIOS)
         _choice("teacher_dtype", self.teacher_dtype, ("auto", "float32", "bfloat16", "float16", None))
+        _choice("optim", self.optim, OPTIMIZERS)
+        _choice("teacher_quantize", self.teacher_quantize, QUANTIZATIONS + (None,))
+        _choice("master_weights", self.master_weights, MASTER_WEIGHTS)
+        if self.master_weights == "bf16" and self.fp16:
+            raise DistillError("master_weights='bf16' trains a bf16 student; fp16 autocast cannot run on it: "
+                               "drop fp16 or use master_weights='fp32'")
         for name in ("batch_size", "grad_accum", "max_len", "ppo_epochs", "num_rollouts", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise DistillError(f"{name} must be at least 1, got {getattr(self, name)}")

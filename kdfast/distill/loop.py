@@ -28,14 +28,16 @@ from kdfast.distill.context import RunContext
 from kdfast.distill.cross import CrossTokenizer, check_cross_vocab, cross_tokenizer_mode
 from kdfast.distill.data import count_targets, encode_records, encode_texts
 from kdfast.distill.objective import forward_rows, token_nll, valid
+from kdfast.distill.optim import build_optimizer, param_groups
 from kdfast.distill.techniques import CLASSES
 from kdfast.generation import eval_mode
 from kdfast.io import atomic_path, atomic_write_json, atomic_write_text
 from kdfast.lora import apply_lora, has_lora, merged_state_dict
+from kdfast.models import enable_checkpointing, is_quantized, quantize_model
 
 # Config fields that may change when a run resumes (they do not change what the steps compute).
 _RESUMABLE = {"epochs", "max_steps", "out", "resume", "save_every", "keep_checkpoints", "eval_every", "progress",
-              "device", "teacher_device"}
+              "device", "teacher_device", "gradient_checkpointing"}
 
 
 @dataclass
@@ -104,6 +106,11 @@ class Distiller:
             raise DistillError(f"technique {cfg.technique!r} needs a teacher model (only 'sft' trains without one)")
         self.teacher_tokenizer = teacher_tokenizer if cross_tokenizer_mode(teacher_tokenizer, tokenizer, cfg) else None
         self.teacher = teacher if cfg.needs_teacher else None
+        if is_quantized(student):
+            raise DistillError("the student is quantized (bitsandbytes): its integer weights get no gradient, so it "
+                               "cannot be trained. Load the student in bf16/fp32 (load_model without quantize); to "
+                               "save memory quantize the teacher (teacher_quantize / --teacher-quantize), use "
+                               "optim='adamw_8bit', master_weights='bf16' or lora_rank")
         self.student, self.tokenizer = student, tokenizer
         if cfg.lora_rank and not has_lora(student):
             apply_lora(student, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
@@ -120,7 +127,7 @@ class Distiller:
         self.amp_dtype = _amp_dtype(cfg, self.device)
         self.teacher_device = torch.device(cfg.teacher_device) if cfg.teacher_device else self.device
         if self.teacher is not None:
-            _prepare_teacher(self.teacher, self.teacher_device, cfg.teacher_dtype)
+            self.teacher = _prepare_teacher(self.teacher, self.teacher_device, cfg.teacher_dtype, cfg.teacher_quantize)
 
     def train(self, train_records: list[dict], eval_records: list[dict] | None = None,
               lm_records: list[dict] | None = None, *,
@@ -199,6 +206,10 @@ class Distiller:
         if cfg.disable_dropout:
             _disable_dropout(self.student)
         self.student.to(self.device).train()
+        if cfg.master_weights == "bf16":
+            self.student.to(torch.bfloat16)
+        if cfg.gradient_checkpointing:  # HF models skip it in eval mode: generation runs without it
+            enable_checkpointing(self.student)
         run = RunContext(cfg, self.student, self.teacher, self.tokenizer, acc, self.device, self.teacher_device,
                          self.amp_dtype, train, lm, out)
         if self.teacher_tokenizer is not None:
@@ -211,11 +222,8 @@ class Distiller:
                                f"process × {run.world} processes; lower batch_size or give more records")
         run.steps_per_epoch = per_epoch * run.technique.passes / cfg.grad_accum
         run.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * run.steps_per_epoch))
-        decay = [p for p in self.student.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.student.parameters() if p.requires_grad and p.ndim < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}],
-                                      lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+        optimizer = build_optimizer(cfg.optim, param_groups(self.student, cfg.weight_decay), lr=cfg.lr,
+                                    betas=cfg.adam_betas, eps=cfg.adam_eps, device=self.device)
         name = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
         run.scheduler = get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps,
                                       num_training_steps=run.total_steps)
@@ -385,16 +393,25 @@ def _amp_dtype(cfg: DistillConfig, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if bf16 else None
 
 
-def _prepare_teacher(teacher: nn.Module, device: torch.device, dtype: str | None) -> None:
-    """Inference mode in place: eval, no grad, the chosen dtype (auto: bf16 on CUDA), on `device`."""
-    teacher.eval()
-    teacher.requires_grad_(False)
+def _prepare_teacher(teacher: nn.Module, device: torch.device, dtype: str | None, quantize: str | None) -> nn.Module:
+    """Inference mode: eval, no grad, the chosen dtype (auto: bf16 on CUDA), on `device`; quantized if asked.
+
+    A quantized teacher (given so, or quantized here) is never moved or cast: bitsandbytes layers do not survive it.
+    """
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else None
-    if dtype is not None:
-        teacher.to(getattr(torch, dtype))
+    torch_dtype = getattr(torch, dtype) if dtype is not None else None
+    if quantize is not None and not is_quantized(teacher):
+        teacher = quantize_model(teacher, quantize, dtype=torch_dtype, device=device)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    if is_quantized(teacher):
+        return teacher
+    if torch_dtype is not None:
+        teacher.to(torch_dtype)
     if getattr(teacher, "hf_device_map", None) is None:
         teacher.to(device)
+    return teacher
 
 
 def _disable_dropout(model: nn.Module) -> None:

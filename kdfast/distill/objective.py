@@ -59,7 +59,10 @@ def divergence_sum(student: Rows, teacher: Rows | None, targets: torch.Tensor, *
     if soft == 0 or teacher is None:
         return hard * token_nll(student, targets).sum() if hard else student.values.sum() * 0.0
     if student.head is not None:
-        hs, ws, bs = _same_dtype(student.values, *student.head, _compute_dtype(student.values, student.head[0]))
+        dtype = _compute_dtype(student.values, student.head[0])
+        hs = student.values.to(dtype)
+        # an fp32 master head goes in as it is: the op casts it once and returns its gradient in fp32
+        ws, bs = student.head if student.head[0].dtype == torch.float32 else _same_dtype(hs, *student.head, dtype)[1:]
         ht, wt, bt = _same_dtype(teacher.values, *teacher.head, teacher.head[0].dtype)
         return fused_linear_distill_loss(
             hs, ws, ht, wt, labels=targets, kind=kind, beta=beta, alpha=alpha, temperature=temperature,

@@ -52,16 +52,24 @@ class FusedLinearDistillFunction(torch.autograd.Function):
         hs2, ht2 = hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1])
         lab = None if labels is None else labels.reshape(-1)
         n, V = hs2.shape[0], spec.vocab
+        scale = mean_scale(lab, n, spec.ignore_index) if spec.reduction == "mean" else 1.0
+        rows = _kept_rows(lab, spec.ignore_index)
+        if rows is not None:  # ignored rows add nothing: no logits for them
+            hs2, ht2, lab = hs2[rows], ht2[rows], lab[rows]
         want_h, want_w, want_b = (spec.grad_enabled and need for need in ctx.needs_input_grad[:3])
         grads = _Grads(hs2, ws, bs, want_h, want_w, want_b, spec.accum_dtype)
-        scale = mean_scale(lab, n, spec.ignore_index) if spec.reduction == "mean" else 1.0
+        # An fp32 master head with bf16/fp16 hidden states: one cast for the GEMMs; its gradient is accumulated in
+        # fp32 and handed back as it is (no low-precision copy of d(weight), no cast back through autograd).
+        ws_c = ws.to(hs.dtype)
+        bs_c = None if bs is None else bs.to(hs.dtype)
         soft = spec.soft_weight * (spec.temperature**2 if spec.scale_by_t2 else 1.0)
         hard = spec.hard_weight if spec.hard_weight != 0.0 else None
         total = torch.zeros((), dtype=_loss_dtype(hs), device=hs.device)
-        bad = torch.empty(n, dtype=torch.int32, device=hs.device)
-        for i in range(0, n, spec.chunk_size):
-            sl = slice(i, min(i + spec.chunk_size, n))
-            logits = _linear(hs2[sl], ws[:V], None if bs is None else bs[:V])
+        bad = torch.zeros(n, dtype=torch.int32, device=hs.device)
+        m = hs2.shape[0]
+        for i in range(0, m, spec.chunk_size):
+            sl = slice(i, min(i + spec.chunk_size, m))
+            logits = _linear(hs2[sl], ws_c[:V], None if bs_c is None else bs_c[:V])
             with torch.no_grad():
                 teacher_logits = _linear(ht2[sl], wt[:V], None if bt is None else bt[:V])
             out = divergence_fwd_bwd(
@@ -73,11 +81,16 @@ class FusedLinearDistillFunction(torch.autograd.Function):
             total += soft * out.loss.sum()
             if hard is not None:
                 total += hard * out.hard_loss.sum()
-            bad[sl] = out.bad
+            if rows is None:
+                bad[sl] = out.bad
+            else:
+                bad[rows[sl]] = out.bad
             if grads.wanted:
-                grads.add_chunk(sl, out.grad_student, hs2[sl], ws[:V])
+                grads.add_chunk(sl, out.grad_student, hs2[sl], ws_c[:V])
+            del logits, out  # the last chunk's logits must not outlive the loop
+        del ws_c, bs_c
         raise_if_nonfinite(bad, BAD_STUDENT, BAD_TEACHER)
-        ctx.save_for_backward(*grads.finish(hs, ws, bs))
+        ctx.save_for_backward(*grads.finish(hs, ws, bs, rows))
         return (total * scale).to(total.dtype)
 
     @staticmethod
@@ -105,10 +118,22 @@ class _Grads:
         if self.b is not None:
             self.b[:V] += grad_logits.sum(0, dtype=self.b.dtype)
 
-    def finish(self, hs, ws, bs):
-        return (None if self.h is None else self.h.view(hs.shape),
+    def finish(self, hs, ws, bs, rows: torch.Tensor | None):
+        """Gradients in the inputs' shapes and dtypes (rows: the kept rows; the others get zeros)."""
+        h = self.h
+        if h is not None and rows is not None:
+            h = h.new_zeros(hs.numel() // hs.shape[-1], hs.shape[-1]).index_copy_(0, rows, h)
+        return (None if h is None else h.view(hs.shape),
                 None if self.w is None else self.w.to(ws.dtype),
                 None if self.b is None else self.b.to(bs.dtype))
+
+
+def _kept_rows(labels: torch.Tensor | None, ignore_index: int) -> torch.Tensor | None:
+    """Indices of the rows whose label is not ignore_index; None when every row counts (one host sync)."""
+    if labels is None:
+        return None
+    keep = labels != ignore_index
+    return None if bool(keep.all()) else keep.nonzero().flatten()
 
 
 def _loss_dtype(x: torch.Tensor) -> torch.dtype:
@@ -149,8 +174,11 @@ def fused_linear_distill_loss(
 
     student_hidden [N, Hs] or [B, T, Hs] and student_weight [V, Hs] (an lm_head / tied embedding weight), optional
     student_bias [V]; teacher_hidden [N, Ht] / [B, T, Ht], teacher_weight [V', Ht], teacher_bias [V'] (the teacher
-    gets no gradient). fp32, bf16 or fp16; hidden and weight of one model share a dtype. labels [N] / [B, T]: tokens
-    equal to ignore_index are masked, the rest are the targets of the hard loss (temperature 1).
+    gets no gradient). fp32, bf16 or fp16; hidden and weight of one model share a dtype, except an fp32 student
+    weight/bias with bf16/fp16 hidden states (an fp32 master under autocast): the GEMMs then run in the hidden
+    states' dtype and d(weight) is accumulated and returned in fp32. labels [N] / [B, T]: tokens equal to
+    ignore_index are masked (dropped before the matmuls; zero gradient), the rest are the targets of the hard
+    loss (temperature 1).
     kind, beta, alpha, temperature, vocab, scale_by_t2: as kdfast.distill_loss. reduction: mean over the valid
     tokens of the whole call, or sum. chunk_size: tokens per chunk (None: from the shapes and a memory budget).
     accum_dtype: dtype of the d(weight)/d(bias) accumulators (None: fp32, fp64 for fp64 weights). Returns a 0-dim
@@ -233,6 +261,9 @@ def _fused_backward(ctx, grad_loss, *_):
 _fused_linear_op.register_autograd(_fused_backward, setup_context=_fused_setup_context)
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
 def _check_shapes(hs, ws, bs, ht, wt, bt, allowed) -> torch.Size:
     """Validate the two (hidden, weight, bias) triples; return the token shape [N] or [B, T]."""
     for who, h, w, b in (("student", hs, ws, bs), ("teacher", ht, wt, bt)):
@@ -243,8 +274,10 @@ def _check_shapes(hs, ws, bs, ht, wt, bt, allowed) -> torch.Size:
             raise ValueError(f"{who} bias {tuple(b.shape)} must be [{w.shape[0]}] to match weight {tuple(w.shape)}")
         check_float(f"{who} hidden states", h, allowed)
         for name, x in (("weight", w), ("bias", b)):
-            if x is not None and x.dtype != h.dtype:
-                raise ValueError(f"{who} {name} is {x.dtype} but its hidden states are {h.dtype}; cast one of them")
+            master = who == "student" and x is not None and x.dtype == torch.float32 and h.dtype in _HALF
+            if x is not None and x.dtype != h.dtype and not master:
+                raise ValueError(f"{who} {name} is {x.dtype} but its hidden states are {h.dtype}; cast one of them "
+                                 "(an fp32 student weight with bf16/fp16 hidden states is accepted)")
     if hs.shape[:-1] != ht.shape[:-1]:
         raise ValueError(f"student hidden {tuple(hs.shape)} and teacher hidden {tuple(ht.shape)} cover different "
                          f"tokens")

@@ -223,7 +223,8 @@ class Audit:
         _, folder = self.stages.run(f"reference-{name}", inputs, run)
         return np.load(folder / "ll.npy"), folder.name
 
-    def attack(self, entry: ModelEntry, refs: dict[str, tuple[np.ndarray, str]]) -> dict:
+    def attack(self, entry: ModelEntry, refs: dict[str, tuple[np.ndarray, str]]) -> tuple[dict, Path]:
+        """(metrics, folder) of the attack stage that ran for `entry`: consumers read this folder's scores."""
         a = self.cfg.attacks
         names = [n for n in a.attacks if not n.startswith("ref_")]
         if refs and "loss" not in names:
@@ -246,7 +247,8 @@ class Audit:
             table.to_parquet(work / "scores.parquet")
             return {"metrics": attacks.evaluate(table, n_bootstrap=a.bootstrap, seed=self.cfg.seed)}
 
-        return self.stages.run(f"attacks-{entry.id.replace('/', '-')}", inputs, run)[0]["metrics"]
+        result, folder = self.stages.run(f"attacks-{entry.id.replace('/', '-')}", inputs, run)
+        return result["metrics"], folder
 
     def blocks(self, entry: ModelEntry) -> dict:
         a = self.cfg.attacks
@@ -315,10 +317,10 @@ class Audit:
         return results
 
     def _evaluate(self, entry: ModelEntry, refs: dict) -> dict:
-        metrics = self.attack(entry, refs)
+        metrics, folder = self.attack(entry, refs)
         mem = self.memorize(entry)
         blocks = self.blocks(entry) if self.cfg.attacks.mope_block and entry.role != "teacher" else None
-        return {"metrics": metrics, "memorization": mem, "mope_block": blocks}
+        return {"metrics": metrics, "scores": folder / "scores.parquet", "memorization": mem, "mope_block": blocks}
 
     def _results(self, entries: list[ModelEntry], rows: list[dict], seconds: float) -> dict:
         columns = list(dict.fromkeys(c for r in rows for c in r["metrics"]))
@@ -342,7 +344,7 @@ class Audit:
             "models": models, "machine": _machine(self.device), "time_seconds": seconds,
             "stages": {"ran": self.stages.ran, "reused": self.stages.reused},
             "teacher_conditioned": self._conditioned(entries, mem_frames),
-            "agreement": self._agreement(entries, mem_frames),
+            "agreement": self._agreement(entries, [r["scores"] for r in rows], mem_frames),
             "ablations": self._ablations(),
             "redacted": self.cfg.redact,
         }
@@ -356,20 +358,16 @@ class Audit:
                     teacher, frames[e.id]["accuracy"].to_numpy()[: self.n_mem], self.cfg.memorization.taus)]
                 for e in entries if e.role != "teacher"}
 
-    def _agreement(self, entries, frames) -> dict:
+    def _agreement(self, entries, score_files: list[Path], frames) -> dict:
         out = {}
-        for e in entries:
-            scores = pd.read_parquet(Path(self.stages.root) / "stages" / self._attack_folder(e) / "scores.parquet")
+        for e, path in zip(entries, score_files):
+            scores = pd.read_parquet(path)
             mia = scores["loss"].to_numpy()
             mia = np.concatenate([mia[: self.n_mem], mia[len(self.members): len(self.members) + self.n_mem]])
             agr = memorization.agreement(mia, frames[e.id]["accuracy"].to_numpy(),
                                          flag_rate=self.cfg.memorization.agreement_flag_rate)
             out[e.id] = agr.to_dict()
         return out
-
-    def _attack_folder(self, entry: ModelEntry) -> str:
-        return next(p.name for p in (self.out / "stages").glob(f"attacks-{entry.id.replace('/', '-')}-*")
-                    if (p / "scores.parquet").exists() and not p.name.endswith(".partial"))
 
     def _ablations(self) -> dict:
         out: dict[str, list] = {"divergence": [], "student_gen_fraction": []}

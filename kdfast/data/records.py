@@ -71,7 +71,8 @@ def normalize(row: object, fields: dict[str, str] | None = None, where: str = "r
     if missing:
         have = ", ".join(sorted(map(str, row))) or "nothing"
         raise RecordError(f"{where}: missing field(s) {missing} (the record has {have}); "
-                          "map your column names with fields={'instruction': ..., 'response': ...}")
+                          "map your column names with --fields instruction=COLUMN,response=COLUMN (the audit: "
+                          "data.fields: {instruction: COLUMN, response: COLUMN})")
     record = {}
     for name in INSTRUCTION_FIELDS:
         value = get(name)

@@ -32,7 +32,7 @@ _OWN = ("teacher", "student", "student_layers", "student_num_layers", "data", "e
 
 _CHOICES = {"technique": config_module.TECHNIQUES, "loss": config_module.KINDS,
             "lr_scheduler": config_module.SCHEDULERS,
-            "vocab": ("error", "intersect"), "replay_ratio": config_module.REPLAY_RATIOS,
+            "vocab": ("error", "intersect"), "long_prompts": ("truncate", "drop", "error"), "replay_ratio": config_module.REPLAY_RATIOS,
             "teacher_dtype": ("auto", "float32", "bfloat16", "float16")}
 
 

@@ -140,7 +140,7 @@ class Distiller:
         if out is not None and cfg.resume and (out / "summary.json").exists() and (out / "final").exists():
             return DistillSummary(**json.loads((out / "summary.json").read_text()))
         run = self._start(train_records, lm_records, out)
-        evals = encode_records(self.tokenizer, eval_records, cfg.max_len, cfg.max_prompt_len, cfg.drop_long,
+        evals = encode_records(self.tokenizer, eval_records, cfg.max_len, cfg.max_prompt_len, cfg.long_prompts,
                                "eval") if eval_records else None
         if (cfg.technique == "distillm" and not evals and cfg.student_gen_fraction is None
                 and cfg.init_threshold == 0):
@@ -197,7 +197,7 @@ class Distiller:
             raise DistillError(f"{out} already holds a run; pass resume=True (kdfast distill --resume) to continue it or "
                                "choose another folder (--out)")
         set_seed(cfg.seed)
-        train = encode_records(self.tokenizer, train_records, cfg.max_len, cfg.max_prompt_len, cfg.drop_long)
+        train = encode_records(self.tokenizer, train_records, cfg.max_len, cfg.max_prompt_len, cfg.long_prompts)
         lm = encode_texts(self.tokenizer, lm_records, cfg.max_len) if lm_records else None
         if cfg.disable_dropout:
             _disable_dropout(self.student)

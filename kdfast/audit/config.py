@@ -178,7 +178,8 @@ def student_settings(cfg: AuditConfig, technique: str, overrides: dict | None = 
     technique's `per_technique` entry, then `overrides` (an ablation's)."""
     s = cfg.students
     return {"lr": s.lr, "epochs": s.epochs, "batch_size": s.batch_size, "max_len": cfg.data.max_len,
-            "max_prompt_len": cfg.data.max_prompt_len, "seed": cfg.seed, **s.distill,
+            "max_prompt_len": cfg.data.max_prompt_len, "long_prompts": cfg.data.long_prompts, "seed": cfg.seed,
+            **s.distill,
             **s.per_technique.get(technique, {}), "technique": technique, **(overrides or {})}
 
 

@@ -17,10 +17,10 @@ from kdfast.audit.config import AuditConfig, ConfigError, student_settings
 from kdfast.audit.report import auc_table, text_table, write_report
 from kdfast.audit.stages import Stages
 from kdfast.audit.utility import rouge_l
-from kdfast.data import RecordError, bundled_records, load_hub_dataset, load_records, study_split
+from kdfast.data import RecordError, bundled_records, encode_all, load_hub_dataset, load_records, study_split
 from kdfast.distill import DistillConfig, Distiller, make_student
-from kdfast.io import atomic_write_json
-from kdfast.models import ModelError, load_model, resolve_device
+from kdfast.io import atomic_write_json, claim_folder
+from kdfast.models import ModelError, load_model, resolve_device, smollm2_path, tiny_tokenizer
 
 MATERIALIZED = ("smollm2", "tiny:")  # base models saved once as safetensors: GGUF is slow to load, tiny is random
 TECHNIQUE_LABELS = {"sft": "No-KD (SFT)", "kd": "KD", "seqkd": "SeqKD", "imitkd": "ImitKD", "gkd": "GKD",
@@ -75,6 +75,41 @@ def check_inputs(cfg: AuditConfig) -> None:
             raise ConfigError(f"{label}: model folder {spec} not found")
         if spec and spec.startswith("tiny:") and spec[5:] not in ("gpt2", "opt", "llama"):
             raise ConfigError(f"{label}: unknown tiny model {spec!r}; use tiny:gpt2, tiny:opt or tiny:llama")
+
+
+def base_tokenizer(cfg: AuditConfig):
+    """The tokenizer every audited model shares: the teacher's (no weights are loaded)."""
+    from transformers import AutoTokenizer
+
+    spec = cfg.teacher.finetuned or cfg.teacher.model
+    if spec.startswith("tiny:"):
+        return tiny_tokenizer()
+    if spec == "smollm2" or spec.endswith(".gguf"):
+        path = smollm2_path() if spec == "smollm2" else Path(spec)
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(spec)
+
+
+def prepare(cfg: AuditConfig) -> dict:
+    """What a run checks before any long work, and all that `kdfast audit --check` runs: the inputs exist, the
+    records read and split, and every prompt fits data.max_prompt_len under data.long_prompts (errors name the
+    file and line). Returns the counts of the split and of prompts truncated or dropped."""
+    check_inputs(cfg)
+    d = cfg.data
+    try:
+        train, validation = load_source(cfg)
+        split = study_split(train, validation, validation_fraction=d.validation_fraction, n_members=d.n_members,
+                            n_public=d.n_public, seed=cfg.seed)
+    except (RecordError, ValueError) as e:
+        raise ConfigError(f"data: {e}") from None
+    records = split.private + split.public + split.nonmembers
+    try:
+        encoded, kept = encode_all(base_tokenizer(cfg), records, d.max_len, d.max_prompt_len, d.long_prompts)
+    except RecordError as e:
+        raise ConfigError(str(e)) from None
+    return {"private": len(split.private), "public": len(split.public), "nonmembers": len(split.nonmembers),
+            "long_prompts": {"policy": d.long_prompts, "records": len(records),
+                             "truncated": sum(e.truncated for e in encoded), "dropped": len(records) - len(kept)}}
 
 
 class Audit:
@@ -153,13 +188,14 @@ class Audit:
         if t.finetuned:
             return ModelEntry("teacher", "teacher", "Teacher", t.finetuned, t.finetuned)
         inputs = {"base": self.base_key, "data": self.digest["private"], "teacher": asdict(t), "seed": self.cfg.seed,
-                  "max_len": self.cfg.data.max_len, "max_prompt_len": self.cfg.data.max_prompt_len}
+                  "max_len": self.cfg.data.max_len, "max_prompt_len": self.cfg.data.max_prompt_len,
+                  "long_prompts": self.cfg.data.long_prompts}
 
         def run(work: Path) -> dict:
             model, tok = load_model(self.base_path)
             cfg = DistillConfig(technique="sft", lr=t.lr, epochs=t.epochs, batch_size=t.batch_size, bf16=t.bf16,
                                 max_len=self.cfg.data.max_len, max_prompt_len=self.cfg.data.max_prompt_len,
-                                seed=self.cfg.seed, out=str(work / "run"), resume=True, save_every=50,
+                                long_prompts=self.cfg.data.long_prompts, seed=self.cfg.seed, out=str(work / "run"), resume=True, save_every=50,
                                 lora_rank=t.lora_rank, device=str(self.device), progress=self.progress)
             summary = Distiller(None, model, tok, cfg).train(self.split["private"])
             self.log(str(summary))
@@ -294,9 +330,14 @@ class Audit:
     # the whole study --------------------------------------------------------------------------------------
     def run(self) -> dict:
         started = time.time()
-        check_inputs(self.cfg)
+        fit = prepare(self.cfg)["long_prompts"]
         self.log(f"kdfast audit '{self.cfg.name}' → {self.out} (device: {self.device})")
+        if fit["truncated"] or fit["dropped"]:
+            self.log(f"data: {fit['truncated']} prompt(s) truncated, {fit['dropped']} record(s) dropped of "
+                     f"{fit['records']} over data.max_prompt_len={self.cfg.data.max_prompt_len} "
+                     f"(data.long_prompts={fit['policy']})")
         self.data()
+        self.split_counts["long_prompts"] = fit
         self.base()
         teacher = self.teacher()
         entries = [teacher] + [self.student(teacher, *item) for item in self.student_plan()]
@@ -394,7 +435,9 @@ def _machine(device: torch.device) -> str:
 
 def run_audit(cfg: AuditConfig, out: str | Path | None = None, progress: bool = True) -> dict:
     """Run (or resume) the whole study; returns the results dict also written to <out>/results.json."""
+    out = Path(out or Path("runs") / cfg.name)
     try:
-        return Audit(cfg, out or Path("runs") / cfg.name, progress).run()
+        with claim_folder(out, "--out"):
+            return Audit(cfg, out, progress).run()
     except (RecordError, ModelError) as e:
         raise ConfigError(str(e)) from e

@@ -50,9 +50,9 @@ def encode(tokenizer, record: dict, max_len: int | None = None, max_prompt_len: 
     elif truncated:
         over = (f"> max_prompt_len={max_prompt_len}" if max_prompt_len and len(prompt_ids) > max_prompt_len
                 else f"leaving no room for the response under max_len={max_len}")
-        raise RecordError(f"{where}: prompt has {len(prompt_ids)} tokens {over}; raise the limit, or set long_prompts "
-                          "to truncate (keep the prompt's end) or drop (kdfast distill --long-prompts, the audit's "
-                          "data.long_prompts)")
+        raise RecordError(f"{where}: prompt has {len(prompt_ids)} tokens {over}; raise the limit (kdfast distill "
+                          "--max-prompt-len/--max-len, the audit's data.max_prompt_len/data.max_len), or set "
+                          "long_prompts to truncate (keep the prompt's end) or drop (--long-prompts, data.long_prompts)")
     if max_len is not None:
         target_ids = target_ids[: max_len - len(prompt_ids)]
     ids = prompt_ids + target_ids

@@ -1,10 +1,12 @@
-"""Atomic writes: a killed run never leaves half a file, so every stage can resume from what exists."""
+"""Atomic writes and claimed folders: a killed run never leaves half a file, so every stage can resume from what
+exists; a folder has one writer at a time and holds one run's results."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -40,3 +42,83 @@ def _jsonable(obj):
     if hasattr(obj, "__float__"):
         return float(obj)
     raise TypeError(f"not JSON-serializable: {type(obj).__name__}")
+
+
+LOCK_FILE = ".kdfast.lock"
+
+
+class FolderBusy(ValueError):
+    """Another live process writes to the folder, or it holds another run's results."""
+
+
+@contextlib.contextmanager
+def claim_folder(path: str | Path, flag: str = "--out", identity: dict | None = None) -> Iterator[Path]:
+    """Hold `path` for this process: a lock file keeps out concurrent writers, `identity` (what the folder's
+    results are of, e.g. the model and record files) must match the one saved there by an earlier run, and the
+    temporaries killed runs left (atomic_path's `.*.tmp*`) are removed, as nothing else writes here now."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / LOCK_FILE
+    _take_lock(lock, flag)
+    try:
+        if identity is not None:
+            _check_identity(path / "owner.json", identity, flag)
+        remove_stale_temporaries(path)
+        yield path
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _take_lock(lock: Path, flag: str) -> None:
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None:
+                raise FolderBusy(f"{flag} {lock.parent}: another kdfast process (pid {holder}) is writing there; "
+                                 f"wait for it to finish or give another {flag}") from None
+            lock.unlink(missing_ok=True)  # left by a killed run
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        return
+    raise FolderBusy(f"{flag} {lock.parent}: could not take the lock file {lock}; remove it if no run is writing there")
+
+
+def _lock_holder(lock: Path) -> int | None:
+    """The pid of a live process holding the lock (a lock from another host counts as live), else None."""
+    try:
+        pid_text, host = lock.read_text().split()
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return None
+    if host != socket.gethostname():
+        return pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def _check_identity(path: Path, identity: dict, flag: str) -> None:
+    if path.exists():
+        saved = json.loads(path.read_text())
+        changed = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
+        if changed:
+            text = "; ".join(f"{k}: {a} there, {b} now" for k, (a, b) in changed.items())
+            raise FolderBusy(f"{flag} {path.parent} holds the results of another run ({text}); give another {flag} "
+                             "(or delete that folder to replace them)")
+    else:
+        atomic_write_json(path, identity)
+
+
+def remove_stale_temporaries(root: str | Path) -> int:
+    """Delete the `.NAME.tmp*` folders atomic_path leaves when a process is killed mid-write; how many."""
+    stale = [p for p in Path(root).rglob(".*.tmp*") if p.is_dir()]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(stale)

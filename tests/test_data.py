@@ -87,7 +87,7 @@ def test_encode_masks_prompt_and_checks_lengths():
     with pytest.raises(data.RecordError, match="no room for the response"):
         data.encode(tok, RECORDS[0], max_len=enc.prompt_len)
     assert len(data.encode(tok, RECORDS[0], max_len=enc.prompt_len + 2)) == enc.prompt_len + 2
-    kept = data.encode_all(tok, [RECORDS[0], {"instruction": "x " * 200, "response": "y"}], max_prompt_len=100, drop_long=True)[1]
+    kept = data.encode_all(tok, [RECORDS[0], {"instruction": "x " * 200, "response": "y"}], max_prompt_len=100, long_prompts="drop")[1]
     assert kept == [0]
 
 

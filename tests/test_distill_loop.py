@@ -95,9 +95,9 @@ def test_bad_inputs_fail_early():
         _run(records=[{"instruction": "a", "response": "b"}, {"instruction": "c", "response": ""}], max_steps=1)
     long = {"instruction": "Define " + "very " * 80 + "long.", "response": "x"}
     with pytest.raises(RecordError, match="record 0: prompt has"):
-        _run(records=[long] + bundled_records()[:8], max_steps=1, batch_size=4)
+        _run(records=[long] + bundled_records()[:8], max_steps=1, batch_size=4, long_prompts="error")
     with pytest.warns(UserWarning, match="dropped 1 of 9 training records"):
-        _run(records=[long] + bundled_records()[:8], max_steps=1, batch_size=4, drop_long=True)
+        _run(records=[long] + bundled_records()[:8], max_steps=1, batch_size=4, long_prompts="drop")
     with pytest.raises(DistillError, match="cannot fill one batch of 8"):
         _run(records=bundled_records()[:4], max_steps=1, batch_size=8)
 

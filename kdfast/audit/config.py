@@ -6,9 +6,12 @@ import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+
+from kdfast.validation import (Fraction, NonNegativeInt, PositiveFloat, PositiveInt, Range, check_config,
+                               check_device)
 
 TECHNIQUES = ("kd", "seqkd", "imitkd", "gkd", "minillm", "distillm")
 ATTACKS = ("loss", "zlib", "lowercase", "min_k", "min_k_pp", "ref_base", "ref_second", "mope", "gradnorm", "recall")
@@ -27,12 +30,14 @@ class DataConfig:
     validation: str | None = None  # non-member file or hub split; None holds out validation_fraction of source
     split: str = "train"  # hub split of the source
     fields: dict[str, str] = field(default_factory=dict)  # kdfast name -> source column, e.g. {input: context}
-    limit: int | None = None  # read at most this many source records
-    validation_fraction: float = 0.2
-    n_members: int | None = 400  # private half (teacher data) cap
-    n_public: int | None = 800  # public half (student data) cap
-    max_len: int = 96
-    max_prompt_len: int = 64
+    limit: PositiveInt | None = None  # read at most this many source records
+    validation_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.2
+    n_members: PositiveInt | None = 400  # private half (teacher data) cap
+    n_public: PositiveInt | None = 800  # public half (student data) cap
+    max_len: Annotated[int, Range(ge=2)] = 96
+    max_prompt_len: PositiveInt = 64
+    # a prompt over max_prompt_len: cut to its end (next to the response marker, as TRL does), drop, or error
+    long_prompts: Literal["truncate", "drop", "error"] = "truncate"
 
 
 @dataclass
@@ -41,11 +46,11 @@ class TeacherConfig:
 
     model: str = "smollm2"  # pretrained base: hub id, local folder, .gguf, "smollm2", or "tiny:<family>"
     finetuned: str | None = None  # an already fine-tuned teacher: skip training
-    epochs: float = 3.0
-    lr: float = 1e-4
-    batch_size: int = 16
+    epochs: PositiveFloat = 3.0
+    lr: PositiveFloat = 1e-4
+    batch_size: PositiveInt = 16
     bf16: bool | None = None  # bf16 autocast while fine-tuning (None: on GPUs only)
-    lora_rank: int = 0  # > 0: fine-tune LoRA adapters of this rank, merged into the saved teacher (paper-llama)
+    lora_rank: NonNegativeInt = 0  # > 0: fine-tune LoRA adapters of this rank, merged into the saved teacher (paper-llama)
     dp: dict[str, Any] | None = None  # DP-SGD: {epsilon: 8, delta: 1e-5, max_grad_norm: 1.0} (kdfast.distill.dp.DPConfig)
 
 
@@ -53,14 +58,14 @@ class TeacherConfig:
 class StudentsConfig:
     """Students: one per technique and size, plus the SFT control."""
 
-    techniques: list[str] = field(default_factory=lambda: list(TECHNIQUES))
+    techniques: list[Literal[TECHNIQUES]] = field(default_factory=lambda: list(TECHNIQUES))
     control: bool = True  # the No-KD (SFT) control
     sizes: dict[str, Any] = field(default_factory=lambda: {"small": [0, 10, 20, 29]})  # name -> teacher layers or a model
-    epochs: float = 3.0
-    lr: float = 2e-4
-    batch_size: int = 16
+    epochs: PositiveFloat = 3.0
+    lr: PositiveFloat = 2e-4
+    batch_size: PositiveInt = 16
     distill: dict[str, Any] = field(default_factory=dict)  # DistillConfig fields for every technique
-    per_technique: dict[str, dict[str, Any]] = field(default_factory=dict)  # technique -> DistillConfig overrides
+    per_technique: dict[Literal[TECHNIQUES], dict[str, Any]] = field(default_factory=dict)  # technique -> DistillConfig overrides
     init: str = "evenly"  # blocks of list sizes: evenly (as listed), low_risk / high_risk (teacher's per-block MoPe)
 
 
@@ -68,39 +73,39 @@ class StudentsConfig:
 class AttacksConfig:
     """Membership inference on the teacher and every student: members vs non-members."""
 
-    attacks: list[str] = field(default_factory=lambda: ["loss", "zlib", "lowercase", "min_k", "min_k_pp",
+    attacks: list[Literal[ATTACKS]] = field(default_factory=lambda: ["loss", "zlib", "lowercase", "min_k", "min_k_pp",
                                                          "ref_base", "ref_second", "mope"])
     ref_second: str | None = None  # the second reference model (the paper: StableLM-3B); None skips ref_second
-    n_records: int | None = 300  # members and non-members each
-    ks: list[float] = field(default_factory=lambda: [0.1, 0.2])
-    mope_n: int = 10
-    mope_sigma_teacher: float = 0.005
-    mope_sigma_student: float = 0.01
+    n_records: PositiveInt | None = 300  # members and non-members each
+    ks: list[Annotated[float, Range(gt=0, le=1)]] = field(default_factory=lambda: [0.1, 0.2])
+    mope_n: PositiveInt = 10
+    mope_sigma_teacher: PositiveFloat = 0.005
+    mope_sigma_student: PositiveFloat = 0.01
     mope_block: bool = True  # per-block MoPe of each student
-    mope_block_n: int = 10  # perturbations per block
-    batch_tokens: int = 8192
+    mope_block_n: PositiveInt = 10  # perturbations per block
+    batch_tokens: PositiveInt = 8192
     autocast: bool | None = None  # bf16 autocast of the scoring passes (None: on GPUs only)
-    bootstrap: int = 200
+    bootstrap: NonNegativeInt = 200
     # Calibrated attacks: OUT references of rmia/lira (the teacher's: the pretrained base + ref_second; a
     # student's: the base + `references` extra SFT controls trained on the public half with seeds seed+1, ...).
     calibrated: list[str] = field(default_factory=lambda: ["rmia", "lira"])
-    references: int = 2
-    population: int = 200  # rmia's population: non-members beyond the attack records
+    references: NonNegativeInt = 2
+    population: NonNegativeInt = 200  # rmia's population: non-members beyond the attack records
     rmia_a: float = 1.0  # RMIA's offline correction (1: none)
     rmia_gamma: float = 1.0
-    calibration: float = 0.5  # fraction of the non-members that sets the TPR@FPR thresholds (the rest measures them)
+    calibration: Fraction = 0.5  # fraction of the non-members that sets the TPR@FPR thresholds (the rest measures them)
 
 
 @dataclass
 class MemorizationConfig:
     """Greedy match accuracy of every model; its non-member generations also give the utility (ROUGE-L)."""
 
-    n_tokens: int = 32
-    n_records: int | None = 200  # members and non-members each (the first of the attack records)
-    batch_size: int = 32
-    taus: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
-    agreement_flag_rate: float = 0.1  # flag the top 10% of each signal for the agreement analysis
-    utility_tokens: int | None = None  # tokens generated for ROUGE-L (None: reuse the n_tokens generations)
+    n_tokens: PositiveInt = 32
+    n_records: PositiveInt | None = 200  # members and non-members each (the first of the attack records)
+    batch_size: PositiveInt = 32
+    taus: list[Fraction] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
+    agreement_flag_rate: Annotated[float, Range(gt=0, le=1)] = 0.1  # flag the top 10% of each signal for the agreement analysis
+    utility_tokens: PositiveInt | None = None  # tokens generated for ROUGE-L (None: reuse the n_tokens generations)
 
 
 @dataclass
@@ -108,7 +113,7 @@ class AblationsConfig:
     """Optional studies on top of the main grid (each entry trains more students)."""
 
     divergence: list[str] = field(default_factory=list)  # KD with these losses, e.g. [fkl, rkl]
-    student_gen_fraction: list[float] = field(default_factory=list)  # e.g. [0.0, 0.5, 1.0]
+    student_gen_fraction: list[Fraction] = field(default_factory=list)  # e.g. [0.0, 0.5, 1.0]
 
 
 @dataclass
@@ -128,7 +133,7 @@ class DefensesConfig:
 class AuditConfig:
     name: str = "default"
     seed: int = 0
-    device: str | None = None
+    device: str | None = None  # cpu, cuda, cuda:1 ... (None: cuda when available)
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     students: StudentsConfig = field(default_factory=StudentsConfig)
@@ -172,12 +177,11 @@ def _check_choices(values, choices, where: str) -> None:
 
 
 def validate(cfg: AuditConfig) -> AuditConfig:
-    """Check values a dataclass cannot: names, ranges and combinations."""
+    """Every field's type and range (from its annotation), then names, combinations and the device."""
     from kdfast.reference import KINDS
 
-    _check_choices(cfg.students.techniques, TECHNIQUES, "students.techniques")
-    _check_choices(cfg.students.per_technique, TECHNIQUES, "students.per_technique")
-    _check_choices(cfg.attacks.attacks, ATTACKS, "attacks.attacks")
+    check_config(cfg, ConfigError)
+    check_device(cfg.device, "device (--device)", ConfigError)
     _check_calibrated(cfg.attacks)
     _check_choices(cfg.ablations.divergence, KINDS, "ablations.divergence")
     if not cfg.students.techniques and not cfg.students.control:
@@ -187,13 +191,6 @@ def validate(cfg: AuditConfig) -> AuditConfig:
     for name, spec in cfg.students.sizes.items():
         if not (isinstance(spec, str) or isinstance(spec, list) and spec and all(isinstance(i, int) for i in spec)):
             raise ConfigError(f"students.sizes.{name}: give a list of teacher layer indices or a model id, got {spec!r}")
-    if not 0 < cfg.data.validation_fraction < 1:
-        raise ConfigError(f"data.validation_fraction must be in (0, 1), got {cfg.data.validation_fraction}")
-    for frac in cfg.ablations.student_gen_fraction:
-        if not 0 <= frac <= 1:
-            raise ConfigError(f"ablations.student_gen_fraction: {frac} is not in [0, 1]")
-    if not all(0 < k <= 1 for k in cfg.attacks.ks):
-        raise ConfigError(f"attacks.ks must be fractions in (0, 1], got {cfg.attacks.ks}")
     if "ref_second" in cfg.attacks.attacks and not cfg.attacks.ref_second:
         cfg.attacks.attacks = [a for a in cfg.attacks.attacks if a != "ref_second"]
     if cfg.data.max_prompt_len >= cfg.data.max_len:
@@ -220,7 +217,8 @@ def student_settings(cfg: AuditConfig, technique: str, overrides: dict | None = 
     technique's `per_technique` entry, then `overrides` (an ablation's)."""
     s = cfg.students
     return {"lr": s.lr, "epochs": s.epochs, "batch_size": s.batch_size, "max_len": cfg.data.max_len,
-            "max_prompt_len": cfg.data.max_prompt_len, "seed": cfg.seed, **s.distill,
+            "max_prompt_len": cfg.data.max_prompt_len, "long_prompts": cfg.data.long_prompts, "seed": cfg.seed,
+            **s.distill,
             **s.per_technique.get(technique, {}), "technique": technique, **(overrides or {})}
 
 

@@ -21,11 +21,11 @@ from kdfast.audit.frontier import frontier_points
 from kdfast.audit.report import auc_table, text_table, write_report
 from kdfast.audit.stages import Stages
 from kdfast.audit.utility import greedy_responses, mean_rouge_l
-from kdfast.data import RecordError, bundled_records, load_hub_dataset, load_records, study_split
+from kdfast.data import RecordError, bundled_records, encode_all, load_hub_dataset, load_records, study_split
 from kdfast.distill import DistillConfig, Distiller, make_student
 from kdfast.distill.cross import across_tokenizers
-from kdfast.io import atomic_write_json
-from kdfast.models import ModelError, load_model, resolve_device
+from kdfast.io import atomic_write_json, claim_folder
+from kdfast.models import ModelError, load_model, resolve_device, smollm2_path, tiny_tokenizer
 
 MATERIALIZED = ("smollm2", "tiny:")  # base models saved once as safetensors: GGUF is slow to load, tiny is random
 TECHNIQUE_LABELS = {"sft": "No-KD (SFT)", "kd": "KD", "seqkd": "SeqKD", "imitkd": "ImitKD", "gkd": "GKD",
@@ -80,6 +80,41 @@ def check_inputs(cfg: AuditConfig) -> None:
             raise ConfigError(f"{label}: model folder {spec} not found")
         if spec and spec.startswith("tiny:") and spec[5:] not in ("gpt2", "opt", "llama"):
             raise ConfigError(f"{label}: unknown tiny model {spec!r}; use tiny:gpt2, tiny:opt or tiny:llama")
+
+
+def base_tokenizer(cfg: AuditConfig):
+    """The tokenizer every audited model shares: the teacher's (no weights are loaded)."""
+    from transformers import AutoTokenizer
+
+    spec = cfg.teacher.finetuned or cfg.teacher.model
+    if spec.startswith("tiny:"):
+        return tiny_tokenizer()
+    if spec == "smollm2" or spec.endswith(".gguf"):
+        path = smollm2_path() if spec == "smollm2" else Path(spec)
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(spec)
+
+
+def prepare(cfg: AuditConfig) -> dict:
+    """What a run checks before any long work, and all that `kdfast audit --check` runs: the inputs exist, the
+    records read and split, and every prompt fits data.max_prompt_len under data.long_prompts (errors name the
+    file and line). Returns the counts of the split and of prompts truncated or dropped."""
+    check_inputs(cfg)
+    d = cfg.data
+    try:
+        train, validation = load_source(cfg)
+        split = study_split(train, validation, validation_fraction=d.validation_fraction, n_members=d.n_members,
+                            n_public=d.n_public, seed=cfg.seed)
+    except (RecordError, ValueError) as e:
+        raise ConfigError(f"data: {e}") from None
+    records = split.private + split.public + split.nonmembers
+    try:
+        encoded, kept = encode_all(base_tokenizer(cfg), records, d.max_len, d.max_prompt_len, d.long_prompts)
+    except RecordError as e:
+        raise ConfigError(str(e)) from None
+    return {"private": len(split.private), "public": len(split.public), "nonmembers": len(split.nonmembers),
+            "long_prompts": {"policy": d.long_prompts, "records": len(records),
+                             "truncated": sum(e.truncated for e in encoded), "dropped": len(records) - len(kept)}}
 
 
 class Audit:
@@ -161,7 +196,8 @@ class Audit:
         if t.finetuned:
             return ModelEntry("teacher", "teacher", "Teacher", t.finetuned, t.finetuned)
         inputs = {"base": self.base_key, "data": self.digest["private"], "teacher": asdict(t), "seed": self.cfg.seed,
-                  "max_len": self.cfg.data.max_len, "max_prompt_len": self.cfg.data.max_prompt_len}
+                  "max_len": self.cfg.data.max_len, "max_prompt_len": self.cfg.data.max_prompt_len,
+                  "long_prompts": self.cfg.data.long_prompts}
 
         def run(work: Path) -> dict:
             if t.dp is not None:
@@ -169,7 +205,7 @@ class Audit:
             model, tok = load_model(self.base_path)
             cfg = DistillConfig(technique="sft", lr=t.lr, epochs=t.epochs, batch_size=t.batch_size, bf16=t.bf16,
                                 max_len=self.cfg.data.max_len, max_prompt_len=self.cfg.data.max_prompt_len,
-                                seed=self.cfg.seed, out=str(work / "run"), resume=True, save_every=50,
+                                long_prompts=self.cfg.data.long_prompts, seed=self.cfg.seed, out=str(work / "run"), resume=True, save_every=50,
                                 lora_rank=t.lora_rank, device=str(self.device), progress=self.progress)
             summary = Distiller(None, model, tok, cfg).train(self.split["private"])
             self.log(str(summary))
@@ -240,7 +276,8 @@ class Audit:
         return np.load(folder / "ll.npy"), folder.name
 
     def attack(self, entry: ModelEntry, refs: dict[str, tuple[np.ndarray, str]],
-               calibrated: CalibratedReferences | None = None) -> dict:
+               calibrated: CalibratedReferences | None = None) -> tuple[dict, Path]:
+        """(metrics, folder) of the attack stage that ran for `entry`: consumers read this folder's scores."""
         a = self.cfg.attacks
         names = [n for n in a.attacks if not n.startswith("ref_")]
         if (refs or calibrated) and "loss" not in names:
@@ -267,7 +304,8 @@ class Audit:
             return {"metrics": attacks.evaluate(table, n_bootstrap=a.bootstrap, seed=self.cfg.seed,
                                                 calibration=a.calibration)}
 
-        return self.stages.run(f"attacks-{entry.id.replace('/', '-')}", inputs, run)[0]["metrics"]
+        result, folder = self.stages.run(f"attacks-{entry.id.replace('/', '-')}", inputs, run)
+        return result["metrics"], folder
 
     def blocks(self, entry: ModelEntry) -> dict:
         a = self.cfg.attacks
@@ -332,9 +370,14 @@ class Audit:
     # the whole study --------------------------------------------------------------------------------------
     def run(self) -> dict:
         started = time.time()
-        check_inputs(self.cfg)
+        fit = prepare(self.cfg)["long_prompts"]
         self.log(f"kdfast audit '{self.cfg.name}' → {self.out} (device: {self.device})")
+        if fit["truncated"] or fit["dropped"]:
+            self.log(f"data: {fit['truncated']} prompt(s) truncated, {fit['dropped']} record(s) dropped of "
+                     f"{fit['records']} over data.max_prompt_len={self.cfg.data.max_prompt_len} "
+                     f"(data.long_prompts={fit['policy']})")
         self.data()
+        self.split_counts["long_prompts"] = fit
         self.base()
         teacher = self.teacher()
         if defenses.needs_risk(self.cfg):
@@ -361,10 +404,11 @@ class Audit:
         return results
 
     def _evaluate(self, entry: ModelEntry, refs: dict, calibrated: CalibratedReferences | None = None) -> dict:
-        metrics = self.attack(entry, refs, calibrated)
+        metrics, folder = self.attack(entry, refs, calibrated)
         mem = self.memorize(entry)
         blocks = self.blocks(entry) if self.cfg.attacks.mope_block and entry.role != "teacher" else None
-        return {"metrics": metrics, "memorization": mem, "mope_block": blocks, "health": self.health(entry, mem)}
+        return {"metrics": metrics, "scores": folder / "scores.parquet", "memorization": mem, "mope_block": blocks,
+                "health": self.health(entry, mem)}
 
     def _results(self, entries: list[ModelEntry], rows: list[dict], seconds: float) -> dict:
         columns = list(dict.fromkeys(c for r in rows for c in r["metrics"]))
@@ -393,7 +437,7 @@ class Audit:
             "models": models, "machine": _machine(self.device), "time_seconds": seconds,
             "stages": {"ran": self.stages.ran, "reused": self.stages.reused},
             "teacher_conditioned": self._conditioned(entries, mem_frames),
-            "agreement": self._agreement(entries, mem_frames),
+            "agreement": self._agreement(entries, [r["scores"] for r in rows], mem_frames),
             "ablations": self._ablations(),
             "frontier": frontier_points(models), "teacher_risk": self.risk,
             "degeneracy_rule": asdict(rule),
@@ -410,20 +454,16 @@ class Audit:
                     teacher, frames[e.id]["accuracy"].to_numpy()[: self.n_mem], self.cfg.memorization.taus)]
                 for e in entries if e.role != "teacher"}
 
-    def _agreement(self, entries, frames) -> dict:
+    def _agreement(self, entries, score_files: list[Path], frames) -> dict:
         out = {}
-        for e in entries:
-            scores = pd.read_parquet(Path(self.stages.root) / "stages" / self._attack_folder(e) / "scores.parquet")
+        for e, path in zip(entries, score_files):
+            scores = pd.read_parquet(path)
             mia = scores["loss"].to_numpy()
             mia = np.concatenate([mia[: self.n_mem], mia[len(self.members): len(self.members) + self.n_mem]])
             agr = memorization.agreement(mia, frames[e.id]["accuracy"].to_numpy(),
                                          flag_rate=self.cfg.memorization.agreement_flag_rate)
             out[e.id] = agr.to_dict()
         return out
-
-    def _attack_folder(self, entry: ModelEntry) -> str:
-        return next(p.name for p in (self.out / "stages").glob(f"attacks-{entry.id.replace('/', '-')}-*")
-                    if (p / "scores.parquet").exists() and not p.name.endswith(".partial"))
 
     def _ablations(self) -> dict:
         out: dict[str, list] = {"divergence": [], "student_gen_fraction": []}
@@ -450,7 +490,9 @@ def _machine(device: torch.device) -> str:
 
 def run_audit(cfg: AuditConfig, out: str | Path | None = None, progress: bool = True) -> dict:
     """Run (or resume) the whole study; returns the results dict also written to <out>/results.json."""
+    out = Path(out or Path("runs") / cfg.name)
     try:
-        return Audit(cfg, out or Path("runs") / cfg.name, progress).run()
+        with claim_folder(out, "--out"):
+            return Audit(cfg, out, progress).run()
     except (RecordError, ModelError) as e:
         raise ConfigError(str(e)) from e

@@ -19,6 +19,22 @@ def add_common_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
 
 
+def parse_fields(text: str | None) -> dict | None:
+    """--fields 'input=context,response=output' -> {"input": "context", "response": "output"}."""
+    if not text:
+        return None
+    pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
+    if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        raise ValueError(f"--fields {text!r}: give name=column pairs separated by commas, e.g. input=context")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def add_fields_argument(parser) -> None:
+    parser.add_argument("--fields", default=None, type=parse_fields,
+                        help="column names of your file, e.g. 'input=context,response=output' "
+                             "(Dolly-15k: input=context)")
+
+
 def load_membership(members: str | Path, nonmembers: str | Path, fields: dict | None = None) -> tuple[list[dict], list[int]]:
     """Records of the two files and their labels (1 member, 0 non-member); a record in both is an error."""
     m, n = load_records(members, fields), load_records(nonmembers, fields)

@@ -6,7 +6,10 @@ shard the records over processes/GPUs; a rerun with the same --out resumes where
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import hashlib
+import json
 import os
 import re
 import time
@@ -16,9 +19,9 @@ import torch
 import torch.distributed as dist
 
 from kdfast.attacks import ATTACKS, DEFAULT_ATTACKS, AttackConfig, evaluate, format_results, plot_roc, score
-from kdfast.commands._common import add_common_model_options, add_model_argument, load_membership
+from kdfast.commands._common import add_common_model_options, add_fields_argument, add_model_argument, load_membership
 from kdfast.data import load_labeled, load_records
-from kdfast.io import atomic_write_json
+from kdfast.io import atomic_write_json, claim_folder
 from kdfast.models import default_dtype, load_model, resolve_device
 
 
@@ -55,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--padding-side", choices=["right", "left"], default="right")
     parser.add_argument("--all-tokens", action="store_true", help="score prompt tokens too (default: response tokens only)")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many records of each file")
+    add_fields_argument(parser)
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the AUC CI (default 1000; 0: none)")
     parser.add_argument("--seed", type=int, default=0, help="MoPe noise, ReCaLL prefix choice, bootstrap")
     parser.add_argument("--out", required=True, help="output folder (resumable)")
@@ -98,7 +102,7 @@ def _labeled_records(args) -> tuple[list[dict], list[int]]:
         raise ValueError("give either --data FILE (a text and a 0/1 label column) or both --members and --nonmembers")
     if args.data:
         return load_labeled(args.data, args.text_column, args.label_column)
-    return load_membership(args.members, args.nonmembers)
+    return load_membership(args.members, args.nonmembers, args.fields)
 
 
 def _init_distributed(device_arg: str | None) -> torch.device:
@@ -120,6 +124,15 @@ def _subset(records: list[dict], labels: list[int], limit: int | None) -> tuple[
     return [records[i] for i in keep], [labels[i] for i in keep]
 
 
+def _identity(args: argparse.Namespace, records: list[dict], labels: list[int]) -> dict:
+    """What an --out folder's results are of: the model and each record file (name and content hash)."""
+    model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+    digest = lambda m: hashlib.sha256(json.dumps([r for r, y in zip(records, labels) if y == m],  # noqa: E731
+                                                 sort_keys=True).encode()).hexdigest()[:12]
+    return {"model": model, "data": args.data, "members": f"{args.members} (records {digest(1)})",
+            "nonmembers": f"{args.nonmembers} (records {digest(0)})"}
+
+
 def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     attacks = tuple(a for a in ATTACKS if _available(a, args)) if "all" in args.attacks else tuple(args.attacks)
@@ -137,8 +150,17 @@ def main(args: argparse.Namespace) -> int:
                              "population: non-members disjoint from the scored records)")
     ref_specs = parse_ref_models(args.ref_model)
     reference_specs = parse_references(args.reference)
-    records, labels = _subset(*_labeled_records(args), args.limit)
-    population = load_records(args.population) if args.population else None
+    records, labels = _labeled_records(args)
+    population = load_records(args.population, args.fields) if args.population else None
+    # One writer per --out, holding one model's results on one record set (every rank writes under rank 0's lock).
+    claim = (claim_folder(args.out, "--out", _identity(args, records, labels))
+             if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext())
+    with claim:
+        return _run(args, start, attacks, config, ref_specs, reference_specs, population,
+                    *_subset(records, labels, args.limit))
+
+
+def _run(args, start, attacks, config, ref_specs, reference_specs, population, records, labels) -> int:
     device = _init_distributed(args.device)
     rank = dist.get_rank() if dist.is_initialized() else 0
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)

@@ -8,18 +8,20 @@ from __future__ import annotations
 import argparse
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file of settings laid over the preset (see kdfast/audit/config.py)")
-    parser.add_argument("--preset", help="default (bundled WordNet + SmolLM2, CPU), tiny, paper-gpt2, paper-opt, "
-                                         "paper-llama (default: the config's `preset:` key, else default)")
+    parser.add_argument("--preset", help="default (bundled WordNet + SmolLM2, CPU), tiny (random-init tiny:llama "
+                                         "teacher, tiny:gpt2 reference: a 1-minute check, no download), paper-gpt2, "
+                                         "paper-opt, paper-llama (default: the config's `preset:` key, else default)")
     parser.add_argument("--out", help="run folder (default: runs/<name>)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set students.epochs=2 --set attacks.mope_n=3")
     parser.add_argument("--redact", action="store_true", help="show no record text in the report")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--check", action="store_true", help="validate the configuration and stop")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--check", action="store_true", help="run every check the audit runs before its long work "
+                        "(settings, files, models' folders, device, reading and tokenizing the records), print the "
+                        "resolved configuration and stop")
+    parser.add_argument("--quiet", action="store_true", help="no progress output (transformers' bars included)")
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -51,6 +53,16 @@ def main(args: argparse.Namespace) -> int:
         overrides["device"] = args.device
     cfg = load_config(args.config, args.preset, overrides)
     if args.check:
+        import yaml
+
+        from kdfast.audit.pipeline import prepare
+
+        counts = prepare(cfg)
+        fit = counts.pop("long_prompts")
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), end="")
+        print(f"\ndata: {counts['private']} members, {counts['public']} public, {counts['nonmembers']} non-members; "
+              f"{fit['truncated']} prompt(s) truncated, {fit['dropped']} record(s) dropped over "
+              f"data.max_prompt_len={cfg.data.max_prompt_len} (data.long_prompts={fit['policy']})")
         print(f"configuration '{cfg.name}' is valid")
         return 0
     run_audit(cfg, args.out, progress=not args.quiet)

@@ -12,25 +12,29 @@ saved with its tokenizer under OUT/final (kdfast.models.load_model / from_pretra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import typing
 
+from kdfast.commands._common import add_fields_argument
 from kdfast.data import bundled_records, load_records
 from kdfast.distill import DistillConfig, Distiller, DistillError, make_student
 from kdfast.distill import config as config_module
+from kdfast.io import claim_folder
 from kdfast.models import load_model, load_tokenizer
 
 # Options the command handles itself (not DistillConfig fields).
 _OWN = ("teacher", "student", "student_layers", "student_num_layers", "data", "eval_data", "lm_data", "limit",
-        "config", "trust_remote_code", "teacher_tokenizer")
+        "fields", "config", "trust_remote_code", "teacher_tokenizer")
 
 
 _CHOICES = {"technique": config_module.TECHNIQUES, "loss": config_module.KINDS + config_module.CROSS_KINDS,
             "alignment": config_module.ALIGNMENTS,
             "lr_scheduler": config_module.SCHEDULERS,
-            "vocab": ("error", "intersect"), "replay_ratio": config_module.REPLAY_RATIOS,
-            "teacher_dtype": ("auto", "float32", "bfloat16", "float16"),
+            "vocab": ("error", "intersect"), "long_prompts": ("truncate", "drop", "error"),
+            "replay_ratio": config_module.REPLAY_RATIOS, "teacher_dtype": ("auto", "float32", "bfloat16", "float16"),
             "optim": config_module.OPTIMIZERS, "teacher_quantize": config_module.QUANTIZATIONS,
             "master_weights": config_module.MASTER_WEIGHTS}
 
@@ -53,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--eval-data", help="validation records (DistiLLM's schedule needs them)")
     data.add_argument("--lm-data", help="pretraining text ({'text': ...} records) for the LM-loss term")
     data.add_argument("--limit", type=int, help="use at most this many records of each file")
+    add_fields_argument(data)
     data.add_argument("--config", help="JSON file of DistillConfig fields (options given here override it)")
     options = parser.add_argument_group("training (DistillConfig; unset: the technique's default)")
     hints = typing.get_type_hints(DistillConfig, vars(config_module))
@@ -75,10 +80,10 @@ def _add_field(group, f: dataclasses.Field, hint) -> None:
         group.add_argument(flag, type=kind if kind in (int, float) else str, metavar=kind.__name__.upper(), **kw)
 
 
-def _records(path: str | None, limit: int | None) -> list[dict] | None:
+def _records(path: str | None, limit: int | None, fields: dict | None) -> list[dict] | None:
     if path is None:
         return None
-    records = bundled_records() if path == "bundled" else load_records(path)
+    records = bundled_records() if path == "bundled" else load_records(path, fields)
     return records[:limit] if limit else records
 
 
@@ -92,8 +97,15 @@ def main(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if cfg.out is None:
         raise DistillError("--out is required: the folder for checkpoints, metrics and the final student")
-    train = _records(args.data, args.limit)
-    evals, lm = _records(args.eval_data, args.limit), _records(args.lm_data, args.limit)
+    train = _records(args.data, args.limit, args.fields)
+    evals, lm = _records(args.eval_data, args.limit, args.fields), _records(args.lm_data, args.limit, args.fields)
+    # One writer per --out (rank 0 holds the lock for every process of a launch); it also clears killed runs' temporaries.
+    claim = claim_folder(cfg.out, "--out") if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+    with claim:
+        return _train(args, cfg, train, evals, lm)
+
+
+def _train(args: argparse.Namespace, cfg: DistillConfig, train, evals, lm) -> int:
     teacher = teacher_tok = None
     if cfg.needs_teacher or args.student is None:
         if not args.teacher:
@@ -113,7 +125,8 @@ def main(args: argparse.Namespace) -> int:
     student = student.float()
     distiller = Distiller(teacher if cfg.needs_teacher else None, student, tokenizer, cfg,
                           teacher_tokenizer=teacher_tok if cfg.needs_teacher else None)
-    summary = distiller.train(train, evals, lm)
+    sources = {"train": args.data, "eval": args.eval_data, "lm": args.lm_data}
+    summary = distiller.train(train, evals, lm, sources={k: v for k, v in sources.items() if v})
     if distiller.accelerator.is_main_process:
         print(summary)
     return 0

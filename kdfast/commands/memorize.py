@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdfast.commands._common import add_common_model_options, add_model_argument, load_membership
+from kdfast.commands._common import add_common_model_options, add_fields_argument, add_model_argument, load_membership
 from kdfast.data import RecordError, load_records
 from kdfast.io import atomic_path, atomic_write_json
 
@@ -47,24 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="teacher-conditioned thresholds (comma-separated)")
     parser.add_argument("--batch-size", type=int, default=32, help="records per batch (default 32)")
     parser.add_argument("--limit", type=int, default=None, help="use at most N records of each file")
-    parser.add_argument("--fields", default=None,
-                        help="column names of your file, e.g. 'input=context,response=output' "
-                             "(Dolly-15k: input=context)")
+    add_fields_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_common_model_options(parser)
 
 
-def _fields(text: str | None) -> dict | None:
-    if not text:
-        return None
-    pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
-    if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
-        raise ValueError(f"--fields {text!r}: give name=column pairs separated by commas, e.g. input=context")
-    return {k.strip(): v.strip() for k, v in pairs}
-
-
 def _load(args) -> tuple[list[dict], list[int] | None]:
-    fields = _fields(args.fields)
+    fields = args.fields
     if args.nonmembers:
         records, labels = load_membership(args.records, args.nonmembers, fields)
         if args.limit is not None:

@@ -11,6 +11,9 @@ from kdfast.data.template import prompt_text, target_text
 IGNORE_INDEX = -100
 
 
+LONG_PROMPTS = ("truncate", "drop", "error")  # what to do with a prompt over max_prompt_len (or max_len - 1)
+
+
 @dataclass
 class Encoded:
     """One record's tokens: input_ids [L]; labels [L] aligned with them (prompt positions IGNORE_INDEX)."""
@@ -18,17 +21,19 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     prompt_len: int
+    truncated: bool = False  # the prompt's beginning was cut (long_prompts="truncate")
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
 
 def encode(tokenizer, record: dict, max_len: int | None = None, max_prompt_len: int | None = None,
-           add_eos: bool = True, where: str = "record") -> Encoded:
+           add_eos: bool = True, where: str = "record", long_prompt: str = "error") -> Encoded:
     """Tokenize a record: the prompt (with the tokenizer's special tokens) then the target text (+ EOS).
 
-    The response is cut to fit max_len; a prompt longer than max_prompt_len (or leaving no room for a
-    response under max_len) raises RecordError.
+    The response is cut to fit max_len. A prompt longer than max_prompt_len (or leaving no room for a response
+    under max_len) raises RecordError, or with long_prompt="truncate" keeps its end, next to the response marker
+    (a leading BOS stays), as TRL truncates prompts.
     """
     prompt = prompt_text(record)
     prompt_ids = tokenizer(prompt)["input_ids"] if prompt else _bos(tokenizer)
@@ -37,20 +42,25 @@ def encode(tokenizer, record: dict, max_len: int | None = None, max_prompt_len: 
         target_ids = target_ids + [tokenizer.eos_token_id]
     if not target_ids:
         raise RecordError(f"{where}: the response tokenizes to nothing; remove the record")
-    if max_prompt_len is not None and len(prompt_ids) > max_prompt_len:
-        raise RecordError(f"{where}: prompt has {len(prompt_ids)} tokens > max_prompt_len={max_prompt_len}; "
-                          "raise max_prompt_len or drop long records (encode_all(..., drop_long=True))")
+    limit = min(max_prompt_len or len(prompt_ids), max_len - 1 if max_len else len(prompt_ids))
+    truncated = len(prompt_ids) > limit
+    if truncated and long_prompt == "truncate" and prompt:
+        head = prompt_ids[:1] if prompt_ids[:1] == _bos(tokenizer) else []
+        prompt_ids = head + prompt_ids[len(prompt_ids) - (limit - len(head)):]
+    elif truncated:
+        over = (f"> max_prompt_len={max_prompt_len}" if max_prompt_len and len(prompt_ids) > max_prompt_len
+                else f"leaving no room for the response under max_len={max_len}")
+        raise RecordError(f"{where}: prompt has {len(prompt_ids)} tokens {over}; raise the limit (kdfast distill "
+                          "--max-prompt-len/--max-len, the audit's data.max_prompt_len/data.max_len), or set "
+                          "long_prompts to truncate (keep the prompt's end) or drop (--long-prompts, data.long_prompts)")
     if max_len is not None:
-        if len(prompt_ids) >= max_len:
-            raise RecordError(f"{where}: prompt has {len(prompt_ids)} tokens, leaving no room for the response "
-                              f"under max_len={max_len}; raise max_len or drop long records")
         target_ids = target_ids[: max_len - len(prompt_ids)]
     ids = prompt_ids + target_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + target_ids
     # The first token of a sequence has no context to be predicted from; labelling it would let a left pad
     # position "predict" it after next_token_targets' shift.
     labels[0] = IGNORE_INDEX
-    return Encoded(ids, labels, len(prompt_ids))
+    return Encoded(ids, labels, len(prompt_ids), truncated and long_prompt == "truncate")
 
 
 def _bos(tokenizer) -> list[int]:
@@ -58,15 +68,21 @@ def _bos(tokenizer) -> list[int]:
 
 
 def encode_all(tokenizer, records: list[dict], max_len: int | None = None, max_prompt_len: int | None = None,
-               drop_long: bool = False, add_eos: bool = True) -> tuple[list[Encoded], list[int]]:
-    """Encode many records; returns (encoded, indices of the records kept). drop_long skips over-long prompts."""
+               long_prompts: str = "error", add_eos: bool = True) -> tuple[list[Encoded], list[int]]:
+    """Encode many records; returns (encoded, indices of the records kept). long_prompts: see LONG_PROMPTS
+    ("drop" skips the records a long prompt would raise for). Errors name the record's file and line when it
+    was read from one (Record.where), else its position."""
+    if long_prompts not in LONG_PROMPTS:
+        raise ValueError(f"long_prompts={long_prompts!r}: choose one of {', '.join(LONG_PROMPTS)}")
     out, kept = [], []
+    policy = "error" if long_prompts == "drop" else long_prompts
     for i, record in enumerate(records):
         try:
-            out.append(encode(tokenizer, record, max_len, max_prompt_len, add_eos, where=f"record {i}"))
+            out.append(encode(tokenizer, record, max_len, max_prompt_len, add_eos,
+                              getattr(record, "where", f"record {i}"), policy))
             kept.append(i)
         except RecordError:
-            if not drop_long:
+            if long_prompts != "drop":
                 raise
     return out, kept
 

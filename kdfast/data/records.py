@@ -15,12 +15,43 @@ class RecordError(ValueError):
     """A record that cannot be used: names the file, the line (or row) and the fix."""
 
 
+class Record(dict):
+    """A record (a plain dict to every reader, JSON and hashes) that remembers where it was read: `where` is
+    "FILE: line N" for the errors of later stages (tokenization) to name the user's file and line."""
+
+    where: str = "record"
+
+    def __init__(self, values: dict, where: str):
+        super().__init__(values)
+        self.where = where
+
+
 def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+    # utf-8-sig: a CSV saved by Excel starts with a byte-order mark, which would stick to the first column's name
+    return gzip.open(path, "rt", encoding="utf-8-sig") if path.suffix == ".gz" else open(path, encoding="utf-8-sig")
+
+
+def _locate_decode_error(path: Path) -> RecordError:
+    """The line of the first byte that is not UTF-8, and how to fix the file."""
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return RecordError(f"{path}: line {n} is not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1});"
+                                   " save the file as UTF-8, e.g. iconv -f latin1 -t utf-8 FILE > NEW_FILE")
+    return RecordError(f"{path}: not UTF-8 text; save the file as UTF-8")
 
 
 def _raw_rows(path: Path) -> Iterator[tuple[str, object]]:
     """(where, row) pairs; `where` is "line N" or "row N" for the error messages."""
+    try:
+        yield from _rows(path)
+    except UnicodeDecodeError as e:
+        raise _locate_decode_error(path) from None
+
+
+def _rows(path: Path) -> Iterator[tuple[str, object]]:
     suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
     if suffix == ".jsonl":
         with _open_text(path) as f:
@@ -66,13 +97,14 @@ def normalize(row: object, fields: dict[str, str] | None = None, where: str = "r
         text = get("text")
         if not isinstance(text, str) or not text.strip():
             raise RecordError(f"{where}: 'text' is empty; remove the record or fill it in")
-        return {"text": text}
+        return Record({"text": text}, where)
     missing = [name for name in ("instruction", "response") if get(name) is None]
     if missing:
         have = ", ".join(sorted(map(str, row))) or "nothing"
         raise RecordError(f"{where}: missing field(s) {missing} (the record has {have}); "
-                          "map your column names with fields={'instruction': ..., 'response': ...}")
-    record = {}
+                          "map your column names with --fields instruction=COLUMN,response=COLUMN (the audit: "
+                          "data.fields: {instruction: COLUMN, response: COLUMN})")
+    record = Record({}, where)
     for name in INSTRUCTION_FIELDS:
         value = get(name)
         if value is None:

@@ -60,6 +60,10 @@ def study_split(train: list[dict], validation: list[dict] | None = None, *, vali
     crossed = len(validation) - len(nonmembers)
     half = len(train) // 2
     private, public = train[:half], train[half:]
+    if validation and not nonmembers:
+        raise ValueError(f"every one of the {len(validation)} validation (non-member) records is also in the training "
+                         "source: the two overlap entirely; give non-members that are not in the source (the audit's "
+                         "data.validation), or leave data.validation unset to hold some of the source out")
     if not private or not public or not nonmembers:
         raise ValueError(f"not enough records for a study: {len(train)} train and {len(validation)} validation "
                          "records after de-duplication; give at least 3 distinct records")

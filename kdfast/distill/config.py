@@ -79,7 +79,8 @@ class DistillConfig:
     # data
     max_len: int = _help("longest prompt + response in tokens; responses are cut to fit", default=512)
     max_prompt_len: int | None = _help("longest prompt in tokens (None: max_len // 2, 256 for 512)", default=None)
-    drop_long: bool = _help("drop records whose prompt is too long instead of raising", default=False)
+    long_prompts: str = _help("a prompt over max_prompt_len: truncate (keep its end, next to the response), drop "
+                              "the record, or error", default="truncate")
     # divergence
     loss: str | None = _help("divergence kind: fkl, rkl, jsd, skl, srkl, tvd (kd: fkl, gkd: jsd, distillm: srkl)",
                              default=None)
@@ -171,6 +172,7 @@ class DistillConfig:
         self._check_cross()
         _choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
         _choice("vocab", self.vocab, ("error", "intersect"))
+        _choice("long_prompts", self.long_prompts, ("truncate", "drop", "error"))
         _choice("replay_ratio", self.replay_ratio, REPLAY_RATIOS)
         _choice("teacher_dtype", self.teacher_dtype, ("auto", "float32", "bfloat16", "float16", None))
         _choice("optim", self.optim, OPTIMIZERS)

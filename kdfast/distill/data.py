@@ -10,26 +10,32 @@ from kdfast.data import IGNORE_INDEX, Encoded, RecordError, encode_all, next_tok
 from kdfast.distill.config import DistillError
 
 
-def encode_records(tokenizer, records: list[dict], max_len: int, max_prompt_len: int | None, drop_long: bool,
-                   what: str = "training") -> list[Encoded]:
+def encode_records(tokenizer, records: list[dict], max_len: int, max_prompt_len: int | None,
+                   long_prompts: str = "error", what: str = "training") -> list[Encoded]:
     """Instruction records -> Encoded (prompt labels masked, EOS appended); bad records raise RecordError.
 
-    With drop_long, records whose prompt is too long are dropped with a warning giving the count.
+    long_prompts: "error" raises on a prompt over max_prompt_len, "truncate" keeps its end, "drop" skips the
+    record; truncated or dropped records are counted in a warning.
     """
     if not records:
         raise DistillError(f"no {what} records given")
-    rows = [normalize(r, where=f"{what} record {i}") for i, r in enumerate(records)]
+    rows = [normalize(r, where=getattr(r, "where", f"{what} record {i}")) for i, r in enumerate(records)]
     texts = [i for i, r in enumerate(rows) if "text" in r]
     if texts:
         raise RecordError(f"{what} record {texts[0]} is a {{'text'}} record; {what} records need 'instruction' and "
                           "'response' (plain text goes in lm_records)")
-    encoded, kept = encode_all(tokenizer, rows, max_len, max_prompt_len, drop_long=drop_long)
+    encoded, kept = encode_all(tokenizer, rows, max_len, max_prompt_len, long_prompts=long_prompts)
     if not encoded:
         raise RecordError(f"every {what} record has a prompt longer than max_prompt_len={max_prompt_len} / "
                           f"max_len={max_len}; raise the limits")
+    limits = f"max_prompt_len={max_prompt_len} or leaves no room under max_len={max_len}"
     if len(kept) < len(rows):
-        warnings.warn(f"dropped {len(rows) - len(kept)} of {len(rows)} {what} records whose prompt exceeds "
-                      f"max_prompt_len={max_prompt_len} or leaves no room under max_len={max_len}", stacklevel=3)
+        warnings.warn(f"dropped {len(rows) - len(kept)} of {len(rows)} {what} records whose prompt exceeds {limits}",
+                      stacklevel=3)
+    cut = sum(e.truncated for e in encoded)
+    if cut:
+        warnings.warn(f"truncated the prompt of {cut} of {len(rows)} {what} records (kept its end) as it exceeds "
+                      f"{limits}", stacklevel=3)
     return encoded
 
 

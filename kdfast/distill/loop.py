@@ -9,6 +9,7 @@ import os
 import time
 import warnings
 import dataclasses
+import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -131,21 +132,26 @@ class Distiller:
 
     def train(self, train_records: list[dict], eval_records: list[dict] | None = None,
               lm_records: list[dict] | None = None, *,
-              on_step: Callable[[int, dict], bool | None] | None = None) -> DistillSummary:
+              on_step: Callable[[int, dict], bool | None] | None = None,
+              sources: dict[str, str] | None = None) -> DistillSummary:
         """Train on `train_records` (instruction records) and save the student under <out>/final.
 
         eval_records (optional) give the validation loss, evaluated every eval_every steps (DistiLLM's schedule
         needs them); lm_records ({"text"} records) add the pretraining-text term. on_step(step, metrics) is called
         after every step; returning True stops the run after a checkpoint (resume=True continues it). A finished
-        run in `out` is not repeated: resume=True returns its summary.
+        run in `out` is not repeated: resume=True returns its summary. sources ({"train": file name, ...}) name the
+        records in the error a resume on other records raises.
         """
         cfg, acc = self.cfg, self.accelerator
         started = time.perf_counter()
         out = Path(cfg.out) if cfg.out else None
+        if out is not None and acc.is_main_process:
+            _check_same_records(out, {"train": train_records, "eval": eval_records, "lm": lm_records},
+                                sources or {}, cfg.resume)
         if out is not None and cfg.resume and (out / "summary.json").exists() and (out / "final").exists():
             return DistillSummary(**json.loads((out / "summary.json").read_text()))
         run = self._start(train_records, lm_records, out)
-        evals = encode_records(self.tokenizer, eval_records, cfg.max_len, cfg.max_prompt_len, cfg.drop_long,
+        evals = encode_records(self.tokenizer, eval_records, cfg.max_len, cfg.max_prompt_len, cfg.long_prompts,
                                "eval") if eval_records else None
         if (cfg.technique == "distillm" and not evals and cfg.student_gen_fraction is None
                 and cfg.init_threshold == 0):
@@ -199,9 +205,10 @@ class Distiller:
     def _start(self, train_records, lm_records, out: Path | None) -> RunContext:
         cfg, acc = self.cfg, self.accelerator
         if out is not None and not cfg.resume and (latest_checkpoint(out) is not None or (out / "final").exists()):
-            raise DistillError(f"{out} already holds a run; pass resume=True to continue it or choose another folder")
+            raise DistillError(f"{out} already holds a run; pass resume=True (kdfast distill --resume) to continue it or "
+                               "choose another folder (--out)")
         set_seed(cfg.seed)
-        train = encode_records(self.tokenizer, train_records, cfg.max_len, cfg.max_prompt_len, cfg.drop_long)
+        train = encode_records(self.tokenizer, train_records, cfg.max_len, cfg.max_prompt_len, cfg.long_prompts)
         lm = encode_texts(self.tokenizer, lm_records, cfg.max_len) if lm_records else None
         if cfg.disable_dropout:
             _disable_dropout(self.student)
@@ -430,6 +437,25 @@ def _check_same_run(saved: dict, now: dict, path: Path) -> None:
         text = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
         raise DistillError(f"cannot resume {path} with a different configuration ({text}); use the saved settings "
                            "or start a new run in another folder")
+
+
+def _check_same_records(out: Path, records: dict[str, list | None], sources: dict[str, str], resume: bool) -> None:
+    """A resumed run trains on the records it started with: their hashes are saved in out/records.json."""
+    now = {k: {"hash": hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:16],
+               "source": sources.get(k, f"the {k} records given")} for k, v in records.items() if v}
+    path = out / "records.json"
+    if resume and path.exists():
+        saved = json.loads(path.read_text())
+        for key in saved.keys() | now.keys():
+            a, b = saved.get(key), now.get(key)
+            if (a or {}).get("hash") != (b or {}).get("hash"):
+                was = f"{a['source']} (records {a['hash']})" if a else "none"
+                given = f"{b['source']} (records {b['hash']})" if b else "none"
+                raise DistillError(f"cannot resume {out}: it trained on {key} data {was}, now given {given}; resume "
+                                   "with the same records, or start a new run in another --out")
+        return
+    if resume or not (latest_checkpoint(out) is not None or (out / "final").exists()):  # else _start refuses
+        atomic_write_json(path, now)
 
 
 def _norm(value):

@@ -117,9 +117,9 @@ def sparse_divergence_fwd_bwd(student: torch.Tensor, teacher_ids: torch.Tensor, 
 def check_tail(kind: str, tail: str) -> None:
     check_choice("tail", tail, TAILS)
     if tail == "renorm" and kind != "fkl":
-        raise ValueError(f"tail='renorm' is defined for kind='fkl' only (got {kind!r}): renormalizing the teacher "
-                         f"over its top-k leaves no teacher probability outside them, which every other kind needs; "
-                         f"use tail='bucket'")
+        raise ValueError(f"tail='renorm' is defined for kind='fkl' only (got {kind!r}): the renormalized teacher "
+                         f"has probability 0 outside its top-k ids, where the student's q is positive, and every "
+                         f"other kind scores q there (rkl would be infinite); use tail='bucket'")
 
 
 def _triton_pass(student, ids, lp, labels, gs, scales, *, kind, tail, mix, temperature, ignore_index, hard):

@@ -202,3 +202,59 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, top_k: 
     per_token = uld(student_logits, teacher_logits, top_k, temperature, student_log_scale, teacher_log_scale)
     valid = torch.ones_like(per_token, dtype=torch.bool) if labels is None else labels != ignore_index
     return reduce(per_token, valid, reduction)
+
+
+SPARSE_TAILS = ("bucket", "renorm")
+
+
+def sparse_outcomes(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                    tail: str = "bucket", temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log Q, log P) over the outcomes a sparse teacher defines, from the full student softmax at T.
+
+    student_logits [..., V], teacher_ids [..., k] (distinct ids < V), teacher_logprobs [..., k] (log p under the
+    teacher's full softmax at T). bucket: k+1 outcomes S ∪ {rest}, p_rest = 1 − Σ_S p, q_rest = Σ_{v∉S} q_v;
+    renorm: the k outcomes of S with p renormalized over S and q the student's own (unrenormalized) probabilities.
+    """
+    s = _float(student_logits) / temperature
+    log_q = torch.log_softmax(s, dim=-1)
+    ids = teacher_ids.long()
+    lq_s = log_q.gather(-1, ids)
+    lp_s = teacher_logprobs.to(log_q.dtype)
+    if tail == "renorm":
+        return lq_s, lp_s - torch.logsumexp(lp_s, dim=-1, keepdim=True)
+    outside = log_q.scatter(-1, ids, -math.inf)
+    lq_rest = torch.logsumexp(outside, dim=-1, keepdim=True)
+    lp_rest = (1 - lp_s.exp().sum(-1, keepdim=True)).clamp_min(0).log()
+    return torch.cat([lq_s, lq_rest], -1), torch.cat([lp_s, lp_rest], -1)
+
+
+def sparse_distill_loss(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    kind: str = "fkl",
+    tail: str = "bucket",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    scale_by_t2: bool = False,
+) -> torch.Tensor:
+    """The dense divergence (docs/design.md §3) on the outcomes of sparse_outcomes (log-probabilities are their own logits).
+
+    renorm is defined for fkl only: every other kind needs the teacher's probabilities outside S.
+    """
+    if tail == "renorm" and kind != "fkl":
+        raise ValueError(f"tail='renorm' is defined for kind='fkl' only, got {kind!r}")
+    log_q, log_p = sparse_outcomes(student_logits, teacher_ids, teacher_logprobs, tail, temperature)
+    if tail == "renorm":
+        live = torch.isfinite(log_q) & torch.isfinite(log_p)
+        lq, lp = torch.where(live, log_q, 0.0), torch.where(live, log_p, 0.0)
+        per_token = _kl_terms(lp.exp(), lp, lq, live)
+    else:
+        per_token = divergence(log_q, log_p, kind, beta, alpha)
+    valid = torch.ones_like(per_token, dtype=torch.bool) if labels is None else labels != ignore_index
+    out = reduce(per_token, valid, reduction)
+    return out * temperature**2 if scale_by_t2 else out

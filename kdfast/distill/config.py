@@ -153,6 +153,13 @@ class DistillConfig:
     master_weights: str = _help("fp32 (weights fp32, bf16/fp16 autocast) or bf16 (pure bf16 student: weights, "
                                 "grads and optimizer states; half the memory, updates below bf16's resolution "
                                 "are lost)", default="fp32")
+    # training from cached teacher logits (kdfast cache-teacher; kdfast/distill/teacher_cache.py)
+    teacher_cache: str | None = _help("folder of cached top-k teacher log-probs (kdfast cache-teacher): train with "
+                                      "no teacher loaded (kd, seqkd; gkd/distillm with student_gen_fraction=0)",
+                                      default=None)
+    teacher_cache_tail: str = _help("how the cached top-k meets the student's softmax: bucket (top-k + the rest, "
+                                    "every loss) or renorm (teacher renormalized over its top-k, fkl only)",
+                                    default="bucket")
 
     def __post_init__(self):
         if self.technique not in TECHNIQUES:
@@ -214,6 +221,7 @@ class DistillConfig:
         if self.technique == "sft" and (self.kd_ratio or self.student_gen_fraction or self.lm_kd_ratio):
             raise DistillError("sft trains without a teacher: kd_ratio, lm_kd_ratio and student_gen_fraction "
                                "must be 0 (use technique='kd' to distill)")
+        _check_teacher_cache(self)
 
     def _check_cross(self) -> None:
         _choice("alignment", self.alignment, ALIGNMENTS)
@@ -239,7 +247,7 @@ class DistillConfig:
 
     @property
     def needs_teacher(self) -> bool:
-        return self.technique != "sft"
+        return self.technique != "sft" and self.teacher_cache is None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -265,3 +273,24 @@ def _choice(name: str, value, choices) -> None:
 def _unit(name: str, value: float) -> None:
     if not (0.0 <= value <= 1.0) or math.isnan(value):
         raise DistillError(f"{name} must lie in [0, 1], got {value}")
+
+
+def _check_teacher_cache(cfg: DistillConfig) -> None:
+    """A cache holds the teacher on the records' own responses: no technique may ask it about other sequences."""
+    _choice("teacher_cache_tail", cfg.teacher_cache_tail, ("bucket", "renorm"))
+    if cfg.teacher_cache is None:
+        return
+    if cfg.teacher_cache_tail == "renorm" and cfg.loss != "fkl":
+        raise DistillError(f"teacher_cache_tail='renorm' supports loss='fkl' only (got {cfg.loss!r}); use 'bucket'")
+    if cfg.technique in ("sft", "imitkd", "minillm"):
+        raise DistillError(f"technique {cfg.technique!r} cannot train from teacher_cache: "
+                           + ("sft uses no teacher" if cfg.technique == "sft" else
+                              "it needs the teacher on student-generated sequences")
+                           + "; cached training supports kd, seqkd, gkd and distillm")
+    if cfg.student_gen_fraction != 0:
+        shown = "adaptive (None)" if cfg.student_gen_fraction is None else cfg.student_gen_fraction
+        raise DistillError(f"teacher_cache holds the teacher on the records' responses only, but "
+                           f"student_gen_fraction is {shown} (gkd's default is 0.5, distillm's adaptive): set "
+                           f"student_gen_fraction=0 (--student-gen-fraction 0) to train on the ground-truth batches")
+    if cfg.lm_kd_ratio:
+        raise DistillError("teacher_cache does not cover lm_records: set lm_kd_ratio=0")

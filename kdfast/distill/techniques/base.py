@@ -111,6 +111,13 @@ class DivergenceTechnique(Technique):
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
         self.buffer = ReplayBuffer(self.cfg.buffer_size) if self.cfg.buffer_size > 0 else None
+        self.cache = None
+
+    def prepare(self) -> None:
+        if self.cfg.teacher_cache:
+            from kdfast.distill.teacher_cache import open_for_training
+
+            self.cache = open_for_training(self.ctx)
 
     def micro_batch(self, step: int, micro: int) -> MicroBatch:
         examples = self.ctx.take(self.cfg.batch_size)
@@ -138,10 +145,19 @@ class DivergenceTechnique(Technique):
         else:
             batch = self.ctx.collate(mb.seqs)
             student = forward_rows(model, batch, cfg.fused)
-            teacher = self.ctx.teacher_rows(batch) if cfg.kd_ratio > 0 else None
-            total = divergence_sum(student, teacher, batch["targets"][valid(batch)], kind=cfg.loss,
-                                   soft=cfg.kd_ratio, hard=1.0 - cfg.kd_ratio, beta=cfg.beta, alpha=cfg.skew_alpha,
-                                   temperature=cfg.temperature, vocab=cfg.vocab, chunk_size=cfg.chunk_size)
+            targets = batch["targets"][valid(batch)]
+            if self.cache is not None and cfg.kd_ratio > 0:
+                from kdfast.distill.teacher_cache import cached_divergence_sum
+
+                total = cached_divergence_sum(self.cache, mb.seqs, student, targets, kind=cfg.loss,
+                                              tail=cfg.teacher_cache_tail, soft=cfg.kd_ratio, hard=1.0 - cfg.kd_ratio,
+                                              beta=cfg.beta, alpha=cfg.skew_alpha, temperature=cfg.temperature,
+                                              chunk_size=cfg.chunk_size)
+            else:
+                teacher = self.ctx.teacher_rows(batch) if cfg.kd_ratio > 0 else None
+                total = divergence_sum(student, teacher, targets, kind=cfg.loss, soft=cfg.kd_ratio,
+                                       hard=1.0 - cfg.kd_ratio, beta=cfg.beta, alpha=cfg.skew_alpha,
+                                       temperature=cfg.temperature, vocab=cfg.vocab, chunk_size=cfg.chunk_size)
         loss = total / max(totals["tokens"], 1.0)
         return self.add_lm_loss(model, mb.lm, totals, loss, {"objective": loss.detach()})
 

@@ -53,7 +53,7 @@ def assert_grad_close(got, want, dtype):
 
 
 def one_token(s, ids, lp, kind, tail, beta, alpha, T):
-    """The divergence of one token from plain Python floats: the k (+1) outcomes, then the spec §3 formula."""
+    """The divergence of one token from plain Python floats: the k (+1) outcomes, then the docs/design.md §3 formula."""
     z = [v / T for v in s]
     m = max(z)
     lse = m + math.log(sum(math.exp(v - m) for v in z if v > -math.inf))

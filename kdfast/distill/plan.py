@@ -1,0 +1,352 @@
+"""Memory of one distillation step predicted from the two models' configs (no weights), and the levers that fit it.
+
+The model (spec §10): parameters are counted on a meta-device instance of each config (exact, any HF family);
+bytes per parameter follow the levers; activations are the tensors each block saves for backward, per token,
+from the block's widths; the loss workspace is the fused op's chunk (or the materialized logits). The peak is
+static memory plus the larger of the forward peak (activations + teacher forward + loss workspace) and the
+backward/optimizer peak (gradients + optimizer temporaries). benchmarks/bench_distill_memory.py checks it.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdfast.distill.optim import MASTER_WEIGHTS, OPTIMIZERS
+from kdfast.lora import DEFAULT_TARGETS as LORA_TARGETS
+from kdfast.models import QUANTIZATIONS, ModelError, tiny_config
+
+GB = 1 << 30
+# CUDA context, cuBLAS workspaces and allocator slack on a GPU (measured: ~0.5-0.9 GB on an H100/H200).
+CUDA_RESERVE = 768 << 20
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 (double quant) + fp32 per 256 absmax
+BNB_MIN_8BIT = 4096  # bitsandbytes keeps 32-bit states for smaller tensors
+# The levers in the order of their cost to speed or accuracy (cheapest first), as `plan` suggests them.
+LEVERS = ({"optim": "adamw_8bit"}, {"gradient_checkpointing": True}, {"teacher_quantize": "int8"},
+          {"teacher_quantize": "nf4"}, {"master_weights": "bf16"}, {"lora_rank": 16})
+PART_NAMES = {"teacher_weights": "teacher weights", "student_weights": "student weights",
+              "gradients": "student gradients", "optimizer": "optimizer states", "activations": "student activations",
+              "loss_workspace": "logits / loss workspace", "teacher_forward": "teacher forward workspace",
+              "optimizer_step": "optimizer step temporaries", "reserve": "framework reserve"}
+
+
+@dataclass
+class MemoryPlan:
+    """Predicted peak of one training step: `parts` in bytes (the peak's terms), their sum `total_bytes`.
+
+    Only one of (activations + loss_workspace + teacher_forward) and (gradients + optimizer_step) is resident at
+    the peak; `parts` lists both and `total_bytes` counts the larger (see `phase`).
+    """
+
+    parts: dict[str, int]
+    settings: dict
+    phase: str
+    budget: int | None = None
+    suggestion: dict | None = None
+    suggestion_bytes: int | None = None
+    params: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        p = self.parts
+        forward = p["activations"] + p["loss_workspace"] + p["teacher_forward"]
+        backward = p["gradients"] + p["optimizer_step"]
+        return (p["teacher_weights"] + p["student_weights"] + p["optimizer"] + p["reserve"]
+                + max(forward, backward))
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.budget is None else self.total_bytes <= self.budget
+
+    def to_dict(self) -> dict:
+        return {"total_bytes": self.total_bytes, "parts": dict(self.parts), "phase": self.phase,
+                "settings": self.settings, "params": self.params, "budget_bytes": self.budget, "fits": self.fits,
+                "suggestion": self.suggestion, "suggestion_bytes": self.suggestion_bytes}
+
+    def table(self) -> str:
+        """The parts as a text table with totals, the budget verdict and the suggested levers."""
+        peak_phase = {"forward": ("activations", "loss_workspace", "teacher_forward"),
+                      "backward": ("gradients", "optimizer_step")}
+        off = peak_phase["backward" if self.phase == "forward" else "forward"]
+        lines = [f"{'part':<30} {'GB':>8}"]
+        for key, value in self.parts.items():
+            mark = "  (not at the peak)" if key in off else ""
+            lines.append(f"{PART_NAMES[key]:<30} {value / GB:>8.2f}{mark}")
+        lines.append(f"{'peak (' + self.phase + ')':<30} {self.total_bytes / GB:>8.2f}")
+        if self.budget is not None:
+            verdict = "fits" if self.fits else "does not fit"
+            lines.append(f"budget {self.budget / GB:.2f} GB: {verdict}")
+            if not self.fits:
+                lines.append("levers that fit: " + _describe(self.suggestion) + f" ({self.suggestion_bytes / GB:.2f} GB)"
+                             if self.suggestion else "no combination of levers fits this budget; "
+                             "lower batch_size or seq_len")
+        return "\n".join(lines)
+
+
+def load_config(spec: str):
+    """The config of anything load_model takes (tiny:<family>, a folder, a config.json, a hub id), no weights."""
+    from transformers import AutoConfig
+
+    spec = str(spec)
+    if spec.startswith("tiny:"):
+        return tiny_config(spec.split(":", 1)[1])
+    path = Path(spec)
+    if path.is_file() and path.suffix == ".json":
+        values = json.loads(path.read_text())
+        return AutoConfig.for_model(values.pop("model_type"), **values) if "model_type" in values else \
+            _fail(f"{path} has no model_type; give an HF config.json")
+    if spec.startswith((".", "/", "~")) and not path.exists():
+        raise ModelError(f"model folder or config {spec} not found")
+    try:
+        return AutoConfig.from_pretrained(spec)
+    except OSError as e:
+        raise ModelError(f"could not read the config of {spec!r} (offline? give a local folder or config.json): "
+                         f"{e}") from e
+
+
+def _fail(message: str):
+    raise ModelError(message)
+
+
+def plan_memory(teacher_config, student_config, *, batch_size: int = 1, seq_len: int = 2048,
+                teacher_quantize: str | None = None, optim: str = "adamw", gradient_checkpointing: bool = False,
+                lora_rank: int = 0, lora_targets: str = LORA_TARGETS, master_weights: str = "fp32",
+                fused: bool = True, device: str = "cuda", autocast: bool | None = None,
+                budget: int | str | None = None) -> MemoryPlan:
+    """The predicted peak memory of one distillation step (a MemoryPlan), from HF configs only.
+
+    teacher_config / student_config: transformers configs or dicts (with model_type); teacher_config None: sft.
+    batch_size × seq_len tokens per micro-batch, every token a target (an upper bound). device "cuda" (bf16
+    autocast, bf16 teacher, CUDA reserve) or "cpu" (fp32 throughout, no reserve, as the trainer does there).
+    budget: bytes or text like "24GB"; when given and not met, the cheapest lever set that fits is suggested.
+    """
+    settings = dict(batch_size=batch_size, seq_len=seq_len, teacher_quantize=teacher_quantize, optim=optim,
+                    gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank, lora_targets=lora_targets,
+                    master_weights=master_weights, fused=fused, device=device, autocast=autocast)
+    _check_settings(settings)
+    teacher = None if teacher_config is None else _shape(_as_config(teacher_config), lora_targets)
+    student = _shape(_as_config(student_config), lora_targets)
+    plan = _plan(teacher, student, settings)
+    plan.budget = parse_bytes(budget) if budget is not None else None
+    if plan.fits is False:
+        plan.suggestion, plan.suggestion_bytes = _cheapest_fit(teacher, student, settings, plan.budget)
+    return plan
+
+
+def parse_bytes(text: int | str) -> int:
+    """24GB, 24 GiB, 16000MB, 1.5e9 -> bytes (GB and GiB both mean 2^30, as GPU cards are labelled)."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kmgt]i?b?)?\s*", str(text).lower())
+    if not m:
+        raise ValueError(f"cannot read the memory budget {text!r}; write it like 24GB or 16000MB")
+    unit = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}.get((m.group(2) or "b")[0], 1)
+    return int(float(m.group(1)) * unit)
+
+
+# --- shapes -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Shape:
+    """What the arithmetic needs of one model: parameter counts by kind and the block widths."""
+
+    hidden: int
+    layers: int
+    inter: int
+    heads: int
+    kv_dim: int
+    vocab: int
+    gated: bool
+    block_linear: int        # weights of the blocks' linear layers (what bitsandbytes quantizes)
+    other: int               # embeddings, norms, biases, head
+    head: int                # the output head's weight (0 when tied to the embeddings)
+    big_tensors: int         # parameters in tensors of >= 4096 elements
+    largest: int             # elements of the largest parameter tensor
+    lora: int                # LoRA adapter parameters at rank 1 (scale by the rank)
+    matrix_rows_cols: int    # sum of rows + cols over the matrices (Adafactor's factored state)
+    vectors: int             # parameters in 1-D tensors
+
+    @property
+    def total(self) -> int:
+        return self.block_linear + self.other
+
+
+def _as_config(config):
+    if isinstance(config, dict):
+        from transformers import AutoConfig
+
+        values = dict(config)
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+    return config
+
+
+def _shape(config, lora_targets: str) -> _Shape:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    blocks = _blocks(model)
+    linear = sum(m.weight.numel() for m in blocks.modules() if _is_linear(m))
+    params = list(model.parameters())  # tied weights appear once
+    head = model.get_output_embeddings()
+    embed = model.get_input_embeddings()
+    head_n = 0 if head is None or head.weight is embed.weight else head.weight.numel()
+    suffixes = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
+    lora = sum(_in_out(m) for name, m in model.named_modules() if name.endswith(suffixes) and _is_linear(m))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = text.hidden_size
+    heads = text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    inter = (getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None)
+             or getattr(text, "n_inner", None) or 4 * hidden)
+    gated = any(n.endswith("gate_proj") for n, _ in blocks.named_modules())
+    return _Shape(hidden=hidden, layers=len(blocks), inter=inter, heads=heads, kv_dim=kv * (hidden // heads),
+                  vocab=text.vocab_size, gated=gated, block_linear=linear,
+                  other=sum(p.numel() for p in params) - linear, head=head_n,
+                  big_tensors=sum(p.numel() for p in params if p.numel() >= BNB_MIN_8BIT),
+                  largest=max(p.numel() for p in params), lora=lora,
+                  matrix_rows_cols=sum(sum(p.shape) for p in params if p.ndim >= 2),
+                  vectors=sum(p.numel() for p in params if p.ndim < 2))
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    from kdfast.models import transformer_blocks
+
+    return transformer_blocks(model)
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"  # GPT-2's linears are Conv1D
+
+
+def _in_out(m: nn.Module) -> int:
+    rows, cols = m.weight.shape
+    return rows + cols
+
+
+# --- arithmetic -------------------------------------------------------------------------------------------------
+
+
+def _plan(teacher: _Shape | None, student: _Shape, s: dict) -> MemoryPlan:
+    cuda = s["device"] != "cpu"
+    half = s["autocast"] if s["autocast"] is not None else cuda  # the trainer's bf16 default
+    e = 2 if half or s["master_weights"] == "bf16" else 4      # bytes of a compute-dtype activation
+    w = 2 if s["master_weights"] == "bf16" else 4              # bytes of a student parameter
+    tokens = s["batch_size"] * s["seq_len"]
+    trainable = s["lora_rank"] * student.lora if s["lora_rank"] else student.total
+    parts = dict.fromkeys(PART_NAMES, 0)
+    if teacher is not None:
+        parts["teacher_weights"] = _teacher_bytes(teacher, s["teacher_quantize"], 2 if cuda else 4)
+        parts["teacher_forward"] = _teacher_forward(teacher, s, tokens, 2 if cuda or s["teacher_quantize"] else 4)
+    parts["student_weights"] = student.total * w + (trainable * w if s["lora_rank"] else 0)
+    parts["gradients"] = trainable * w
+    parts["optimizer"] = _optimizer_bytes(student, trainable, s, w)
+    # one tensor's worth of temporaries while the optimizer steps (the for-loop AdamW / 8-bit update)
+    parts["optimizer_step"] = 2 * min(student.largest, trainable) * 4
+    parts["activations"] = _activations(student, s, tokens, e, w)
+    parts["loss_workspace"] = _loss_workspace(student, teacher, s, tokens, e)
+    parts["reserve"] = CUDA_RESERVE if cuda else 0
+    forward = parts["activations"] + parts["loss_workspace"] + parts["teacher_forward"]
+    phase = "forward" if forward >= parts["gradients"] + parts["optimizer_step"] else "backward"
+    params = {"teacher": 0 if teacher is None else teacher.total, "student": student.total, "trainable": trainable}
+    return MemoryPlan({k: int(v) for k, v in parts.items()}, s, phase, params=params)
+
+
+def _teacher_bytes(t: _Shape, quantize: str | None, dtype_bytes: int) -> float:
+    if quantize == "nf4":
+        return t.block_linear * NF4_BYTES + t.other * dtype_bytes
+    if quantize == "int8":
+        return t.block_linear * 1 + 4 * t.layers * (4 * t.hidden + 3 * t.inter) / 2 + t.other * dtype_bytes
+    return t.total * dtype_bytes
+
+
+def _block_saved(m: _Shape, tokens: int, e: int, r: int) -> float:
+    """Bytes one block saves for backward: residual-stream inputs of the two norms in r bytes, the rest in e."""
+    h, kv, inter = m.hidden, m.kv_dim, m.inter
+    attention = 2 * h + h + 2 * kv + (h + kv if m.gated else 0) + h  # norm out, q, k, v, rotary q/k, attn out
+    mlp = 4 * inter if m.gated else 2 * inter + h                    # gate, up, act, product / fc1, act, fc2 in
+    return tokens * (2 * h * r + e * (attention + mlp))
+
+
+def _activations(m: _Shape, s: dict, tokens: int, e: int, w: int) -> float:
+    r = max(e, w) if s["master_weights"] == "fp32" else 2
+    per_block = _block_saved(m, tokens, e, r)
+    if s["gradient_checkpointing"]:  # block inputs kept, one block recomputed at a time
+        return m.layers * tokens * m.hidden * r + per_block
+    return m.layers * per_block + tokens * m.hidden * (r + e)  # + embeddings out, final norm
+
+
+def _teacher_forward(t: _Shape, s: dict, tokens: int, e: int) -> float:
+    """The teacher's no-grad forward: one block's temporaries and the hidden states kept for the loss."""
+    transient = tokens * e * (3 * t.inter + 4 * t.hidden)
+    kept = tokens * t.hidden * e if s["fused"] else 0
+    return transient + kept
+
+
+def _loss_workspace(m: _Shape, t: _Shape | None, s: dict, tokens: int, e: int) -> float:
+    V = m.vocab
+    if t is None or not s["fused"]:  # logits of both models, their fp32 softmax and the logits' gradient
+        teacher = 0 if t is None else tokens * t.vocab * e
+        return tokens * V * (2 * e + 8) + teacher
+    from kdfast.ops.fused_linear import CPU_CHUNK_BUDGET, GPU_CHUNK_BUDGET
+
+    budget = GPU_CHUNK_BUDGET if s["device"] != "cpu" else CPU_CHUNK_BUDGET
+    chunk = min(tokens, max(32, budget // (2 * V * e)))
+    head_grad = 0 if s["lora_rank"] else V * m.hidden * 4  # the fp32 d(weight) accumulator
+    head_copy = V * m.hidden * e if e != 4 and s["master_weights"] == "fp32" else 0
+    return 3 * chunk * V * 4 + head_grad + head_copy + tokens * m.hidden * e
+
+
+def _optimizer_bytes(m: _Shape, trainable: int, s: dict, w: int) -> float:
+    name = s["optim"]
+    if name == "adamw":
+        return 2 * trainable * w
+    if name in ("adamw_8bit", "paged_adamw_8bit"):
+        big = m.big_tensors if not s["lora_rank"] else trainable
+        return big * (2 + 8 / 256) + (trainable - min(big, trainable)) * 8
+    if s["lora_rank"]:
+        return trainable * 4
+    return m.matrix_rows_cols * 4 + m.vectors * 4  # adafactor
+
+
+def _check_settings(s: dict) -> None:
+    if s["optim"] not in OPTIMIZERS:
+        raise ValueError(f"unknown optim {s['optim']!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if s["teacher_quantize"] not in QUANTIZATIONS + (None,):
+        raise ValueError(f"unknown teacher_quantize {s['teacher_quantize']!r}; choose one of "
+                         f"{', '.join(QUANTIZATIONS)} (or none)")
+    if s["master_weights"] not in MASTER_WEIGHTS:
+        raise ValueError(f"unknown master_weights {s['master_weights']!r}; choose one of {', '.join(MASTER_WEIGHTS)}")
+    if s["batch_size"] < 1 or s["seq_len"] < 1:
+        raise ValueError("batch_size and seq_len must be at least 1")
+
+
+def _cheapest_fit(teacher, student, settings: dict, budget: int) -> tuple[dict | None, int | None]:
+    """The first lever set (fewest levers, cheapest first) that brings the peak under the budget."""
+    options = [lever for lever in LEVERS if not all(settings.get(k) == v for k, v in lever.items())
+               and not (teacher is None and "teacher_quantize" in lever)]
+    for size in range(1, len(options) + 1):
+        for combo in itertools.combinations(options, size):
+            merged: dict = {}
+            for lever in combo:
+                merged.update(lever)
+            if len(merged) < sum(len(x) for x in combo):  # two settings of one lever (int8 and nf4)
+                continue
+            plan = _plan(teacher, student, {**settings, **merged})
+            if plan.total_bytes <= budget:
+                return merged, plan.total_bytes
+    return None, None
+
+
+def _describe(levers: dict) -> str:
+    flags = []
+    for key, value in levers.items():
+        flag = "--" + key.replace("_", "-")
+        flags.append(flag if value is True else f"{flag} {value}")
+    return " ".join(flags)

@@ -13,6 +13,7 @@ COMMANDS = {
     "memorize": "measure memorization (greedy match accuracy, extraction)",
     "report": "rewrite an audit's report from its results.json (e.g. --redact)",
     "bench": "run the CPU benchmarks",
+    "cache-teacher": "capture a teacher's top-k log-probs once, to distill without loading it",
 }
 
 
@@ -30,7 +31,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, help_text in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, epilog=TINY_MODELS)
         if name == command:
-            module = importlib.import_module(f"kdfast.commands.{name}")
+            module = importlib.import_module(f"kdfast.commands.{name.replace('-', '_')}")
             sub_parser.description = module.__doc__
             module.add_arguments(sub_parser)
     return parser
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(command).parse_args(argv)
     if getattr(args, "quiet", False):
         _silence_libraries()
-    module = importlib.import_module(f"kdfast.commands.{args.command}")
+    module = importlib.import_module(f"kdfast.commands.{args.command.replace('-', '_')}")
     try:
         return module.main(args) or 0
     except (ValueError, FileNotFoundError) as e:  # the library's clear input errors: no traceback for users

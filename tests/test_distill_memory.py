@@ -68,7 +68,7 @@ def _grads(family, checkpointing, fused, lora=False):
         models.enable_checkpointing(student)
     student.train()  # dropout on: the non-reentrant recomputation must replay its RNG
     tok = models.tiny_tokenizer()
-    batch = collate(encode_records(tok, bundled_records()[:4], 112, 100, False), tok.pad_token_id, torch.device("cpu"))
+    batch = collate(encode_records(tok, bundled_records()[:4], 112, 100), tok.pad_token_id, torch.device("cpu"))
     torch.manual_seed(0)
     rows = forward_rows(student, batch, fused)
     with torch.no_grad():

@@ -103,7 +103,7 @@ def assert_grad_close(got, want, dtype):
 @pytest.mark.parametrize("top_k", [None, 4])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_values_and_gradients_match_reference(gen, monkeypatch, dtype, lead, vs, vt, top_k, reduction):
-    monkeypatch.setattr(ops, "TORCH_CHUNK_ELEMENTS", 64)  # several chunks, a ragged last one
+    monkeypatch.setattr(ops, "ULD_CHUNK_ELEMENTS", 64)  # several chunks, a ragged last one
     s, t = pair(gen, lead, vs, vt, dtype)
     labels = labels_for(gen, lead)
     cs = -torch.rand(lead, generator=gen, dtype=torch.float64).to(torch.float32)

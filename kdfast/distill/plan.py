@@ -1,6 +1,6 @@
 """Memory of one distillation step predicted from the two models' configs (no weights), and the levers that fit it.
 
-The model (spec §10): parameters are counted on a meta-device instance of each config (exact, any HF family);
+The model: parameters are counted on a meta-device instance of each config (exact, any HF family);
 bytes per parameter follow the levers; activations are the tensors each block saves for backward, per token,
 from the block's widths; the loss workspace is the fused op's chunk (or the materialized logits). The peak is
 static memory plus the larger of the forward peak (activations + teacher forward + loss workspace) and the
@@ -20,6 +20,7 @@ from torch import nn
 from kdfast.distill.optim import MASTER_WEIGHTS, OPTIMIZERS
 from kdfast.lora import DEFAULT_TARGETS as LORA_TARGETS
 from kdfast.models import QUANTIZATIONS, ModelError, tiny_config
+from kdfast.runtime import FUSED_LINEAR_CPU_CHUNK_BYTES, FUSED_LINEAR_GPU_CHUNK_BYTES
 
 GB = 1 << 30
 # CUDA context, cuBLAS workspaces and allocator slack on a GPU (measured: ~0.5-0.9 GB on an H100/H200).
@@ -294,9 +295,7 @@ def _loss_workspace(m: _Shape, t: _Shape | None, s: dict, tokens: int, e: int) -
     if t is None or not s["fused"]:  # logits of both models, their fp32 softmax and the logits' gradient
         teacher = 0 if t is None else tokens * t.vocab * e
         return tokens * V * (2 * e + 8) + teacher
-    from kdfast.ops.fused_linear import CPU_CHUNK_BUDGET, GPU_CHUNK_BUDGET
-
-    budget = GPU_CHUNK_BUDGET if s["device"] != "cpu" else CPU_CHUNK_BUDGET
+    budget = FUSED_LINEAR_GPU_CHUNK_BYTES if s["device"] != "cpu" else FUSED_LINEAR_CPU_CHUNK_BYTES
     chunk = min(tokens, max(32, budget // (2 * V * e)))
     head_grad = 0 if s["lora_rank"] else V * m.hidden * 4  # the fp32 d(weight) accumulator
     head_copy = V * m.hidden * e if e != 4 and s["master_weights"] == "fp32" else 0

@@ -133,7 +133,7 @@ def cache_teacher(teacher: nn.Module, tokenizer, records: list[dict], k: int = 6
     if k > vocab:
         raise DistillError(f"k={k} exceeds the vocabulary ({vocab} tokens)")
     max_prompt_len = max_len // 2 if max_prompt_len is None else max_prompt_len
-    items = encode_records(tokenizer, records, max_len, max_prompt_len, drop_long, "cache")
+    items = encode_records(tokenizer, records, max_len, max_prompt_len, "drop" if drop_long else "error", "cache")
     out = Path(out)
     settings = _settings(teacher, tokenizer, k, temperature, max_len, max_prompt_len, logprob_dtype, shard_records)
     manifest = _start_manifest(out, settings, [sequence_key(it) for it in items], [n_targets(it) for it in items])

@@ -64,7 +64,7 @@ class FusedLinearSparseDistillFunction(torch.autograd.Function):
             if grads.wanted:
                 grads.add_chunk(sl, out.grad_student, hs2[sl], ws)
         raise_if_nonfinite(bad, BAD_STUDENT, BAD_TEACHER)
-        ctx.save_for_backward(*grads.finish(hs, ws, bs))
+        ctx.save_for_backward(*grads.finish(hs, ws, bs, None))
         return (total * scale).to(total.dtype)
 
     @staticmethod

@@ -246,7 +246,7 @@ class SparseDistillLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (gs,) = ctx.saved_tensors
-        go = grad_output.reshape(-1, 1) if grad_output.dim() else grad_output
+        go = grad_output.reshape(-1) if grad_output.dim() else grad_output
         grad = None if gs is None else _times(gs, go, ctx.in_place).view(ctx.shape)
         return grad, None, None, None, None
 

@@ -13,6 +13,7 @@ COMMANDS = {
     "memorize": "measure memorization (greedy match accuracy, extraction)",
     "report": "rewrite an audit's report from its results.json (e.g. --redact)",
     "bench": "run the CPU benchmarks",
+    "plan": "predict the peak memory of a distillation run from the configs, before it starts",
     "cache-teacher": "capture a teacher's top-k log-probs once, to distill without loading it",
 }
 

@@ -1,0 +1,40 @@
+"""Predict the peak memory of a distillation step from the two models' configs (no weights loaded).
+
+  kdfast plan --teacher meta-llama/Llama-2-7b-hf --student TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T \
+      --batch-size 1 --seq-len 2048 --teacher-quantize nf4 --optim adamw_8bit --gradient-checkpointing --budget 24GB
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from kdfast.distill.optim import MASTER_WEIGHTS, OPTIMIZERS
+from kdfast.distill.plan import load_config, plan_memory
+from kdfast.models import QUANTIZATIONS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--teacher", help="teacher config: local folder, config.json, tiny:<family> or hub id "
+                        "(omit for sft)")
+    parser.add_argument("--student", required=True, help="student config, as --teacher")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--teacher-quantize", choices=QUANTIZATIONS)
+    parser.add_argument("--optim", choices=OPTIMIZERS, default="adamw")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--lora-rank", type=int, default=0)
+    parser.add_argument("--master-weights", choices=MASTER_WEIGHTS, default="fp32")
+    parser.add_argument("--no-fused", dest="fused", action="store_false", help="materialized logits")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--budget", help="memory budget, e.g. 24GB: says whether it fits, else the levers that would")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (total_bytes, parts, ...)")
+
+
+def main(args: argparse.Namespace) -> int:
+    plan = plan_memory(load_config(args.teacher) if args.teacher else None, load_config(args.student),
+                       batch_size=args.batch_size, seq_len=args.seq_len, teacher_quantize=args.teacher_quantize,
+                       optim=args.optim, gradient_checkpointing=args.gradient_checkpointing, lora_rank=args.lora_rank,
+                       master_weights=args.master_weights, fused=args.fused, device=args.device, budget=args.budget)
+    print(json.dumps(plan.to_dict(), indent=1) if args.json else plan.table())
+    return 0

@@ -1,0 +1,51 @@
+"""kdfast plan: the memory arithmetic from configs only (no weights), its levers, budget verdicts and the CLI."""
+import json
+
+import pytest
+
+from kdfast.cli import main
+from kdfast.distill.plan import parse_bytes, plan_memory
+
+LLAMA_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+TINYLLAMA = dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                 num_attention_heads=32, num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
+
+
+def test_parameter_counts_are_exact_and_weights_follow_them():
+    plan = plan_memory(LLAMA_7B, TINYLLAMA)
+    assert abs(plan.parts["teacher_weights"] / 2 - 6.74e9) / 6.74e9 < 0.01  # bf16 LLaMA-2-7B
+    assert abs(plan.parts["student_weights"] / 4 - 1.10e9) / 1.10e9 < 0.01  # fp32 TinyLlama-1.1B
+
+
+def test_every_lever_lowers_the_peak():
+    base = plan_memory(LLAMA_7B, TINYLLAMA).total_bytes
+    for lever in (dict(teacher_quantize="nf4"), dict(teacher_quantize="int8"), dict(optim="adamw_8bit"),
+                  dict(gradient_checkpointing=True), dict(master_weights="bf16")):
+        assert plan_memory(LLAMA_7B, TINYLLAMA, **lever).total_bytes < base, lever
+    frugal = plan_memory(LLAMA_7B, TINYLLAMA, teacher_quantize="nf4", optim="adamw_8bit", gradient_checkpointing=True)
+    assert frugal.total_bytes < 24 * 2**30 < base
+
+
+def test_budget_verdict_and_the_cheapest_fitting_levers():
+    plan = plan_memory(LLAMA_7B, TINYLLAMA, budget="24GB")
+    assert plan.fits is False and plan.suggestion
+    assert plan_memory(LLAMA_7B, TINYLLAMA, **plan.suggestion).total_bytes == plan.suggestion_bytes <= 24 * 2**30
+    assert parse_bytes("1.5GB") == int(1.5 * 2**30)
+    with pytest.raises(ValueError, match="24GB"):
+        parse_bytes("lots")
+
+
+def test_unknown_optimizer_names_the_choices():
+    with pytest.raises(ValueError, match="adamw_8bit"):
+        plan_memory(LLAMA_7B, TINYLLAMA, optim="sgd")
+
+
+def test_cli_json_and_table(tmp_path, capsys):
+    teacher = tmp_path / "config.json"
+    teacher.write_text(json.dumps(LLAMA_7B))
+    assert main(["plan", "--teacher", str(teacher), "--student", "tiny:llama", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["total_bytes"] > out["parts"]["teacher_weights"] > 0
+    assert main(["plan", "--teacher", str(teacher), "--student", "tiny:llama", "--budget", "1GB"]) == 0
+    assert "does not fit" in capsys.readouterr().out

@@ -19,7 +19,7 @@ def test_fused_and_logits_paths_agree(family, kind, soft, hard):
     tok = models.tiny_tokenizer()
     student = models.tiny_model(family, seed=1, hidden=32)
     teacher = models.tiny_model(family, seed=2, hidden=32, initializer_range=0.2)
-    batch = collate(encode_records(tok, RECORDS, 128, 100, False), tok.pad_token_id, "cpu")
+    batch = collate(encode_records(tok, RECORDS, 128, 100), tok.pad_token_id, "cpu")
     targets = batch["targets"][valid(batch)]
     kw = dict(kind=kind, soft=soft, hard=hard, beta=0.1, alpha=0.1, temperature=2.0, vocab="error")
     out = {}

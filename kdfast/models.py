@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kdfast.runtime import bf16_is_native
+
 BUNDLED = Path(__file__).parent / "data" / "bundled"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FAMILIES = ("gpt2", "opt", "llama")
@@ -59,7 +61,8 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | None = None, dev
     check_quantize(quantize)
     kwargs = {"trust_remote_code": trust_remote_code}
     if quantize is not None and not spec.startswith("tiny:") and not (spec == "smollm2" or spec.endswith(".gguf")):
-        kwargs.update(quantization_config=bnb_config(quantize), device_map={"": str(resolve_device(device))},
+        where = resolve_device(device)
+        kwargs.update(quantization_config=bnb_config(quantize, where), device_map={"": str(where)},
                       dtype=dtype or "auto")
     if spec.startswith("tiny:"):
         model, tokenizer = tiny_model(spec.split(":", 1)[1]), tiny_tokenizer()
@@ -103,8 +106,9 @@ def check_quantize(quantize: str | None) -> None:
         raise ModelError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)} (or none)")
 
 
-def bnb_config(quantize: str):
-    """transformers.BitsAndBytesConfig for "nf4" (double quantization, bf16 compute) or "int8" (LLM.int8()).
+def bnb_config(quantize: str, device: torch.device | str = "cuda"):
+    """transformers.BitsAndBytesConfig for "nf4" (double quantization, bf16 compute where bf16 is native on `device`,
+    else fp32) or "int8" (LLM.int8()).
 
     The LM head is left unquantized: the fused-linear loss reads its weight as a plain matrix.
     """
@@ -114,7 +118,7 @@ def bnb_config(quantize: str):
     skip = ["lm_head"]
     if quantize == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip)
+                                  bnb_4bit_compute_dtype=torch.bfloat16 if bf16_is_native(device) else torch.float32, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
@@ -143,8 +147,9 @@ def quantize_model(model: nn.Module, quantize: str, *, dtype: torch.dtype | None
     try:
         with tempfile.TemporaryDirectory(prefix="kdfast-quantize-") as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
+            where = resolve_device(device)
             return AutoModelForCausalLM.from_pretrained(
-                tmp, quantization_config=bnb_config(quantize), device_map={"": str(resolve_device(device))},
+                tmp, quantization_config=bnb_config(quantize, where), device_map={"": str(where)},
                 dtype=dtype or next(model.parameters()).dtype, use_safetensors=True).eval()
     finally:
         if bars:

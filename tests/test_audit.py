@@ -118,6 +118,60 @@ def test_html_parses_shows_the_aucs_and_escapes_records(run):
     assert SCRIPT not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
 
 
+def _record_texts(run_dir: Path) -> set[str]:
+    """Every record text of the run's split and every generation the audit kept (strings of 20 characters or
+    more: a shorter one could occur in a report by chance)."""
+    import pandas as pd
+
+    split = json.loads(next(run_dir.glob("stages/data-*/split.json")).read_text())
+    texts = {v for part in split.values() for r in part for v in r.values() if isinstance(v, str)}
+    for path in run_dir.glob("stages/memorization-*/records.parquet"):
+        texts |= set(pd.read_parquet(path)["generated"].astype(str).str.strip())
+    return {t for t in texts if len(t) >= 20}
+
+
+def _leaked(files: list[Path], texts: set[str]) -> set[str]:
+    """The texts found in any of the files, as written or as JSON, HTML or Markdown escape them; a parquet file
+    is read cell by cell as well as byte by byte."""
+    import html
+
+    import pandas as pd
+
+    from kdfast.audit.report import md_escape
+
+    contents = []
+    for path in files:
+        contents.append(path.read_bytes().decode("utf-8", errors="replace"))
+        if path.suffix == ".parquet":
+            contents.append(pd.read_parquet(path).astype(str).to_string())
+    blob = "\n".join(contents)
+    forms = lambda t: {t, html.escape(t), html.escape(t, quote=False), json.dumps(t)[1:-1],  # noqa: E731
+                       json.dumps(t, ensure_ascii=False)[1:-1], md_escape(t)}
+    return {t for t in texts if any(f in blob for f in forms(t))}
+
+
+def test_export_holds_no_record_text_and_every_auc(run, tmp_path):
+    texts = _record_texts(run["out"])
+    split = next(run["out"].glob("stages/data-*/split.json"))
+    assert len(texts) > 200 and _leaked([split], texts)  # the scan finds record text where there is some
+    share = tmp_path / "share"
+    done = subprocess.run([sys.executable, "-m", "kdfast", "report", str(run["out"]), "--export", str(share)],
+                          text=True, capture_output=True, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = [p for p in share.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"report.html", "summary.md", "results.json", "heatmap_auc.png"}
+    assert all(p.parent == share and p.suffix in (".html", ".md", ".json", ".png") for p in files), files
+    assert not _leaked(files, texts)
+    results = json.loads((run["out"] / "results.json").read_text())
+    exported = json.loads((share / "results.json").read_text())
+    assert [m["auc"] for m in exported["models"]] == [m["auc"] for m in results["models"]]
+    parser = _Cells()
+    parser.feed((share / "report.html").read_text())
+    summary = (share / "summary.md").read_text()
+    for model in results["models"]:
+        assert f"{model['auc']['loss']:.2f}" in parser.cells and f"{model['auc']['loss']:.2f}" in summary
+
+
 def test_redact_shows_no_record_text(run):
     done = subprocess.run([sys.executable, "-m", "kdfast", "audit", "--preset", "tiny", *run["args"], "--redact",
                            "--quiet"], text=True, capture_output=True)

@@ -1,8 +1,11 @@
-"""The audit's report: results.json, summary.md, PNG charts and a self-contained, escaped report.html."""
+"""The audit's report: results.json, summary.md, PNG charts and a self-contained, escaped report.html; and a
+shareable export of a run with no record text."""
 from __future__ import annotations
 
 import base64
 import html
+import itertools
+import json
 import math
 from pathlib import Path
 
@@ -58,14 +61,27 @@ def tpr_table(results: dict, fpr: str = "0.01") -> tuple[list[str], list[list[st
     return header, rows
 
 
-def _struck(rows: list[list[str]], grey: list[bool]) -> list[list[str]]:
-    """Markdown has no grey: a degenerate model's figures are struck through (its label and verdict are not)."""
-    return [[r[0]] + [f"~~{c}~~" if g and c != "–" else c for c in r[1:-1]] + [r[-1]] for r, g in zip(rows, grey)]
+def _struck(rows: list[list[str]], grey: list[bool], verdict: bool = True) -> list[list[str]]:
+    """Markdown has no grey: a degenerate model's figures are struck through (its label and the verdict, the last
+    column where `verdict`, are not)."""
+    out = []
+    for r, g in zip(rows, grey):
+        end = len(r) - verdict
+        out.append([r[0]] + [f"~~{c}~~" if g and c != "–" else c for c in r[1:end]] + r[end:])
+    return out
+
+
+def md_escape(text) -> str:
+    """Text as Markdown shows it literally: HTML-escaped (a viewer renders raw HTML), backslashes and table pipes
+    escaped, newlines folded (a table row or heading is one line)."""
+    text = html.escape(" ".join(str(text).splitlines()), quote=False)
+    return text.replace("\\", "\\\\").replace("|", "\\|")
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    """A Markdown table; every cell is escaped (labels, ids and size keys come from the user's config)."""
+    line = lambda cells: "| " + " | ".join(md_escape(c) for c in cells) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "---|" * len(header)] + [line(r) for r in rows])
 
 
 def text_table(header: list[str], rows: list[list[str]]) -> str:
@@ -254,15 +270,34 @@ def _memorization_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _interval(ci) -> str:
+    return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "–"
+
+
 def _tpr_rows(results: dict, attack: str) -> tuple[list[str], list[list[str]]]:
     header = ["model", "AUC", "95% CI"] + [f"TPR@FPR≤{f}" for f in FPRS]
     rows = []
     for m in results["models"]:
-        ci = m.get("auc_ci95", {}).get(attack)
         tpr = m.get("tpr_at_fpr", {}).get(attack, {})
-        rows.append([m["label"], _fmt(m["auc"].get(attack)), f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "–"]
+        rows.append([m["label"], _fmt(m["auc"].get(attack)), _interval(m.get("auc_ci95", {}).get(attack))]
                     + [_fmt(tpr.get(f), 3) for f in FPRS])
     return header, rows
+
+
+def _ci_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """The bootstrap 95% interval of every AUC, by model and attack."""
+    header = ["model"] + results["attacks"]
+    rows = [[m["label"]] + [_interval(m.get("auc_ci95", {}).get(a)) for a in results["attacks"]]
+            for m in results["models"]]
+    return header, rows
+
+
+def _per_block_rows(results: dict) -> tuple[list[str], list[list[str]], list[bool]]:
+    """MoPe AUC by model and perturbed block, and which rows are degenerate models (only models it ran on)."""
+    models = [m for m in results["models"] if m.get("mope_block")]
+    blocks = sorted({b for m in models for b in m["mope_block"]}, key=int)
+    rows = [[m["label"]] + [_fmt(m["mope_block"].get(b)) for b in blocks] for m in models]
+    return ["model"] + [f"block {b}" for b in blocks], rows, [degenerate(m) for m in models]
 
 
 def _conditioned_rows(results: dict) -> tuple[list[str], list[list[str]]]:
@@ -318,6 +353,33 @@ td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}img{max-widt
 tr.degenerate td{color:#aaa;background:#f4f4f4}.ex{border-left:3px solid #88a;padding-left:1em;margin:1em 0;font-size:13px}dt{font-weight:bold}.note{color:#555}"""
 
 
+def _summary_md(results: dict, main_attack: str) -> str:
+    """summary.md: the report's tables in Markdown, every text escaped, a degenerate model's figures struck."""
+    split, note = results["split"], no_finding_note(results)
+    grey = [degenerate(m) for m in results["models"]]
+    auc_header, auc_rows = auc_table(results)
+    ci_header, ci_rows = _ci_rows(results)
+    tpr_header, tpr_rows = _tpr_rows(results, main_attack)
+    block_header, block_rows, block_grey = _per_block_rows(results)
+    sections = [
+        ("AUC by model and attack", (md_escape(note) + "\n\n" if note else "")
+         + markdown_table(auc_header, _struck(auc_rows, grey))),
+        ("Bootstrap 95% intervals of the AUCs", markdown_table(ci_header, _struck(ci_rows, grey, verdict=False))),
+        ("TPR at 1% FPR (held-out TPR / realized FPR at the calibrated threshold)",
+         markdown_table(*tpr_table(results))),
+        (f"TPR at low FPR ({md_escape(main_attack)} attack)",
+         markdown_table(tpr_header, _struck(tpr_rows, grey, verdict=False))),
+        ("Per-block MoPe AUC", markdown_table(block_header, _struck(block_rows, block_grey, verdict=False))
+         if block_rows else "not run"),
+        ("Are the models working language models?", markdown_table(*_health_rows(results))),
+        ("Memorization and utility", markdown_table(*_memorization_rows(results))),
+    ]
+    head = (f"# kdfast audit: {md_escape(results['name'])}\n\n{split['private']} members, {split['public']} public, "
+            f"{split['nonmembers']} non-members; {md_escape(results['machine'])}; "
+            f"{results['time_seconds'] / 60:.1f} min.\n")
+    return head + "".join(f"\n## {title}\n\n{body}\n" for title, body in sections) + _frontier_md(results)
+
+
 def write_report(results: dict, out: str | Path, main_attack: str = "loss") -> dict[str, Path]:
     """Write results.json, summary.md, the PNGs and report.html under `out`; returns their paths."""
     out = Path(out)
@@ -371,15 +433,40 @@ def write_report(results: dict, out: str | Path, main_attack: str = "loss") -> d
             f"</title><style>{CSS}</style></head><body><h1>Distillation privacy audit: {html.escape(results['name'])}"
             f"</h1>{intro}{body}</body></html>")
     atomic_write_text(out / "report.html", page)
-    summary = (f"# kdfast audit: {results['name']}\n\n{split['private']} members, {split['public']} public, "
-               f"{split['nonmembers']} non-members; {results['machine']}; {results['time_seconds'] / 60:.1f} min.\n\n"
-               f"## AUC by model and attack\n\n{note + chr(10) * 2 if note else ''}"
-               f"{markdown_table(auc_header, _struck(auc_rows, grey))}\n\n"
-               f"## TPR at 1% FPR (held-out TPR / realized FPR at the calibrated threshold)\n\n"
-               f"{markdown_table(*tpr_table(results))}\n\n"
-               f"## Are the models working language models?\n\n{markdown_table(*_health_rows(results))}\n\n"
-               f"## Memorization and utility\n\n{markdown_table(*_memorization_rows(results))}\n"
-               f"{_frontier_md(results)}")
-    atomic_write_text(out / "summary.md", summary)
+    atomic_write_text(out / "summary.md", _summary_md(results, main_attack))
     return {"report": out / "report.html", "results": out / "results.json", "summary": out / "summary.md",
             **{k: v for k, v in figures.items() if v is not None}}
+
+
+def read_results(run: str | Path) -> dict:
+    """The results.json of a finished audit run folder."""
+    path = Path(run) / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; give the folder of a finished `kdfast audit` run")
+    return json.loads(path.read_text())
+
+
+def redacted(results: dict) -> dict:
+    """The results without record text: `examples` (member records and the models' generations) is the only
+    entry that holds any; everything else is figures, labels and settings."""
+    return {**{k: v for k, v in results.items() if k != "examples"}, "redacted": True}
+
+
+def export_run(run: str | Path, out: str | Path, main_attack: str = "loss") -> dict[str, Path]:
+    """Write a shareable copy of audit `run` into the new folder `out`: report.html, summary.md, results.json and
+    the figures, all redacted; no split, stage folder or per-record table (those hold the records and generations).
+    An existing `out` that is not empty is refused. Returns the written paths."""
+    out = Path(out)
+    results = redacted(read_results(run))
+    _refuse_used(out)
+    with atomic_path(out) as tmp:  # a killed export leaves no half folder that a rerun would refuse
+        written = write_report(results, tmp, main_attack)
+        if out.exists():
+            out.rmdir()  # empty when checked; fails rather than deletes anything that arrived since
+    return {k: out / p.name for k, p in written.items()}
+
+
+def _refuse_used(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        free = next(c for i in itertools.count(2) if not (c := out.with_name(f"{out.name}-{i}")).exists())
+        raise FileExistsError(f"{out} exists and is not an empty folder: an export goes to a new one (e.g. {free})")

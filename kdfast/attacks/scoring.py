@@ -89,7 +89,8 @@ class AttackConfig:
         if self.batch_tokens < 1:
             raise ValueError(f"batch_tokens must be ≥ 1, got {self.batch_tokens}")
         if self.max_len is not None and self.max_len < 2:
-            raise ValueError(f"max_len must be ≥ 2 (a token to predict from and one to score), got {self.max_len}")
+            raise ValueError(f"max_len (CLI --max-len) must be ≥ 2: a token to predict from and one to score; "
+                             f"got {self.max_len}")
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
         if not 0 <= self.rmia_a <= 1 or self.rmia_gamma <= 0 or self.dc_pdd_clip <= 0:

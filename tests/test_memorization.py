@@ -189,6 +189,23 @@ def test_extraction_short_records_and_errors(tok):
 
 # --- teacher-conditioned, agreement, summary -----------------------------------------------------------
 
+def test_prompts_over_the_models_positions_are_cut_from_their_start(tok):
+    """A GPT-2-family model (learned positions) on a 100k-character prompt: match and extraction cut it, no crash."""
+    model = models.tiny_model("gpt2", max_positions=128)
+    records = bundled_records()[:3] + [{"instruction": "long " * 20000, "response": "short answer here"}]
+    fitted, whole = mem.fit_prompts(tok, records, 128, 16), encode(tok, records[-1])
+    assert [e.truncated for e in fitted] == [False, False, False, True] and fitted[-1].prompt_len == 112
+    assert fitted[-1].input_ids == whole.input_ids[whole.prompt_len - 112:]  # the prompt's end, then the response
+    res = mem.match_accuracy(model, tok, records, n_tokens=16, progress=False)
+    assert res.n_compared[-1] == min(16, len(whole) - whole.prompt_len)
+    ext = mem.extraction(model, records, None, 4, tokenizer=tok, progress=False)
+    assert ext.checked.all()
+    with pytest.raises(ValueError, match="--prefix-len, --suffix-len"):
+        mem.extraction(model, records, 120, 16, tokenizer=tok, progress=False)
+    with pytest.raises(ValueError, match="--n-tokens"):
+        mem.match_accuracy(model, tok, records, n_tokens=128, progress=False)
+
+
 def test_teacher_conditioned_hand_computed():
     teacher = [0.55, 0.65, 0.95, 0.4, 0.7]
     student = [0.6, 0.1, 0.8, 0.9, 0.7]

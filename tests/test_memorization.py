@@ -303,3 +303,34 @@ def test_cli_memorize_end_to_end(overfit, tok, tmp_path, capsys):
     assert "both in" in capsys.readouterr().err
     assert cli(["memorize", "--model", str(folder), "--records", str(tmp_path / "nope.jsonl"), "--out", str(out)]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_cli_memorize_says_what_it_cut_and_what_it_checked_on_fewer(tok, tmp_path, capsys):
+    """A 100k-character prompt on a GPT-2-family model is cut with a counted warning; fewer records than --limit
+    asks, and records too short for the extraction suffix, are said with both numbers, in the output and the json."""
+    folder = tmp_path / "gpt2"
+    models.tiny_model("gpt2", max_positions=128).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    records = bundled_records()[:8]
+    records[0] = {**records[0], "instruction": "long " * 20000}
+    members, nonmembers = tmp_path / "members.jsonl", tmp_path / "nonmembers.jsonl"
+    members.write_text("".join(json.dumps(r) + "\n" for r in records[:4]))
+    nonmembers.write_text("".join(json.dumps(r) + "\n" for r in records[4:]))
+    out = tmp_path / "out"
+    assert cli(["memorize", "--model", str(folder), "--records", str(members), "--nonmembers", str(nonmembers),
+                "--n-tokens", "8", "--suffix-len", "20", "--limit", "50", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr()
+    assert "1 of 8 records cut to 128 tokens from their prompt's start (the model's positions); pass --max-len" \
+        in printed.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["records_cut_to_max_len"] == {"model": 1}
+    assert summary["notices"] == [f"--limit 50 asked, 4 records in {members}",
+                                  f"--limit 50 asked, 4 records in {nonmembers}",
+                                  "model: extraction checked 6 of 8 records, those whose response holds a 20-token "
+                                  "suffix (EOS included); lower --suffix-len to check more"]
+    assert all(f"note: {n}" in printed.out for n in summary["notices"])
+    assert "model: 1 of 8 records cut from their prompt's start to fit the model's positions" in printed.out
+    assert pd.read_parquet(out / "records.parquet")["prompt_cut"].tolist() == [True] + [False] * 7
+    assert cli(["memorize", "--model", str(folder), "--records", str(members), "--prefix-len", "120",
+                "--suffix-len", "20", "--out", str(tmp_path / "over")]) == 2
+    assert "--prefix-len, --suffix-len" in capsys.readouterr().err

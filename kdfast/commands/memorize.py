@@ -12,7 +12,6 @@ import argparse
 import gc
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from kdfast.commands._common import (
     max_len_for,
 )
 from kdfast.data import RecordError, load_records
-from kdfast.io import atomic_path, atomic_write_json
+from kdfast.io import atomic_path, atomic_write_json, claim_folder
 
 RECORDS_FILE, SUMMARY_FILE = "records.parquet", "summary.json"
 PREFIX = {"model": "", "teacher": "teacher_"}  # column prefix of each model's results
@@ -187,7 +186,6 @@ def _record_columns(records: list[dict], labels: list[int] | None):
 
 
 def main(args) -> int:
-    import pandas as pd
 
     start = time.perf_counter()
     if args.n_tokens < 1 or (args.suffix_len is not None and args.suffix_len < 1):
@@ -198,18 +196,24 @@ def main(args) -> int:
     if not settings["match"] and not settings["extraction"]:
         raise ValueError("plain {'text'} records are measured by extraction only: drop --no-extraction")
     out = Path(args.out)
-    os.makedirs(out, exist_ok=True)
     roles = {"model": args.model, **({"teacher": args.teacher} if args.teacher else {})}
-    tables = {role: _measure(role, spec, records, settings, args, out) for role, spec in roles.items()}
-    summary = _summary(args, records, labels, settings, tables, taus)
+    with claim_folder(out, "--out"):  # one writer of records.parquet and summary.json; clears killed runs' temporaries
+        tables = {role: _measure(role, spec, records, settings, args, out) for role, spec in roles.items()}
+        _write(out, records, labels, _summary(args, records, labels, settings, tables, taus), tables)
+    print(f"{len(records)} records measured in {time.perf_counter() - start:.1f}s; "
+          f"wrote {out / RECORDS_FILE} and {out / SUMMARY_FILE}")
+    return 0
+
+
+def _write(out: Path, records: list[dict], labels: list[int] | None, summary: dict, tables: dict) -> None:
+    """records.parquet (the records and every model's per-record results) and summary.json; prints the summary."""
+    import pandas as pd
+
     per_record = pd.concat([_record_columns(records, labels), *tables.values()], axis=1)
     with atomic_path(out / RECORDS_FILE) as tmp:
         per_record.to_parquet(tmp, index=False)
     atomic_write_json(out / SUMMARY_FILE, summary)
     print(format_summary(summary))
-    print(f"{len(records)} records measured in {time.perf_counter() - start:.1f}s; "
-          f"wrote {out / RECORDS_FILE} and {out / SUMMARY_FILE}")
-    return 0
 
 
 def _summary(args, records: list[dict], labels: list[int] | None, settings: dict, tables: dict, taus) -> dict:

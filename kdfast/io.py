@@ -147,5 +147,9 @@ def _is_stale(tmp: Path, root: Path, claimed_at: float | None) -> bool:
         return False
     if match[2] == HOST:
         return not _alive(int(match[1]))
-    claimed_elsewhere = any((d / LOCK_FILE).exists() for d in tmp.parents if root in d.parents)
-    return claimed_at is not None and tmp.stat().st_mtime < claimed_at and not claimed_elsewhere
+    if claimed_at is None or any((d / LOCK_FILE).exists() for d in tmp.parents if root in d.parents):
+        return False
+    try:
+        return tmp.stat().st_mtime < claimed_at
+    except FileNotFoundError:  # its writer finished (renamed it) meanwhile
+        return False

@@ -3,13 +3,20 @@ exists; a folder has one writer at a time and holds one run's results."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+# Temporaries are `.NAME.tmp-PID-HOST-XXXXXXXX` folders: the writer's pid and host (a short hash of its name) tell a
+# killed run's leftovers from a live writer's; kdfast before that wrote `.NAME.tmpXXXXXXXX`.
+HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_TEMPORARY = re.compile(r"\.tmp(?:-(\d+)-([0-9a-f]{8})-)?[a-z0-9_]{8}$")
 
 
 @contextlib.contextmanager
@@ -17,7 +24,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path to write (a file or a folder); it replaces `path` only on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp")) / path.name
+    prefix = f".{path.name}.tmp-{os.getpid()}-{HOST}-"
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix)) / path.name
     try:
         yield tmp
         if path.is_dir() and tmp.is_dir():
@@ -55,7 +63,7 @@ class FolderBusy(ValueError):
 def claim_folder(path: str | Path, flag: str = "--out", identity: dict | None = None) -> Iterator[Path]:
     """Hold `path` for this process: a lock file keeps out concurrent writers, `identity` (what the folder's
     results are of, e.g. the model and record files) must match the one saved there by an earlier run, and the
-    temporaries killed runs left (atomic_path's `.*.tmp*`) are removed, as nothing else writes here now."""
+    temporaries killed runs left are removed (remove_stale_temporaries, with the lock's time)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     lock = path / LOCK_FILE
@@ -63,7 +71,7 @@ def claim_folder(path: str | Path, flag: str = "--out", identity: dict | None = 
     try:
         if identity is not None:
             _check_identity(path / "owner.json", identity, flag)
-        remove_stale_temporaries(path)
+        remove_stale_temporaries(path, lock.stat().st_mtime)
         yield path
     finally:
         lock.unlink(missing_ok=True)
@@ -93,15 +101,18 @@ def _lock_holder(lock: Path) -> int | None:
         pid = int(pid_text)
     except (OSError, ValueError):
         return None
-    if host != socket.gethostname():
-        return pid
+    return pid if host != socket.gethostname() or _alive(pid) else None
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this host has the pid (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return None
+        return False
     except PermissionError:
-        return pid
-    return pid
+        return True
+    return True
 
 
 def _check_identity(path: Path, identity: dict, flag: str) -> None:
@@ -116,9 +127,29 @@ def _check_identity(path: Path, identity: dict, flag: str) -> None:
         atomic_write_json(path, identity)
 
 
-def remove_stale_temporaries(root: str | Path) -> int:
-    """Delete the `.NAME.tmp*` folders atomic_path leaves when a process is killed mid-write; how many."""
-    stale = [p for p in Path(root).rglob(".*.tmp*") if p.is_dir()]
+def remove_stale_temporaries(root: str | Path, claimed_at: float | None = None) -> int:
+    """Delete the temporaries atomic_path left under `root` when its process was killed mid-write; how many.
+
+    One of this host is stale when its pid is no longer alive. One whose pid cannot be checked (another host's,
+    or unnamed by an older kdfast) is stale only when it is older than `claimed_at`, the time this process took
+    root's lock (claim_folder: no writer has held it since), and lies in no sub-folder another run claims.
+    """
+    root = Path(root)
+    stale = [p for p in root.rglob(".*.tmp*") if p.is_dir() and _is_stale(p, root, claimed_at)]
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return len(stale)
+
+
+def _is_stale(tmp: Path, root: Path, claimed_at: float | None) -> bool:
+    match = _TEMPORARY.search(tmp.name)
+    if match is None:
+        return False
+    if match[2] == HOST:
+        return not _alive(int(match[1]))
+    if claimed_at is None or any((d / LOCK_FILE).exists() for d in tmp.parents if root in d.parents):
+        return False
+    try:
+        return tmp.stat().st_mtime < claimed_at
+    except FileNotFoundError:  # its writer finished (renamed it) meanwhile
+        return False

@@ -216,6 +216,24 @@ def check_same_tokenizer(a, b, names: tuple[str, str] = ("teacher", "student")) 
                      "models that share a tokenizer, or use the teacher's tokenizer for both")
 
 
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
+
+
+def model_positions(model: nn.Module) -> int | None:
+    """The most tokens the model takes in one sequence (its config's position count); None when it gives none."""
+    config = getattr(model, "config", None)
+    for key in _POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def context_len(model: nn.Module, max_len: int | None) -> int | None:
+    """The tokens a sequence may keep: max_len, at most the model's positions (None: no cut)."""
+    return min((n for n in (max_len, model_positions(model)) if n is not None), default=None)
+
+
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 

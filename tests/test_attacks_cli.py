@@ -66,3 +66,25 @@ def test_ref_model_names():
     assert parse_ref_models(["gpt2", "./y"]) == {"ref_1": "gpt2", "ref_2": "./y"}
     with pytest.raises(ValueError, match="distinct"):
         parse_ref_models(["a=gpt2", "a=opt"])
+
+
+def test_long_records_are_cut_to_the_models_positions(tmp_path, capsys):
+    """A GPT-2-family model on a 100k-character record: cut with a counted warning, the count in metrics.json."""
+    model = tmp_path / "gpt2"
+    models.tiny_model("gpt2", max_positions=128).save_pretrained(model)
+    models.tiny_tokenizer().save_pretrained(model)
+    records = bundled_records()[:12]
+    records[0] = {**records[0], "response": "long " * 20000}
+    pd.DataFrame(records[:6]).to_json(tmp_path / "members.jsonl", orient="records", lines=True)
+    pd.DataFrame(records[6:]).to_json(tmp_path / "nonmembers.jsonl", orient="records", lines=True)
+    base = ["attack", "--model", str(model), "--members", str(tmp_path / "members.jsonl"),
+            "--nonmembers", str(tmp_path / "nonmembers.jsonl"), "--attacks", "loss", "--bootstrap", "0"]
+    assert main([*base, "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr()
+    assert "1 of 12 records cut to 128 tokens (the model's positions); pass --max-len to choose" in printed.err
+    assert "1 cut to 128 tokens" in printed.out
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["records_cut_to_max_len"] == 1 and metrics["config"]["max_len"] == 128
+    assert pd.read_parquet(tmp_path / "out" / "scores.parquet")["n_tokens"].max() <= 127
+    assert main([*base, "--max-len", "512", "--out", str(tmp_path / "over")]) == 2
+    assert "--max-len 512 is more than the 128 positions" in capsys.readouterr().err

@@ -82,3 +82,18 @@ def test_two_processes_give_the_table_of_one(tmp_path):
     pd.testing.assert_frame_equal(one, two, atol=1e-5, rtol=0)
     assert two["recall"].isna().sum() == 3 and np.isfinite(two["mope"]).all()
     assert (tmp_path / "two" / "metrics.json").exists() and "loss" in run.stdout
+
+
+def test_records_over_the_models_positions_are_cut_not_crashed():
+    """A GPT-2-family model (learned positions) on a record far past them: score() cuts to the positions."""
+    model, tok = models.tiny_model("gpt2", max_positions=128), models.tiny_tokenizer()
+    assert models.model_positions(model) == 128
+    long = [{"instruction": "say it", "response": "word " * 5000}, {"instruction": "x " * 300, "response": "ok"},
+            {"text": "a b " * 5000}]
+    records = bundled_records()[:6] + long
+    assert attacks.records_cut(tok, records, 128) == 3 and attacks.records_cut(tok, records, None) == 0
+    table = attacks.score(model, tok, records, ("loss", "lowercase", "recall"), membership=[1, 0] * 4 + [1],
+                          recall_shots=2, progress=False)
+    assert table["n_tokens"].iloc[-3:].tolist() == [128 - 68, 1, 127]  # the response's end, the prompt's start cut
+    assert table["loss"].notna().all() and table["recall"].iloc[-3:].isna().all()  # no room left for the prefix
+    assert attacks.score(model, tok, records[-1:], ("loss",), max_len=10, progress=False)["n_tokens"].item() == 9

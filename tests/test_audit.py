@@ -215,3 +215,28 @@ def test_degenerate_models_are_flagged_and_greyed(run):
     assert page.count("<tr class='degenerate'>") == 2 * len(flagged)  # the AUC table and the health table
     assert "No finding is stated about" in page and flagged[0]["label"] in page
     assert "~~" in (run["out"] / "summary.md").read_text()
+
+
+def test_attack_and_memorization_stages_cut_long_records_to_the_models_positions(tmp_path):
+    """A GPT-2-family model on a record far past its positions: both stages cut it, log it and record the count."""
+    from kdfast import models
+    from kdfast.audit import load_config
+    from kdfast.audit.pipeline import Audit, ModelEntry
+
+    folder = tmp_path / "gpt2"
+    models.tiny_model("gpt2", max_positions=128).save_pretrained(folder)
+    models.tiny_tokenizer().save_pretrained(folder)
+    cfg = load_config(preset_name="tiny", overrides={"attacks": {"attacks": ["loss"], "bootstrap": 0},
+                                                     "memorization": {"n_tokens": 8}})
+    audit, log = Audit(cfg, tmp_path / "out", progress=False), []
+    audit.log = log.append
+    records = bundled_records()[:8]
+    audit.members = [{**records[0], "instruction": "long " * 20000}, *records[1:4]]
+    audit.nonmembers, audit.n_mem = records[4:], 4
+    audit.digest = {"attack": "test"}
+    entry = ModelEntry("small/kd", "student", "KD (small)", str(folder), "key")
+    audit.attack(entry, {})
+    audit.memorize(entry)
+    assert audit.cut["small/kd"] == {"attacks": 1, "memorization": 1}
+    assert any("attacks small/kd: 1 of 8 records cut to 128 tokens (the model's positions)" in line for line in log)
+    assert any("memorization small/kd: 1 of 8 records cut to 128 tokens" in line for line in log)

@@ -1,10 +1,19 @@
-"""Checkpoints: optimizer state and RNG states survive the safetensors/JSON round trip; the newest is found."""
+"""Checkpoints: optimizer state and RNG states survive the safetensors/JSON round trip; the newest is found; a run
+start removes the temporaries of killed runs, never a live writer's."""
+import os
 import random
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 
+from kdfast import io, models
+from kdfast.data import bundled_records
+from kdfast.distill import DistillConfig, Distiller
 from kdfast.distill.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -48,3 +57,47 @@ def test_latest_and_retention(tmp_path):
     (tmp_path / "checkpoints" / "step-00000099").mkdir()   # an incomplete folder (no state.json) is ignored
     assert latest_checkpoint(tmp_path) == checkpoint_path(tmp_path, 10)
     assert not checkpoint_path(tmp_path, 1).exists() and checkpoint_path(tmp_path, 2).exists()
+
+
+def _dead_pid() -> int:
+    done = subprocess.Popen([sys.executable, "-c", ""])
+    done.wait()
+    return done.pid
+
+
+def _temporary(folder: Path, name: str, pid: int | None, host: str = io.HOST, age: float = 0.0) -> Path:
+    """A temporary as atomic_path names it (pid None: the older unnamed form), `age` seconds old."""
+    tmp = folder / (f".{name}.tmp-{pid}-{host}-abcd_123" if pid is not None else f".{name}.tmpabcd_123")
+    (tmp / name).mkdir(parents=True)
+    os.utime(tmp, (time.time() - age, time.time() - age))
+    return tmp
+
+
+def test_a_run_start_removes_the_temporaries_of_killed_runs_only(tmp_path):
+    """A distill run starting in a folder removes what killed runs left; a live writer's temporary stays, and so do
+    those whose writer it cannot check (another host's, an older kdfast's) outside a claimed folder."""
+    root = tmp_path / "checkpoints"
+    dead = [_temporary(root, "step-00000002", _dead_pid()), _temporary(tmp_path, "metrics.json", _dead_pid())]
+    live = _temporary(root, "step-00000003", os.getpid())
+    unknown = [_temporary(root, "step-00000004", 1, host="0" * 8, age=3600), _temporary(root, "x", None, age=3600)]
+    cfg = DistillConfig(technique="sft", lr=1e-3, batch_size=4, max_steps=1, max_len=112, max_prompt_len=100,
+                        progress=False, out=str(tmp_path))
+    Distiller(None, models.tiny_model("llama", hidden=32), models.tiny_tokenizer(), cfg).train(bundled_records()[:8])
+    assert not any(p.exists() for p in dead) and live.exists() and all(p.exists() for p in unknown)
+    assert (tmp_path / "final").exists()
+
+
+def test_a_claimed_folder_also_drops_unknown_writers_temporaries_older_than_its_lock(tmp_path):
+    dead, live = _temporary(tmp_path, "a", _dead_pid()), _temporary(tmp_path, "b", os.getpid())
+    old = [_temporary(tmp_path, "c", 1, host="0" * 8, age=3600), _temporary(tmp_path / "sub", "d", None, age=3600)]
+    newer = _temporary(tmp_path, "e", 1, host="0" * 8, age=-3600)  # written after the lock was taken
+    other_run = tmp_path / "other"
+    (other_run / io.LOCK_FILE).parent.mkdir()
+    (other_run / io.LOCK_FILE).write_text("1 elsewhere\n")
+    theirs = _temporary(other_run, "f", 1, host="0" * 8, age=3600)
+    with io.claim_folder(tmp_path):
+        assert not dead.exists() and not any(p.exists() for p in old)
+        assert live.exists() and newer.exists() and theirs.exists()
+    with io.atomic_path(tmp_path / "g.json") as tmp:  # what the pid and host rules read
+        assert tmp.parent.name.startswith(f".g.json.tmp-{os.getpid()}-{io.HOST}-")
+        tmp.write_text("{}")

@@ -189,6 +189,23 @@ def test_extraction_short_records_and_errors(tok):
 
 # --- teacher-conditioned, agreement, summary -----------------------------------------------------------
 
+def test_prompts_over_the_models_positions_are_cut_from_their_start(tok):
+    """A GPT-2-family model (learned positions) on a 100k-character prompt: match and extraction cut it, no crash."""
+    model = models.tiny_model("gpt2", max_positions=128)
+    records = bundled_records()[:3] + [{"instruction": "long " * 20000, "response": "short answer here"}]
+    fitted, whole = mem.fit_prompts(tok, records, 128, 16), encode(tok, records[-1])
+    assert [e.truncated for e in fitted] == [False, False, False, True] and fitted[-1].prompt_len == 112
+    assert fitted[-1].input_ids == whole.input_ids[whole.prompt_len - 112:]  # the prompt's end, then the response
+    res = mem.match_accuracy(model, tok, records, n_tokens=16, progress=False)
+    assert res.n_compared[-1] == min(16, len(whole) - whole.prompt_len)
+    ext = mem.extraction(model, records, None, 4, tokenizer=tok, progress=False)
+    assert ext.checked.all()
+    with pytest.raises(ValueError, match="--prefix-len, --suffix-len"):
+        mem.extraction(model, records, 120, 16, tokenizer=tok, progress=False)
+    with pytest.raises(ValueError, match="--n-tokens"):
+        mem.match_accuracy(model, tok, records, n_tokens=128, progress=False)
+
+
 def test_teacher_conditioned_hand_computed():
     teacher = [0.55, 0.65, 0.95, 0.4, 0.7]
     student = [0.6, 0.1, 0.8, 0.9, 0.7]
@@ -286,3 +303,34 @@ def test_cli_memorize_end_to_end(overfit, tok, tmp_path, capsys):
     assert "both in" in capsys.readouterr().err
     assert cli(["memorize", "--model", str(folder), "--records", str(tmp_path / "nope.jsonl"), "--out", str(out)]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_cli_memorize_says_what_it_cut_and_what_it_checked_on_fewer(tok, tmp_path, capsys):
+    """A 100k-character prompt on a GPT-2-family model is cut with a counted warning; fewer records than --limit
+    asks, and records too short for the extraction suffix, are said with both numbers, in the output and the json."""
+    folder = tmp_path / "gpt2"
+    models.tiny_model("gpt2", max_positions=128).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    records = bundled_records()[:8]
+    records[0] = {**records[0], "instruction": "long " * 20000}
+    members, nonmembers = tmp_path / "members.jsonl", tmp_path / "nonmembers.jsonl"
+    members.write_text("".join(json.dumps(r) + "\n" for r in records[:4]))
+    nonmembers.write_text("".join(json.dumps(r) + "\n" for r in records[4:]))
+    out = tmp_path / "out"
+    assert cli(["memorize", "--model", str(folder), "--records", str(members), "--nonmembers", str(nonmembers),
+                "--n-tokens", "8", "--suffix-len", "20", "--limit", "50", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr()
+    assert "1 of 8 records cut to 128 tokens from their prompt's start (the model's positions); pass --max-len" \
+        in printed.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["records_cut_to_max_len"] == {"model": 1}
+    assert summary["notices"] == [f"--limit 50 asked, 4 records in {members}",
+                                  f"--limit 50 asked, 4 records in {nonmembers}",
+                                  "model: extraction checked 6 of 8 records, those whose response holds a 20-token "
+                                  "suffix (EOS included); lower --suffix-len to check more"]
+    assert all(f"note: {n}" in printed.out for n in summary["notices"])
+    assert "model: 1 of 8 records cut from their prompt's start to fit the model's positions" in printed.out
+    assert pd.read_parquet(out / "records.parquet")["prompt_cut"].tolist() == [True] + [False] * 7
+    assert cli(["memorize", "--model", str(folder), "--records", str(members), "--prefix-len", "120",
+                "--suffix-len", "20", "--out", str(tmp_path / "over")]) == 2
+    assert "--prefix-len, --suffix-len" in capsys.readouterr().err

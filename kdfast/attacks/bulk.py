@@ -58,14 +58,24 @@ def encode_records(tokenizer, records: list[dict], response_only: bool = True, m
     A {"text"} record is `tokenizer(text)` as it is (BOS only where the tokenizer adds one; its first token
     unscored), as mimir and the Min-K%++ code score WikiMIA/MIMIR; add_eos=True appends the EOS (kdfast's
     former behaviour). An instruction record keeps the study's template and its response's EOS (the teacher
-    was trained on it). numbers: each record's position in the caller's list, for error messages.
+    was trained on it). A record over max_len keeps its first max_len tokens; a prompt that leaves no room
+    for a response token keeps its end instead, next to the response marker (as TRL truncates prompts).
+    numbers: each record's position in the caller's list, for error messages.
     """
     numbers = numbers if numbers is not None else range(len(records))
     items = [encode_text(tokenizer, r["text"], max_len, add_eos, f"record {i}") if "text" in r
-             else encode(tokenizer, r, max_len=max_len, where=f"record {i}") for i, r in zip(numbers, records)]
+             else encode(tokenizer, r, max_len=max_len, where=f"record {i}", long_prompt="truncate")
+             for i, r in zip(numbers, records)]
     if not response_only:
         items = [Encoded(it.input_ids, list(it.input_ids), 0) for it in items]
     return items
+
+
+def records_cut(tokenizer, records: list[dict], max_len: int | None, add_eos: bool = False) -> int:
+    """How many records encode_records cuts to max_len (0 when max_len is None)."""
+    if max_len is None:
+        return 0
+    return sum(len(it) > max_len for it in encode_records(tokenizer, records, add_eos=add_eos))
 
 
 def encode_text(tokenizer, text: str, max_len: int | None = None, add_eos: bool = False,

@@ -41,9 +41,16 @@ def conditioned(item: Encoded, prefix: list[int], bos_id: int | None) -> Encoded
 
 
 def conditioned_ll(model: nn.Module, items: list[Encoded], prefix: list[int], bos_id: int | None,
-                   **batching) -> np.ndarray:
-    """ll(x | prefix): each item's mean ℓ_t of its own scored tokens after the prefix (float64 [len(items)])."""
-    return mean_log_likelihoods(model, [conditioned(it, prefix, bos_id) for it in items], **batching)
+                   max_len: int | None = None, **batching) -> np.ndarray:
+    """ll(x | prefix): each item's mean ℓ_t of its own scored tokens after the prefix (float64 [len(items)]).
+
+    With max_len (the model's context), an item keeps the prefix's end that fits before it; an item that
+    fills max_len alone has no room for any and scores NaN.
+    """
+    room = [len(prefix) if max_len is None else min(len(prefix), max(0, max_len - len(it))) for it in items]
+    fitted = [conditioned(it, prefix[len(prefix) - r:], bos_id) for it, r in zip(items, room)]
+    fits = [max_len is None or len(it) < max_len for it in items]
+    return np.where(fits, mean_log_likelihoods(model, fitted, **batching), np.nan)
 
 
 def recall_scores(ll: np.ndarray, cond_ll: np.ndarray) -> np.ndarray:

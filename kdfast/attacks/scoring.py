@@ -32,7 +32,7 @@ from kdfast.attacks.references import cached_mean_ll, resolve_references
 from kdfast.attacks.rmia import rmia_scores
 from kdfast.data import next_token_targets, pad_batch, record_key, token_budget_batches
 from kdfast.io import atomic_path, atomic_write_json
-from kdfast.models import transformer_blocks
+from kdfast.models import context_len, transformer_blocks
 
 ATTACKS = ("loss", "zlib", "lowercase", "min_k", "min_k_pp", "ref", "mope", "mope_block", "gradnorm", "recall",
            "con_recall", "dc_pdd", "rmia", "lira")
@@ -49,7 +49,8 @@ class AttackConfig:
     attacks: names from ATTACKS. response_only: score the response tokens of instruction records (a {"text"}
     record is always scored whole). ks: Min-K% fractions. mope_n, mope_sigma: MoPe perturbations and their
     std. recall_shots: non-members in ReCaLL's prefix. batch_tokens: padded tokens per forward pass.
-    max_len: cut responses to fit. padding_side: "right" or "left" (scores do not depend on it).
+    max_len: cut each record to this many tokens (None: to the model's positions, see models.model_positions;
+    never past them). padding_side: "right" or "left" (scores do not depend on it).
     seed: MoPe noise and the ReCaLL prefix choice. autocast: bf16 autocast (None: on a GPU only).
     add_eos: score {"text"} records with an EOS appended (default: tokenizer(text) as it is, as the field does).
     rmia_a, rmia_gamma: RMIA's offline correction a (1: none) and its threshold γ on the likelihood ratio.
@@ -87,6 +88,9 @@ class AttackConfig:
             raise ValueError(f"recall_shots must be ≥ 1, got {self.recall_shots}")
         if self.batch_tokens < 1:
             raise ValueError(f"batch_tokens must be ≥ 1, got {self.batch_tokens}")
+        if self.max_len is not None and self.max_len < 2:
+            raise ValueError(f"max_len (CLI --max-len) must be ≥ 2: a token to predict from and one to score; "
+                             f"got {self.max_len}")
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
         if not 0 <= self.rmia_a <= 1 or self.rmia_gamma <= 0 or self.dc_pdd_clip <= 0:
@@ -141,6 +145,7 @@ def score(model: nn.Module, tokenizer, records: list[dict], attacks=None, *, ref
     cfg = dataclasses.replace(config or AttackConfig(), **options)
     if attacks is not None:
         cfg = dataclasses.replace(cfg, attacks=attacks)
+    cfg = dataclasses.replace(cfg, max_len=context_len(model, cfg.max_len))
     refs = _reference_models(ref_model, ref_tokenizer, ref_models)
     if refs and "ref" not in cfg.attacks:
         cfg = dataclasses.replace(cfg, attacks=(*cfg.attacks, "ref"))
@@ -378,11 +383,11 @@ class _Job:
         if "recall" in attacks or "con_recall" in attacks:
             stage("recall")
             bos = self.tokenizer.bos_token_id
-            nonmember_ll = conditioned_ll(model, items, self.prefix, bos, **self.batching)
+            nonmember_ll = conditioned_ll(model, items, self.prefix, bos, cfg.max_len, **self.batching)
             if "recall" in attacks:
                 scores["recall"] = np.where(prefix_rows, np.nan, recall_scores(ll, nonmember_ll))
             if "con_recall" in attacks:
-                member_ll = conditioned_ll(model, items, self.member_prefix, bos, **self.batching)
+                member_ll = conditioned_ll(model, items, self.member_prefix, bos, cfg.max_len, **self.batching)
                 con = con_recall_scores(ll, nonmember_ll, member_ll, cfg.con_recall_gamma)
                 scores["con_recall"] = np.where(prefix_rows, np.nan, con)
         if "mope" in attacks or "mope_block" in attacks:

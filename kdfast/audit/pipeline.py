@@ -25,7 +25,7 @@ from kdfast.data import RecordError, bundled_records, encode_all, load_hub_datas
 from kdfast.distill import DistillConfig, Distiller, make_student
 from kdfast.distill.cross import across_tokenizers
 from kdfast.io import atomic_write_json, claim_folder
-from kdfast.models import ModelError, load_model, resolve_device, smollm2_path, tiny_tokenizer
+from kdfast.models import ModelError, context_len, load_model, resolve_device, smollm2_path, tiny_tokenizer
 
 MATERIALIZED = ("smollm2", "tiny:")  # base models saved once as safetensors: GGUF is slow to load, tiny is random
 TECHNIQUE_LABELS = {"sft": "No-KD (SFT)", "kd": "KD", "seqkd": "SeqKD", "imitkd": "ImitKD", "gkd": "GKD",
@@ -128,6 +128,7 @@ class Audit:
         self.privacy: dict[str, dict] = {}  # model id -> the DP-SGD spend of a DP teacher
         self.risk: dict | None = None  # the teacher's per-block MoPe AUC, when a block rule needs it
         self.blocks_of: dict[str, list[int] | str] = {}  # student id -> the teacher blocks it kept
+        self.cut: dict[str, dict] = {}  # model id -> records cut to its positions, by stage (attacks, memorization)
 
     def log(self, text: str) -> None:
         if self.progress:
@@ -289,7 +290,9 @@ class Audit:
 
         def run(work: Path) -> dict:
             model, tok = self.model(entry.path)
-            table = attacks.score(model, tok, self.members + self.nonmembers, names,
+            records, max_len = self.members + self.nonmembers, context_len(model, None)
+            n_cut = self._note_cut("attacks", entry, attacks.records_cut(tok, records, max_len), len(records), max_len)
+            table = attacks.score(model, tok, records, names,
                                   membership=[1] * len(self.members) + [0] * len(self.nonmembers),
                                   ks=tuple(a.ks), mope_n=a.mope_n, mope_sigma=sigma, batch_tokens=a.batch_tokens,
                                   autocast=a.autocast, seed=self.cfg.seed, out=work / "parts", progress=self.progress)
@@ -302,10 +305,18 @@ class Audit:
             table = attacks.with_percentiles(table)
             table.to_parquet(work / "scores.parquet")
             return {"metrics": attacks.evaluate(table, n_bootstrap=a.bootstrap, seed=self.cfg.seed,
-                                                calibration=a.calibration)}
+                                                calibration=a.calibration), "records_cut_to_max_len": n_cut}
 
         result, folder = self.stages.run(f"attacks-{entry.id.replace('/', '-')}", inputs, run)
+        self.cut.setdefault(entry.id, {})["attacks"] = result.get("records_cut_to_max_len")
         return result["metrics"], folder
+
+    def _note_cut(self, stage: str, entry: ModelEntry, n_cut: int, n: int, max_len: int | None) -> int:
+        """Log, before the stage's long work, how many records it cuts to the model's positions; the count."""
+        if n_cut:
+            self.log(f"  {stage} {entry.id}: {n_cut} of {n} records cut to {max_len} tokens (the model's positions); "
+                     "shorten them in the data to measure them whole")
+        return n_cut
 
     def blocks(self, entry: ModelEntry) -> dict:
         a = self.cfg.attacks
@@ -330,6 +341,9 @@ class Audit:
 
         def run(work: Path) -> dict:
             model, tok = self.model(entry.path)
+            max_len = context_len(model, None)
+            fitted = memorization.fit_prompts(tok, records, max_len, m.n_tokens)
+            n_cut = self._note_cut("memorization", entry, sum(e.truncated for e in fitted), len(records), max_len)
             res = memorization.match_accuracy(model, tok, records, n_tokens=m.n_tokens, batch_size=m.batch_size,
                                               progress=self.progress)
             frame = res.to_frame()
@@ -344,9 +358,11 @@ class Audit:
             approx = np.asarray(res.approx, dtype=float)
             return {"member": member, "nonmember": nonmember, "gap": member - nonmember,
                     "member_approx": float(approx[: self.n_mem].mean()),
-                    "nonmember_approx": float(approx[self.n_mem:].mean()), "rouge_l": utility}
+                    "nonmember_approx": float(approx[self.n_mem:].mean()), "rouge_l": utility,
+                    "records_cut_to_max_len": n_cut}
 
         result, folder = self.stages.run(f"memorization-{entry.id.replace('/', '-')}", inputs, run)
+        self.cut.setdefault(entry.id, {})["memorization"] = result.pop("records_cut_to_max_len", None)
         result["records"] = str(folder / "records.parquet")
         return result
 
@@ -428,7 +444,7 @@ class Audit:
                 "roc": {c: m["roc"] for c, m in metrics.items()},
                 "memorization": mem, "utility": {"rouge_l": row["memorization"]["rouge_l"]},
                 "mope_block": row["mope_block"], "blocks": self.blocks_of.get(entry.id),
-                "dp": self.privacy.get(entry.id),
+                "dp": self.privacy.get(entry.id), "records_cut_to_max_len": self.cut.get(entry.id),
                 "health": {**row["health"], "degenerate": bool(reasons), "reasons": reasons},
             })
             mem_frames[entry.id] = pd.read_parquet(row["memorization"]["records"])

@@ -6,8 +6,9 @@ from functools import lru_cache
 import numpy as np
 from torch import nn
 
-from kdfast.data import encode
 from kdfast.generation import eval_mode, generate
+from kdfast.memorization import fit_prompts
+from kdfast.models import context_len
 
 
 @lru_cache(maxsize=1)
@@ -32,8 +33,9 @@ def mean_rouge_l(predictions: list[str], references: list[str]) -> float:
 
 def greedy_responses(model: nn.Module, tokenizer, records: list[dict], n_tokens: int, batch_size: int = 32,
                      progress: bool = False) -> list[str]:
-    """Decoded greedy responses (at most n_tokens tokens, cut after EOS) to each instruction record's prompt."""
-    prompts = [(e := encode(tokenizer, r, where=f"record {i}")).input_ids[: e.prompt_len] for i, r in enumerate(records)]
+    """Decoded greedy responses (at most n_tokens tokens, cut after EOS) to each instruction record's prompt (its
+    end, where the prompt and n_tokens exceed the model's positions)."""
+    prompts = [e.input_ids[: e.prompt_len] for e in fit_prompts(tokenizer, records, context_len(model, None), n_tokens)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with eval_mode(model):
         ids = generate(model, prompts, n_tokens, pad_id=pad_id, eos_id=tokenizer.eos_token_id, batch_size=batch_size,

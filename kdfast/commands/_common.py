@@ -1,10 +1,11 @@
-"""What several subcommands share: model and record-file arguments, membership files, output folders."""
+"""What several subcommands share: model and record-file arguments, membership files, the records' length cut."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 from kdfast.data import RecordError, load_records, record_key
+from kdfast.models import model_positions
 
 
 def add_model_argument(parser: argparse.ArgumentParser, flag: str = "--model", required: bool = True,
@@ -44,3 +45,20 @@ def load_membership(members: str | Path, nonmembers: str | Path, fields: dict | 
         raise RecordError(f"{len(both)} record(s) are both in {members} and {nonmembers} (e.g. {str(example)[:120]}); "
                           "a sample in both sets makes the AUC meaningless: remove them from one file")
     return m + n, [1] * len(m) + [0] * len(n)
+
+
+def max_len_for(model, max_len: int | None, spec: str) -> int | None:
+    """--max-len, or the model's positions when it is not given (None when the model names none: no cut)."""
+    positions = model_positions(model)
+    if max_len is not None and positions is not None and max_len > positions:
+        raise ValueError(f"--max-len {max_len} is more than the {positions} positions of {spec}; give at most "
+                         f"{positions}, or leave --max-len out to cut records to the model's positions")
+    return positions if max_len is None else max_len
+
+
+def cut_warning(n_cut: int, n: int, max_len: int | None, given: bool, how: str = "") -> str | None:
+    """What a run prints before the long work when it cuts records to max_len (None when it cuts none)."""
+    if not n_cut:
+        return None
+    source = "(--max-len)" if given else "(the model's positions); pass --max-len to choose"
+    return f"warning: {n_cut} of {n} records cut to {max_len} tokens{how} {source}"

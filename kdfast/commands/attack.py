@@ -12,14 +12,31 @@ import hashlib
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from kdfast.attacks import ATTACKS, DEFAULT_ATTACKS, AttackConfig, evaluate, format_results, plot_roc, score
-from kdfast.commands._common import add_common_model_options, add_fields_argument, add_model_argument, load_membership
+from kdfast.attacks import (
+    ATTACKS,
+    DEFAULT_ATTACKS,
+    AttackConfig,
+    evaluate,
+    format_results,
+    plot_roc,
+    records_cut,
+    score,
+)
+from kdfast.commands._common import (
+    add_common_model_options,
+    add_fields_argument,
+    add_model_argument,
+    cut_warning,
+    load_membership,
+    max_len_for,
+)
 from kdfast.data import load_labeled, load_records
 from kdfast.io import atomic_write_json, claim_folder
 from kdfast.models import default_dtype, load_model, resolve_device
@@ -54,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mope-sigma", type=float, default=0.01, help="MoPe noise std (default 0.01; the paper used 0.005 for teachers)")
     parser.add_argument("--recall-shots", type=int, default=3, help="non-members held out as ReCaLL's prefix (default 3)")
     parser.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward pass (default 8192)")
-    parser.add_argument("--max-len", type=int, default=None, help="cut each record to this many tokens")
+    parser.add_argument("--max-len", type=int, default=None,
+                        help="cut each record to this many tokens (default: the model's positions)")
     parser.add_argument("--padding-side", choices=["right", "left"], default="right")
     parser.add_argument("--all-tokens", action="store_true", help="score prompt tokens too (default: response tokens only)")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many records of each file")
@@ -166,6 +184,11 @@ def _run(args, start, attacks, config, ref_specs, reference_specs, population, r
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
     load = lambda spec: load_model(spec, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)  # noqa: E731
     model, tokenizer = load(args.model)
+    config = dataclasses.replace(config, max_len=max_len_for(model, args.max_len, args.model))
+    n_cut = records_cut(tokenizer, records, config.max_len, config.add_eos)
+    warning = cut_warning(n_cut, len(records), config.max_len, args.max_len is not None)
+    if warning and rank == 0:
+        print(warning, file=sys.stderr, flush=True)
     refs = {name: load(spec) for name, spec in ref_specs.items()}
     references = {name: load(spec) for name, spec in reference_specs.items()}
     try:
@@ -181,11 +204,12 @@ def _run(args, start, attacks, config, ref_specs, reference_specs, population, r
     atomic_write_json(out / "metrics.json", {
         "model": args.model, "members": args.members, "nonmembers": args.nonmembers, "data": args.data,
         "ref_models": ref_specs, "references": reference_specs, "population": args.population,
-        "n_members": sum(labels), "n_nonmembers": len(labels) - sum(labels),
+        "n_members": sum(labels), "n_nonmembers": len(labels) - sum(labels), "records_cut_to_max_len": n_cut,
         "config": dataclasses.asdict(config), "results": results})
     plot_roc(results, out / "roc.png", title=f"Membership inference on {args.model}")
     elapsed = time.perf_counter() - start
     print(format_results(results))
-    print(f"\n{len(records)} records ({sum(labels)} members) scored in {elapsed:.1f}s; "
+    cut = f"{n_cut} cut to {config.max_len} tokens; " if n_cut else ""
+    print(f"\n{len(records)} records ({sum(labels)} members) scored in {elapsed:.1f}s; {cut}"
           f"wrote {out / 'scores.parquet'}, {out / 'metrics.json'}, {out / 'roc.png'}")
     return 0

@@ -2,8 +2,9 @@
 edit distance), exact extraction in one forward pass, the member - non-member gap, and with a teacher how
 much of what it memorized the model reproduces.
 
-Writes DIR/records.parquet (one row per record), DIR/summary.json, and DIR/cache/ (each model's results,
-reused by a rerun with the same model, records and settings).
+Writes DIR/records.parquet (one row per record; prompt_cut marks a prompt cut from its start to fit the model's
+positions or --max-len), DIR/summary.json, and DIR/cache/ (each model's results, reused by a rerun with the same
+model, records and settings).
 """
 from __future__ import annotations
 
@@ -11,16 +12,23 @@ import argparse
 import gc
 import hashlib
 import json
-import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from kdfast.commands._common import add_common_model_options, add_fields_argument, add_model_argument, load_membership
+from kdfast.commands._common import (
+    add_common_model_options,
+    add_fields_argument,
+    add_model_argument,
+    cut_warning,
+    load_membership,
+    max_len_for,
+)
 from kdfast.data import RecordError, load_records
-from kdfast.io import atomic_path, atomic_write_json
+from kdfast.io import atomic_path, atomic_write_json, claim_folder
 
 RECORDS_FILE, SUMMARY_FILE = "records.parquet", "summary.json"
 PREFIX = {"model": "", "teacher": "teacher_"}  # column prefix of each model's results
@@ -45,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-extraction", action="store_true", help="skip the one-pass exact extraction test")
     parser.add_argument("--taus", default="0.5,0.6,0.7,0.8,0.9",
                         help="teacher-conditioned thresholds (comma-separated)")
+    parser.add_argument("--max-len", type=int, default=None,
+                        help="tokens a model may see: a longer prompt + generated tokens loses the prompt's start "
+                             "(default: the model's positions)")
     parser.add_argument("--batch-size", type=int, default=32, help="records per batch (default 32)")
     parser.add_argument("--limit", type=int, default=None, help="use at most N records of each file")
     add_fields_argument(parser)
@@ -71,7 +82,7 @@ def _settings(args, instruct: bool) -> dict:
     prefix = args.prefix_len if args.prefix_len is not None or instruct else 32
     return {"n_tokens": args.n_tokens, "approx_threshold": args.approx_threshold, "match": instruct,
             "extraction": not args.no_extraction, "prefix_len": prefix, "suffix_len": args.suffix_len or args.n_tokens,
-            "dtype": args.dtype, "device": args.device}
+            "max_len": args.max_len, "dtype": args.dtype, "device": args.device}
 
 
 def _model_id(spec: str) -> str:
@@ -103,13 +114,19 @@ def _measure(role: str, spec: str, records: list[dict], settings: dict, args, ou
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
     model, tokenizer = load_model(spec, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
-    frames = []
+    max_len = max_len_for(model, args.max_len, spec)
+    cut = _prompts_cut(tokenizer, records, settings, max_len)
+    warning = cut_warning(sum(cut), len(records), max_len, args.max_len is not None, " from their prompt's start")
+    if warning:
+        print(f"{role} {spec}: {warning}", file=sys.stderr, flush=True)
+    frames = [pd.DataFrame({prefix + "prompt_cut": cut})]
     if settings["match"]:
         frames.append(mem.match_accuracy(model, tokenizer, records, settings["n_tokens"], args.batch_size,
-                                         settings["approx_threshold"], progress=not args.quiet).to_frame(prefix))
+                                         settings["approx_threshold"], max_len=max_len,
+                                         progress=not args.quiet).to_frame(prefix))
     if settings["extraction"]:
         ext = mem.extraction(model, records, settings["prefix_len"], settings["suffix_len"], tokenizer=tokenizer,
-                             batch_size=args.batch_size, on_short="skip", progress=not args.quiet)
+                             batch_size=args.batch_size, on_short="skip", max_len=max_len, progress=not args.quiet)
         frames.append(ext.to_frame(prefix))
     del model
     gc.collect()
@@ -117,6 +134,21 @@ def _measure(role: str, spec: str, records: list[dict], settings: dict, args, ou
     with atomic_path(cache) as tmp:
         table.to_parquet(tmp, index=False)
     return table
+
+
+def _prompts_cut(tokenizer, records: list[dict], settings: dict, max_len: int | None) -> list[bool]:
+    """Which records' prompts match and extraction cut to fit max_len; a setting that cannot fit raises now,
+    before the long work."""
+    from kdfast import memorization as mem
+
+    rooms = [settings["n_tokens"]] if settings["match"] else []
+    if settings["extraction"]:
+        mem.check_fits(settings["prefix_len"], settings["suffix_len"], max_len)
+        if settings["prefix_len"] is None:  # the whole prompt: only it can be cut
+            rooms.append(settings["suffix_len"])
+    if not rooms:
+        return [False] * len(records)
+    return [e.truncated for e in mem.fit_prompts(tokenizer, records, max_len, max(rooms))]
 
 
 def _as_results(table, prefix: str, settings: dict):
@@ -154,9 +186,6 @@ def _record_columns(records: list[dict], labels: list[int] | None):
 
 
 def main(args) -> int:
-    import pandas as pd
-
-    from kdfast import memorization as mem
 
     start = time.perf_counter()
     if args.n_tokens < 1 or (args.suffix_len is not None and args.suffix_len < 1):
@@ -167,27 +196,67 @@ def main(args) -> int:
     if not settings["match"] and not settings["extraction"]:
         raise ValueError("plain {'text'} records are measured by extraction only: drop --no-extraction")
     out = Path(args.out)
-    os.makedirs(out, exist_ok=True)
     roles = {"model": args.model, **({"teacher": args.teacher} if args.teacher else {})}
-    tables = {role: _measure(role, spec, records, settings, args, out) for role, spec in roles.items()}
-    summary = {"model": args.model, "teacher": args.teacher, "records": args.records, "nonmembers": args.nonmembers,
-               "n_records": len(records), "n_members": sum(labels) if labels else None, "settings": settings}
-    for role, table in tables.items():
-        summary[f"{role}_figures"] = mem.group_summary(*_as_results(table, PREFIX[role], settings),
-                                                      membership=labels)
-    if "teacher" in tables and settings["match"]:
-        on = np.asarray(labels) == 1 if labels else np.ones(len(records), dtype=bool)
-        rows = mem.teacher_conditioned(tables["teacher"]["teacher_accuracy"][on], tables["model"]["accuracy"][on], taus)
-        summary["teacher_conditioned"] = {"on": "members" if labels else "all records",
-                                          "rows": [r.to_dict() for r in rows]}
+    with claim_folder(out, "--out"):  # one writer of records.parquet and summary.json; clears killed runs' temporaries
+        tables = {role: _measure(role, spec, records, settings, args, out) for role, spec in roles.items()}
+        _write(out, records, labels, _summary(args, records, labels, settings, tables, taus), tables)
+    print(f"{len(records)} records measured in {time.perf_counter() - start:.1f}s; "
+          f"wrote {out / RECORDS_FILE} and {out / SUMMARY_FILE}")
+    return 0
+
+
+def _write(out: Path, records: list[dict], labels: list[int] | None, summary: dict, tables: dict) -> None:
+    """records.parquet (the records and every model's per-record results) and summary.json; prints the summary."""
+    import pandas as pd
+
     per_record = pd.concat([_record_columns(records, labels), *tables.values()], axis=1)
     with atomic_path(out / RECORDS_FILE) as tmp:
         per_record.to_parquet(tmp, index=False)
     atomic_write_json(out / SUMMARY_FILE, summary)
     print(format_summary(summary))
-    print(f"{len(records)} records measured in {time.perf_counter() - start:.1f}s; "
-          f"wrote {out / RECORDS_FILE} and {out / SUMMARY_FILE}")
-    return 0
+
+
+def _summary(args, records: list[dict], labels: list[int] | None, settings: dict, tables: dict, taus) -> dict:
+    """summary.json: the figures of each model, the records cut to fit, what was measured on fewer records."""
+    from kdfast import memorization as mem
+
+    summary = {"model": args.model, "teacher": args.teacher, "records": args.records, "nonmembers": args.nonmembers,
+               "n_records": len(records), "n_members": sum(labels) if labels else None, "settings": settings,
+               "records_cut_to_max_len": {}, "notices": _limit_notices(args, labels, len(records))}
+    for role, table in tables.items():
+        figures = mem.group_summary(*_as_results(table, PREFIX[role], settings), membership=labels)
+        summary[f"{role}_figures"] = figures
+        summary["records_cut_to_max_len"][role] = int(table[PREFIX[role] + "prompt_cut"].sum())
+        notice = _extraction_notice(figures["all"], settings)
+        if notice:
+            summary["notices"].append(f"{role}: {notice}")
+    if "teacher" in tables and settings["match"]:
+        on = np.asarray(labels) == 1 if labels else np.ones(len(records), dtype=bool)
+        rows = mem.teacher_conditioned(tables["teacher"]["teacher_accuracy"][on], tables["model"]["accuracy"][on], taus)
+        summary["teacher_conditioned"] = {"on": "members" if labels else "all records",
+                                          "rows": [r.to_dict() for r in rows]}
+    return summary
+
+
+def _limit_notices(args, labels: list[int] | None, n: int) -> list[str]:
+    """Where --limit asks for more records than a file holds: the figures are then on fewer."""
+    if args.limit is None:
+        return []
+    counts = {args.records: n} if labels is None else {args.records: sum(labels), args.nonmembers: n - sum(labels)}
+    return [f"--limit {args.limit} asked, {k} records in {path}" for path, k in counts.items() if k < args.limit]
+
+
+def _extraction_notice(figures: dict, settings: dict) -> str | None:
+    """Where extraction checked fewer records than were measured: how many, and what the others lack."""
+    checked, n = figures.get("extraction_checked", figures["n"]), figures["n"]
+    if checked == n:
+        return None
+    if settings["match"]:  # instruction records: the prefix is the prompt, the suffix the response's start
+        need, fix = f"whose response holds a {settings['suffix_len']}-token suffix (EOS included)", "--suffix-len"
+    else:
+        need = f"long enough for a {settings['prefix_len']}-token prefix + {settings['suffix_len']}-token suffix"
+        fix = "--prefix-len/--suffix-len"
+    return f"extraction checked {checked} of {n} records, those {need}; lower {fix} to check more"
 
 
 def _pct(x: float) -> str:
@@ -218,6 +287,10 @@ def format_summary(summary: dict) -> str:
             if s["extraction"]:
                 row += f" {_pct(f['extractable_rate']):>12}"
             lines.append(row)
+    fit = f"--max-len {s['max_len']}" if s["max_len"] else "the model's positions"
+    lines += [f"{role}: {n} of {summary['n_records']} records cut from their prompt's start to fit {fit}"
+              for role, n in summary["records_cut_to_max_len"].items() if n]
+    lines += [f"note: {n}" for n in summary["notices"]]
     tc = summary.get("teacher_conditioned")
     if tc:
         lines.append(f"teacher-conditioned ({tc['on']}): records the teacher matches above tau -> the model's "

@@ -32,7 +32,7 @@ from kdfast.distill.objective import forward_rows, token_nll, valid
 from kdfast.distill.optim import build_optimizer, param_groups
 from kdfast.distill.techniques import CLASSES
 from kdfast.generation import eval_mode
-from kdfast.io import atomic_path, atomic_write_json, atomic_write_text
+from kdfast.io import atomic_path, atomic_write_json, atomic_write_text, remove_stale_temporaries
 from kdfast.lora import apply_lora, has_lora, merged_state_dict
 from kdfast.models import enable_checkpointing, is_quantized, quantize_model
 from kdfast.runtime import warn_if_bf16_emulated
@@ -147,6 +147,7 @@ class Distiller:
         started = time.perf_counter()
         out = Path(cfg.out) if cfg.out else None
         if out is not None and acc.is_main_process:
+            remove_stale_temporaries(out)  # a killed run's half-written checkpoints and files
             _check_same_records(out, {"train": train_records, "eval": eval_records, "lm": lm_records},
                                 sources or {}, cfg.resume)
         if out is not None and cfg.resume and (out / "summary.json").exists() and (out / "final").exists():

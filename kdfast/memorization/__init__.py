@@ -1,13 +1,13 @@
 """Memorization (docs/design.md §6): the study's greedy match accuracy, one-pass exact extraction, teacher-conditioned
 memorization, and how far membership and memorization flags agree."""
 from kdfast.memorization.agreement import DEFAULT_TAUS, Agreement, Conditioned, agreement, flag, teacher_conditioned
-from kdfast.memorization.extraction import Extraction, extractable, extraction, extraction_pairs
-from kdfast.memorization.match import MatchResult, edit_distance, match_accuracy, normalized_edit_distance
+from kdfast.memorization.extraction import Extraction, check_fits, extractable, extraction, extraction_pairs
+from kdfast.memorization.match import MatchResult, edit_distance, fit_prompts, match_accuracy, normalized_edit_distance
 from kdfast.memorization.summary import group_summary
 
 __all__ = [
     "DEFAULT_TAUS", "Agreement", "Conditioned", "agreement", "flag", "teacher_conditioned",
-    "Extraction", "extractable", "extraction", "extraction_pairs",
-    "MatchResult", "edit_distance", "match_accuracy", "normalized_edit_distance",
+    "Extraction", "check_fits", "extractable", "extraction", "extraction_pairs",
+    "MatchResult", "edit_distance", "fit_prompts", "match_accuracy", "normalized_edit_distance",
     "group_summary",
 ]

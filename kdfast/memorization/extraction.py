@@ -15,9 +15,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kdfast.data import Encoded, encode, pad_batch
+from kdfast.data import Encoded, pad_batch
 from kdfast.generation import eval_mode, generate, pad_token_id
-from kdfast.models import ModelError, hidden_and_head, output_head
+from kdfast.memorization.match import fit_prompts
+from kdfast.models import ModelError, context_len, hidden_and_head, output_head
 from kdfast.ops.token_stats import token_stats, token_stats_from_hidden
 
 METHODS = ("forward", "generate")
@@ -63,18 +64,21 @@ class Extraction:
         return frame
 
 
-def extraction_pairs(tokenizer, records: list[dict], prefix_len: int | None = 32,
-                     suffix_len: int = 32) -> list[tuple[list[int], list[int]]]:
+def extraction_pairs(tokenizer, records: list[dict], prefix_len: int | None = 32, suffix_len: int = 32,
+                     max_len: int | None = None) -> list[tuple[list[int], list[int]]]:
     """(prefix, suffix) token ids of records, tokenized as kdfast.data.encode does (EOS after the text).
 
     Instruction records: the suffix is the first suffix_len response tokens and the prefix the last
     prefix_len prompt tokens (prefix_len=None: the whole prompt, i.e. the study's setting). {"text"} records:
     the first prefix_len tokens, then the next suffix_len. A suffix shorter than suffix_len marks a record
-    too short to test.
+    too short to test. max_len: the model's context; a whole prompt that leaves no room for the suffix is cut
+    from its start (fit_prompts), an integer prefix_len must fit with the suffix (check_fits).
     """
+    check_fits(prefix_len, suffix_len, max_len)
     pairs = []
-    for i, record in enumerate(records):
-        e = encode(tokenizer, record, where=f"record {i}")
+    # An integer prefix is the prompt's end, which fits as checked: only a whole prompt is cut.
+    encoded = fit_prompts(tokenizer, records, max_len if prefix_len is None else None, suffix_len)
+    for i, (record, e) in enumerate(zip(records, encoded)):
         if "text" in record:
             if prefix_len is None:
                 raise ValueError(f"record {i} is a plain {{'text'}} record: it has no prompt, so give an integer "
@@ -85,6 +89,15 @@ def extraction_pairs(tokenizer, records: list[dict], prefix_len: int | None = 32
             prefix = prompt if prefix_len is None else prompt[-prefix_len:]
             pairs.append((prefix, e.input_ids[e.prompt_len:][:suffix_len]))
     return pairs
+
+
+def check_fits(prefix_len: PrefixLen, suffix_len: int, max_len: int | None) -> None:
+    """Raise unless every integer prefix length plus the suffix fits in max_len tokens (None: no limit)."""
+    lens = [] if prefix_len is None else [prefix_len] if isinstance(prefix_len, numbers.Integral) else prefix_len
+    longest = max(lens, default=0)
+    if max_len is not None and longest + suffix_len > max_len:
+        raise ValueError(f"a {longest}-token prefix and a {suffix_len}-token suffix exceed the model's {max_len} "
+                         "positions; lower prefix_len / suffix_len (CLI --prefix-len, --suffix-len)")
 
 
 def _rows_to_pairs(rows: TokenRows, prefix_len: PrefixLen, suffix_len: int) -> list[tuple[list[int], list[int]]]:
@@ -104,7 +117,7 @@ def _rows_to_pairs(rows: TokenRows, prefix_len: PrefixLen, suffix_len: int) -> l
 
 def extraction(model: nn.Module, data: TokenRows | list[dict], prefix_len: PrefixLen = 32, suffix_len: int = 32, *,
                tokenizer=None, method: str = "forward", batch_size: int = 32, on_short: str = "error",
-               pad_id: int | None = None, progress: bool = True) -> Extraction:
+               pad_id: int | None = None, max_len: int | None = None, progress: bool = True) -> Extraction:
     """Exact greedy extraction of each record's suffix from its prefix (Carlini et al. 2022).
 
     data: token ids, an integer tensor [R, L] or R lists (the first prefix_len tokens prompt, the next
@@ -116,6 +129,7 @@ def extraction(model: nn.Module, data: TokenRows | list[dict], prefix_len: Prefi
     on_short: records shorter than prefix + suffix raise ValueError ("error") or are left unchecked ("skip").
     Batches are left-padded with position ids that skip the padding: a record's result does not depend on
     its batch. pad_id: the padding id (default: the tokenizer's, else 0; it is always masked out).
+    max_len: the tokens the model may see (default and at most: its positions), see extraction_pairs.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -132,8 +146,9 @@ def extraction(model: nn.Module, data: TokenRows | list[dict], prefix_len: Prefi
             raise ValueError("extraction from records needs tokenizer= (or pass token ids)")
         if not one:
             raise ValueError("with records, prefix_len is one int (or None: the whole prompt)")
-        pairs = extraction_pairs(tokenizer, data, prefix_len, suffix_len)
+        pairs = extraction_pairs(tokenizer, data, prefix_len, suffix_len, context_len(model, max_len))
     else:
+        check_fits(prefix_len, suffix_len, context_len(model, max_len))
         pairs = _rows_to_pairs(data, prefix_len, suffix_len)
     if not pairs:
         raise ValueError("extraction: no records")

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from kdfast.data import encode
+from kdfast.data import Encoded, encode
 from kdfast.generation import eval_mode, generate, pad_token_id
+from kdfast.models import context_len
 
 
 @dataclass
@@ -70,8 +71,20 @@ def normalized_edit_distance(generated: list[int], truth: list[int]) -> float:
     return edit_distance(generated[: len(truth)], truth) / len(truth)
 
 
+def fit_prompts(tokenizer, records: list[dict], max_len: int | None, room: int) -> list[Encoded]:
+    """encode() each record, a prompt cut from its start where `room` more tokens would not fit after it in
+    max_len (None: no cut); the prompt's end stays next to the response marker, as does a leading BOS, as TRL
+    truncates prompts. Encoded.truncated marks the records cut."""
+    if max_len is not None and max_len <= room:
+        raise ValueError(f"{room} tokens after the prompt leave no room for one in {max_len} positions; lower "
+                         "n_tokens / suffix_len (CLI --n-tokens, --suffix-len)")
+    limit = None if max_len is None else max_len - room
+    return [encode(tokenizer, r, max_prompt_len=limit, where=f"record {i}", long_prompt="truncate")
+            for i, r in enumerate(records)]
+
+
 def match_accuracy(model: nn.Module, tokenizer, records: list[dict], n_tokens: int = 32, batch_size: int = 32,
-                   approx_threshold: float = 0.1, *, progress: bool = True) -> MatchResult:
+                   approx_threshold: float = 0.1, *, max_len: int | None = None, progress: bool = True) -> MatchResult:
     """Greedy match accuracy of each instruction record (docs/design.md §6, the study's metric).
 
     The prompt is the record's full instruction prompt (kdfast.data.encode's prompt part, Alpaca template);
@@ -80,7 +93,8 @@ def match_accuracy(model: nn.Module, tokenizer, records: list[dict], n_tokens: i
     tokens as encode tokenizes them (EOS appended), over the response's length when it is shorter. A
     generation that stops early counts its missing positions as mismatches. The approximate variant flags
     records whose normalized token edit distance is at most approx_threshold (0.1: within 10% of the
-    compared length). A record's result does not depend on its batch.
+    compared length). A record's result does not depend on its batch. max_len: the tokens the model may
+    see (default and at most: its positions); a longer prompt + n_tokens is cut by fit_prompts.
     """
     if n_tokens < 1:
         raise ValueError(f"n_tokens must be at least 1, got {n_tokens}")
@@ -92,7 +106,7 @@ def match_accuracy(model: nn.Module, tokenizer, records: list[dict], n_tokens: i
     if plain:
         raise ValueError(f"match_accuracy needs instruction records (a prompt to answer); record {plain[0]} is a "
                          "plain {'text'} record: measure it with extraction(..., prefix_len=, suffix_len=) instead")
-    encoded = [encode(tokenizer, r, where=f"record {i}") for i, r in enumerate(records)]
+    encoded = fit_prompts(tokenizer, records, context_len(model, max_len), n_tokens)
     prompts = [e.input_ids[: e.prompt_len] for e in encoded]
     truths = [e.input_ids[e.prompt_len:][:n_tokens] for e in encoded]
     pad_id = pad_token_id(tokenizer)

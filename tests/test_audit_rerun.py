@@ -25,3 +25,17 @@ def test_rerun_after_a_setting_change_matches_a_fresh_folder(tmp_path):
     assert rerun["agreement"][student] != before["agreement"][student]  # the change reaches the agreement table
     assert rerun["agreement"] == fresh["agreement"]
     assert [m["auc"] for m in rerun["models"]] == [m["auc"] for m in fresh["models"]]
+
+
+def test_fewer_attack_and_memorization_records_than_asked_are_said(tmp_path, capsys):
+    from kdfast.audit.pipeline import Audit
+
+    cfg = load_config(preset_name="tiny", overrides={**SMALL, "attacks": {**SMALL["attacks"], "n_records": 500},
+                                                     "memorization": {"n_records": 900}})
+    audit = Audit(cfg, tmp_path, progress=True)
+    audit.data()
+    out = capsys.readouterr().out
+    n = len(audit.members)
+    assert n < 500
+    assert f"attacks.n_records=500 asked, {n} used" in out
+    assert f"memorization.n_records=900 asked, {n} used" in out

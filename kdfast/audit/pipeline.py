@@ -169,11 +169,19 @@ class Audit:
         n_att = min(n_att, len(self.split["private"]), len(self.split["nonmembers"]))
         self.members, self.nonmembers = self.split["private"][:n_att], self.split["nonmembers"][:n_att]
         self.n_mem = min(self.cfg.memorization.n_records or n_att, n_att)
+        self._say_fewer("attacks.n_records", self.cfg.attacks.n_records, n_att,
+                        "the smaller of the private and non-member splits")
+        self._say_fewer("memorization.n_records", self.cfg.memorization.n_records, self.n_mem,
+                        "the attacked members")
         self.eval_records = self.split["nonmembers"][-64:]
         # Stages hash the records they use, not the whole split: a new public size keeps the teacher.
         self.digest = {"private": _digest(self.split["private"]),
                        "public": _digest([self.split["public"], self.eval_records]),
                        "attack": _digest([self.members, self.nonmembers])}
+
+    def _say_fewer(self, key: str, asked: int | None, used: int, limit: str) -> None:
+        if asked and used < asked:
+            self.log(f"note: {key}={asked} asked, {used} used ({limit} hold no more)")
 
     def base(self) -> str:
         """The pretrained teacher (before fine-tuning); GGUF and tiny models are saved once as safetensors."""

@@ -66,3 +66,25 @@ def test_ref_model_names():
     assert parse_ref_models(["gpt2", "./y"]) == {"ref_1": "gpt2", "ref_2": "./y"}
     with pytest.raises(ValueError, match="distinct"):
         parse_ref_models(["a=gpt2", "a=opt"])
+
+
+@pytest.mark.parametrize("command,flag,value,message", [
+    ("attack", "--limit", "-5", "-5 is out of range; give a number >= 1"),
+    ("attack", "--mope-n", "0", "0 is out of range; give a number >= 1"),
+    ("attack", "--bootstrap", "-1", "-1 is out of range; give a number >= 0"),
+    ("attack", "--ks", "1.5", "1.5 is out of range; give a number > 0 and <= 1"),
+    ("attack", "--calibration", "1", "1.0 is out of range; give a number >= 0 and < 1"),
+    ("attack", "--seed", "x", "'x' is not an integer"),
+    ("memorize", "--limit", "-5", "-5 is out of range; give a number >= 1"),
+    ("memorize", "--n-tokens", "0", "0 is out of range; give a number >= 1"),
+    ("memorize", "--batch-size", "-2", "-2 is out of range; give a number >= 1"),
+    ("distill", "--limit", "-5", "-5 is out of range; give a number >= 1"),
+])
+def test_bad_counts_stop_at_the_flag(command, flag, value, message, capsys):
+    """A negative or zero count never reaches the work (--limit -5 once meant 'all but the last 5')."""
+    inputs = {"attack": ["--model", "tiny:llama", "--members", "m.jsonl", "--nonmembers", "n.jsonl"],
+              "memorize": ["--model", "tiny:llama", "--records", "m.jsonl"],
+              "distill": ["--student", "tiny:llama", "--data", "m.jsonl"]}[command]
+    with pytest.raises(SystemExit) as stop:
+        main([command, *inputs, "--out", "o", flag, value])
+    assert stop.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err

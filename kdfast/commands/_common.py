@@ -2,9 +2,29 @@
 from __future__ import annotations
 
 import argparse
+import typing
 from pathlib import Path
 
 from kdfast.data import RecordError, load_records, record_key
+from kdfast.validation import describe
+
+
+def ranged(hint):
+    """An argparse type for a number flag of type `hint` (PositiveInt, Fraction ...: the config fields' types), so a
+    bad value stops the command before any work: "argument --limit: -5 is out of range; give a number >= 1"."""
+    base, *bounds = typing.get_args(hint) if typing.get_origin(hint) is typing.Annotated else (hint,)
+
+    def parse(text: str):
+        try:
+            value = base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {describe(base)}") from None
+        problem = next((p for b in bounds if (p := b.complaint(value))), None)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return parse
 
 
 def add_model_argument(parser: argparse.ArgumentParser, flag: str = "--model", required: bool = True,

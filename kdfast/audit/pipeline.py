@@ -25,7 +25,7 @@ from kdfast.data import RecordError, bundled_records, encode_all, load_hub_datas
 from kdfast.distill import DistillConfig, Distiller, make_student
 from kdfast.distill.cross import across_tokenizers
 from kdfast.io import atomic_write_json, claim_folder
-from kdfast.models import ModelError, load_model, resolve_device, smollm2_path, tiny_tokenizer
+from kdfast.models import ModelError, load_model, load_tokenizer, local_path, resolve_device
 
 MATERIALIZED = ("smollm2", "tiny:")  # base models saved once as safetensors: GGUF is slow to load, tiny is random
 TECHNIQUE_LABELS = {"sft": "No-KD (SFT)", "kd": "KD", "seqkd": "SeqKD", "imitkd": "ImitKD", "gkd": "GKD",
@@ -76,23 +76,18 @@ def check_inputs(cfg: AuditConfig) -> None:
              ("attacks.ref_second", cfg.attacks.ref_second)]
     specs += [(f"students.sizes.{k}", v) for k, v in cfg.students.sizes.items() if isinstance(v, str)]
     for label, spec in specs:
-        if spec and spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists():
-            raise ConfigError(f"{label}: model folder {spec} not found")
         if spec and spec.startswith("tiny:") and spec[5:] not in ("gpt2", "opt", "llama"):
             raise ConfigError(f"{label}: unknown tiny model {spec!r}; use tiny:gpt2, tiny:opt or tiny:llama")
+        try:
+            if spec and spec != "smollm2" and not spec.startswith("tiny:"):
+                local_path(spec)
+        except ModelError as e:
+            raise ConfigError(f"{label}: {e}") from None
 
 
 def base_tokenizer(cfg: AuditConfig):
     """The tokenizer every audited model shares: the teacher's (no weights are loaded)."""
-    from transformers import AutoTokenizer
-
-    spec = cfg.teacher.finetuned or cfg.teacher.model
-    if spec.startswith("tiny:"):
-        return tiny_tokenizer()
-    if spec == "smollm2" or spec.endswith(".gguf"):
-        path = smollm2_path() if spec == "smollm2" else Path(spec)
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(spec)
+    return load_tokenizer(cfg.teacher.finetuned or cfg.teacher.model)
 
 
 def prepare(cfg: AuditConfig) -> dict:

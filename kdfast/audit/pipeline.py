@@ -395,6 +395,9 @@ class Audit:
         results = self._results(entries, rows, time.time() - started)
         paths = write_report(results, self.out)
         self.log("\n" + text_table(*auc_table(results)))
+        for entry, row in zip(entries, rows):
+            if left_out := attacks.left_out_text(row["metrics"]):
+                self.log(f"{entry.label}: left out of its figures (non-finite scores): {left_out}")
         self.log(f"\nReport: {paths['report']}\nResults: {paths['results']}  Summary: {paths['summary']}")
         return results
 
@@ -421,6 +424,7 @@ class Audit:
                 "tpr_at_fpr": {c: m["tpr_at_fpr"] for c, m in metrics.items()},
                 "calibrated": {c: m.get("calibrated") for c, m in metrics.items()},
                 "roc": {c: m["roc"] for c, m in metrics.items()},
+                "left_out": {c: m.get("left_out") for c, m in metrics.items()},  # NaN / ±inf scores per column
                 "memorization": mem, "utility": {"rouge_l": row["memorization"]["rouge_l"]},
                 "mope_block": row["mope_block"], "blocks": self.blocks_of.get(entry.id),
                 "dp": self.privacy.get(entry.id),

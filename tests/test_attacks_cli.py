@@ -88,3 +88,17 @@ def test_bad_counts_stop_at_the_flag(command, flag, value, message, capsys):
     with pytest.raises(SystemExit) as stop:
         main([command, *inputs, "--out", "o", flag, value])
     assert stop.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
+
+
+def test_fields_maps_the_columns_of_both_files(files, tmp_path, capsys):
+    """attack takes --fields as memorize and distill do; without it the error names the flag to use."""
+    records = bundled_records()[:16]
+    for name, part in (("m.csv", records[:8]), ("n.csv", records[8:])):
+        pd.DataFrame({"q": [r["instruction"] for r in part], "a": [r["response"] for r in part]}).to_csv(
+            tmp_path / name, index=False)
+    run = ["attack", "--model", str(files / "model"), "--members", str(tmp_path / "m.csv"), "--nonmembers",
+           str(tmp_path / "n.csv"), "--attacks", "loss", "--bootstrap", "0", "--calibration", "0"]
+    assert main([*run, "--out", str(tmp_path / "a")]) == 2
+    assert f"{tmp_path / 'm.csv'}: line 2: missing field(s)" in capsys.readouterr().err
+    assert main([*run, "--out", str(tmp_path / "b"), "--fields", "instruction=q,response=a"]) == 0
+    assert "16 records (8 members)" in capsys.readouterr().out

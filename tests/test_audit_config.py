@@ -30,7 +30,10 @@ def test_paper_presets_follow_the_study():
 @pytest.mark.parametrize("overrides,message", [
     ({"students": {"techniqes": ["kd"]}}, r"unknown config key 'students.techniqes' \(did you mean 'techniques'\?\)"),
     ({"bogus": 1}, r"unknown config key 'bogus'"),
-    ({"students": {"techniques": ["kdd"]}}, r"students.techniques: unknown value 'kdd' \(did you mean 'kd'\?\)"),
+    ({"students": {"techniques": ["kdd"]}}, r"students.techniques: unknown value 'kdd' \(did you mean 'kd'\?\); "
+                                            r"choose from kd, seqkd, imitkd, gkd, minillm, distillm$"),
+    ({"students": {"techniques": "kd"}}, r"students.techniques: expected a list, got 'kd'; write a list, e.g. "
+                                         r"students.techniques=\[kd\]"),
     ({"attacks": {"attacks": ["los"]}}, r"attacks.attacks: unknown value 'los'"),
     ({"ablations": {"divergence": ["kl"]}}, r"ablations.divergence: unknown value 'kl'"),
     ({"students": {"sizes": {}}}, r"students.sizes is empty"),
@@ -66,9 +69,14 @@ def test_negative_counts_are_refused(key):
         load_config(preset_name="tiny", overrides={section: {leaf: -5}} if section else {leaf: -5})
 
 
-def test_negative_count_from_the_cli(capsys):
-    assert main(["audit", "--preset", "tiny", "--check", "--set", "attacks.n_records=-5"]) == 2
-    assert "attacks.n_records: -5 is out of range; give a number >= 1" in capsys.readouterr().err
+@pytest.mark.parametrize("setting,message", [
+    ("attacks.n_records=-5", "attacks.n_records: -5 is out of range; give a number >= 1"),
+    ("students.techniques=[kd, gdk]", "students.techniques: unknown value 'gdk' (did you mean 'gkd'?); choose from "
+                                      "kd, seqkd, imitkd, gkd, minillm, distillm"),
+])
+def test_mistakes_from_the_cli(capsys, setting, message):
+    assert main(["audit", "--preset", "tiny", "--check", "--set", setting]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_yaml_file(tmp_path):

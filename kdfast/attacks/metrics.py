@@ -112,8 +112,9 @@ def calibration_split(n_nonmembers: int, fraction: float = 0.5, seed: int = 0) -
     order = np.random.default_rng(seed).permutation(n_nonmembers)
     cut = round(fraction * n_nonmembers)
     if cut == 0 or cut == n_nonmembers:
-        raise ValueError(f"calibration={fraction} leaves an empty half of {n_nonmembers} non-members; "
-                         "give more non-members or a fraction nearer 0.5")
+        raise ValueError(f"calibration={fraction} leaves an empty half of {n_nonmembers} non-members; give more "
+                         "non-members or a fraction nearer 0.5 (kdfast attack --calibration, the audit's "
+                         "attacks.calibration)")
     return np.sort(order[:cut]), np.sort(order[cut:])
 
 

@@ -60,7 +60,9 @@ def load_membership(members: str | Path, nonmembers: str | Path, fields: dict | 
     m, n = load_records(members, fields), load_records(nonmembers, fields)
     both = {record_key(r) for r in m} & {record_key(r) for r in n}
     if both:
-        example = next(r for r in m if record_key(r) in both)
-        raise RecordError(f"{len(both)} record(s) are both in {members} and {nonmembers} (e.g. {str(example)[:120]}); "
-                          "a sample in both sets makes the AUC meaningless: remove them from one file")
+        first = next(r for r in m if record_key(r) in both)
+        twin = next(r for r in n if record_key(r) == record_key(first))
+        raise RecordError(f"{len(both)} record(s) are both in {members} and {nonmembers} (e.g. {first.where} and "
+                          f"{twin.where}: {str(first)[:120]}); a sample in both sets makes the AUC meaningless: "
+                          "remove them from one file")
     return m + n, [1] * len(m) + [0] * len(n)

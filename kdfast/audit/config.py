@@ -125,7 +125,8 @@ class DefensesConfig:
     size: str | None = None  # a list size of students.sizes (None: the first)
     init: list[str] = field(default_factory=list)  # low_risk / high_risk: blocks of the least / most leaky teacher blocks
     dp: dict[str, Any] | None = None  # a DP-SGD teacher beside the plain one, and a student distilled from it
-    temperature: list[PositiveFloat] = field(default_factory=list)  # logit release: the teacher softened at these
+    # logit release: the teacher softened at these temperatures
+    temperature: list[PositiveFloat] = field(default_factory=list)
     # members and non-members each for the teacher's per-block risk (kept off the attack records)
     risk_records: Annotated[int, Range(ge=2)] = 64
     risk_n: PositiveInt = 2  # perturbations per block for that risk

@@ -50,7 +50,8 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | None = None, dev
     """(model, tokenizer) from a hub id, a local directory, a .gguf file, "smollm2", or "tiny:<family>".
 
     Weights load from safetensors only (no unpickling of untrusted checkpoints); remote code stays off
-    unless trust_remote_code=True. A hub id downloads: that is the only network use. "tiny:llama" (gpt2,
+    unless trust_remote_code=True. A hub id downloads: that is the only network use (a spec that looks like a path
+    and does not exist is "not found", see local_path). "tiny:llama" (gpt2,
     opt) is a random-init tiny model with the bundled tiny tokenizer, for tests and the tiny preset.
     quantize: "nf4" or "int8" loads a frozen, bitsandbytes-quantized model for inference (a teacher); the LM
     head stays in `dtype` (see bnb_config). Never `.to()` such a model afterwards.
@@ -67,21 +68,18 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | None = None, dev
     if spec.startswith("tiny:"):
         model, tokenizer = tiny_model(spec.split(":", 1)[1]), tiny_tokenizer()
     elif spec == "smollm2" or spec.endswith(".gguf"):
-        path = smollm2_path() if spec == "smollm2" else Path(spec)
-        if not path.exists():
-            raise ModelError(f"GGUF file {path} not found")
+        path = smollm2_path() if spec == "smollm2" else local_path(spec)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
         model = _as_plain_model(AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs))
     else:
-        local = Path(spec)
-        if local.exists():
+        local = local_path(spec)
+        if local is not None:
             if not local.is_dir() or not (local / "config.json").exists():
                 raise ModelError(f"{local} is not a model folder (no config.json); give a folder saved by save_pretrained")
             if not any(local.glob("*.safetensors")):
                 raise ModelError(f"{local} has no .safetensors weights; kdfast does not unpickle checkpoints. "
                                  "Convert them once with a trusted tool (model.save_pretrained(safe_serialization=True))")
-        elif spec.startswith((".", "/", "~")):
-            raise ModelError(f"model folder {spec} not found")
+            spec = str(local)
         try:
             tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(spec, revision=revision, use_safetensors=True, **kwargs)
@@ -99,6 +97,22 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | None = None, dev
     if device is not None:
         model = model.to(device)
     return model, tokenizer
+
+
+def local_path(spec: str) -> Path | None:
+    """The file or folder a model spec names here, or None for a hub id. A spec that looks like a path but does
+    not exist raises ModelError "not found" before any hub request: one that starts with '.', '/' or '~', ends in
+    .gguf, has more than one '/' (a hub id is exactly org/name), holds the system's own separator (Windows '\\'),
+    or whose first component is a folder here (runs/nope when ./runs exists)."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    head = spec.split("/", 1)[0]
+    if (spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+            or (os.sep != "/" and os.sep in spec) or ("/" in spec and Path(head).is_dir())):
+        kind = "GGUF file" if spec.endswith(".gguf") else "model folder"
+        raise ModelError(f"{kind} {spec} not found; check the path (a hub id is written org/name)")
+    return None
 
 
 def check_quantize(quantize: str | None) -> None:
@@ -308,11 +322,10 @@ def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False, 
     if spec.startswith("tiny:"):
         return tiny_tokenizer()
     if spec == "smollm2" or spec.endswith(".gguf"):
-        path = smollm2_path() if spec == "smollm2" else Path(spec)
-        if not path.exists():
-            raise ModelError(f"GGUF file {path} not found")
+        path = smollm2_path() if spec == "smollm2" else local_path(spec)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=trust_remote_code)
     else:
+        spec = str(local_path(spec) or spec)
         try:
             tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision, trust_remote_code=trust_remote_code)
         except OSError as e:

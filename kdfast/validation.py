@@ -29,6 +29,10 @@ class Range:
                  if b is not None]
         return " and ".join(parts)
 
+    def complaint(self, v) -> str | None:
+        """What is wrong with v in words (the text of config and flag errors alike), or None when v holds."""
+        return None if v is None or self.holds(v) else f"{v!r} is out of range; give a number {self.text()}"
+
 
 # The ranges most settings need: `epochs: PositiveFloat = 3.0` is a field with its check.
 PositiveInt = Annotated[int, Range(ge=1)]
@@ -60,8 +64,8 @@ def check_value(value, hint, where: str, error: type[Exception] = ValueError):
     if origin is Annotated:
         value = check_value(value, args[0], where, error)
         for bound in args[1:]:
-            if isinstance(bound, Range) and value is not None and not bound.holds(value):
-                raise error(f"{where}: {value!r} is out of range; give a number {bound.text()}")
+            if isinstance(bound, Range) and (problem := bound.complaint(value)):
+                raise error(f"{where}: {problem}")
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:

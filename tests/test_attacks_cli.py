@@ -88,3 +88,39 @@ def test_long_records_are_cut_to_the_models_positions(tmp_path, capsys):
     assert pd.read_parquet(tmp_path / "out" / "scores.parquet")["n_tokens"].max() <= 127
     assert main([*base, "--max-len", "512", "--out", str(tmp_path / "over")]) == 2
     assert "--max-len 512 is more than the 128 positions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command,flag,value,message", [
+    ("attack", "--limit", "-5", "-5 is out of range; give a number >= 1"),
+    ("attack", "--mope-n", "0", "0 is out of range; give a number >= 1"),
+    ("attack", "--bootstrap", "-1", "-1 is out of range; give a number >= 0"),
+    ("attack", "--ks", "1.5", "1.5 is out of range; give a number > 0 and <= 1"),
+    ("attack", "--calibration", "1", "1.0 is out of range; give a number >= 0 and < 1"),
+    ("attack", "--seed", "x", "'x' is not an integer"),
+    ("memorize", "--limit", "-5", "-5 is out of range; give a number >= 1"),
+    ("memorize", "--n-tokens", "0", "0 is out of range; give a number >= 1"),
+    ("memorize", "--batch-size", "-2", "-2 is out of range; give a number >= 1"),
+    ("distill", "--limit", "-5", "-5 is out of range; give a number >= 1"),
+])
+def test_bad_counts_stop_at_the_flag(command, flag, value, message, capsys):
+    """A negative or zero count never reaches the work (--limit -5 once meant 'all but the last 5')."""
+    inputs = {"attack": ["--model", "tiny:llama", "--members", "m.jsonl", "--nonmembers", "n.jsonl"],
+              "memorize": ["--model", "tiny:llama", "--records", "m.jsonl"],
+              "distill": ["--student", "tiny:llama", "--data", "m.jsonl"]}[command]
+    with pytest.raises(SystemExit) as stop:
+        main([command, *inputs, "--out", "o", flag, value])
+    assert stop.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
+
+
+def test_fields_maps_the_columns_of_both_files(files, tmp_path, capsys):
+    """attack takes --fields as memorize and distill do; without it the error names the flag to use."""
+    records = bundled_records()[:16]
+    for name, part in (("m.csv", records[:8]), ("n.csv", records[8:])):
+        pd.DataFrame({"q": [r["instruction"] for r in part], "a": [r["response"] for r in part]}).to_csv(
+            tmp_path / name, index=False)
+    run = ["attack", "--model", str(files / "model"), "--members", str(tmp_path / "m.csv"), "--nonmembers",
+           str(tmp_path / "n.csv"), "--attacks", "loss", "--bootstrap", "0", "--calibration", "0"]
+    assert main([*run, "--out", str(tmp_path / "a")]) == 2
+    assert f"{tmp_path / 'm.csv'}: line 2: missing field(s)" in capsys.readouterr().err
+    assert main([*run, "--out", str(tmp_path / "b"), "--fields", "instruction=q,response=a"]) == 0
+    assert "16 records (8 members)" in capsys.readouterr().out

@@ -1,8 +1,12 @@
 """Audit configuration: presets build and validate without downloads; each kind of mistake names its key and fix."""
+import dataclasses
+import typing
+
 import pytest
 
 from kdfast.audit import ConfigError, load_config
-from kdfast.audit.config import PRESETS
+from kdfast.audit.config import PRESETS, AuditConfig
+from kdfast.cli import main
 from kdfast.commands.audit import parse_overrides
 from kdfast.distill import DistillConfig
 
@@ -26,7 +30,10 @@ def test_paper_presets_follow_the_study():
 @pytest.mark.parametrize("overrides,message", [
     ({"students": {"techniqes": ["kd"]}}, r"unknown config key 'students.techniqes' \(did you mean 'techniques'\?\)"),
     ({"bogus": 1}, r"unknown config key 'bogus'"),
-    ({"students": {"techniques": ["kdd"]}}, r"students.techniques: unknown value 'kdd' \(did you mean 'kd'\?\)"),
+    ({"students": {"techniques": ["kdd"]}}, r"students.techniques: unknown value 'kdd' \(did you mean 'kd'\?\); "
+                                            r"choose from kd, seqkd, imitkd, gkd, minillm, distillm$"),
+    ({"students": {"techniques": "kd"}}, r"students.techniques: expected a list, got 'kd'; write a list, e.g. "
+                                         r"students.techniques=\[kd\]"),
     ({"attacks": {"attacks": ["los"]}}, r"attacks.attacks: unknown value 'los'"),
     ({"ablations": {"divergence": ["kl"]}}, r"ablations.divergence: unknown value 'kl'"),
     ({"students": {"sizes": {}}}, r"students.sizes is empty"),
@@ -40,6 +47,36 @@ def test_paper_presets_follow_the_study():
 def test_mistakes_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=overrides)
+
+
+def _int_keys(cls=AuditConfig, path: str = "") -> list[str]:
+    """Dotted keys of every integer setting (counts, sizes, the seed) of the audit's config."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += _int_keys(hint, f"{f.name}.")
+        elif int in (hint, *typing.get_args(hint)):
+            keys.append(path + f.name)
+    return keys
+
+
+@pytest.mark.parametrize("key", _int_keys())
+def test_negative_counts_are_refused(key):
+    """Every integer setting has a range: -5 (attacks.n_records=-5 once attacked private[:-5]) stops at the key."""
+    section, _, leaf = key.rpartition(".")
+    with pytest.raises(ConfigError, match=rf"^{key}: -5 is out of range; give a number >= \d"):
+        load_config(preset_name="tiny", overrides={section: {leaf: -5}} if section else {leaf: -5})
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("attacks.n_records=-5", "attacks.n_records: -5 is out of range; give a number >= 1"),
+    ("students.techniques=[kd, gdk]", "students.techniques: unknown value 'gdk' (did you mean 'gkd'?); choose from "
+                                      "kd, seqkd, imitkd, gkd, minillm, distillm"),
+])
+def test_mistakes_from_the_cli(capsys, setting, message):
+    assert main(["audit", "--preset", "tiny", "--check", "--set", setting]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_yaml_file(tmp_path):

@@ -72,3 +72,33 @@ def test_two_processes_equal_one(files):
     moved = max(float((a - b).abs().max()) for a, b in zip(student.state_dict().values(), init.state_dict().values()))
     assert moved > 1e-3 and diff < 5e-5
     assert json.loads((out / "summary.json").read_text())["tokens"] == single.tokens
+
+
+def test_fields_maps_the_columns_of_a_file(files, capsys):
+    """distill takes --fields as memorize and attack do; without it the error names the flag to use."""
+    with open(files / "qa.jsonl", "w") as f:
+        f.writelines(json.dumps({"question": r["instruction"], "answer": r["response"]}) + "\n"
+                     for r in bundled_records()[:8])
+    run = ["distill", "--student", str(files / "student"), "--technique", "sft", "--data", str(files / "qa.jsonl"),
+           "--max-steps", "1", "--batch-size", "4", *ARGS]
+    assert main([*run, "--out", str(files / "a")]) == 2
+    assert "--fields instruction=COLUMN,response=COLUMN" in capsys.readouterr().err
+    assert main([*run, "--out", str(files / "b"), "--fields", "instruction=question,response=answer"]) == 0
+    assert "distill sft: 1/1 steps" in capsys.readouterr().out
+
+
+def test_errors_give_the_fix_as_flags(files, capsys):
+    """A fix is given as the flag to pass (with the Python name beside it), never as Python alone."""
+    run = ["distill", "--student", str(files / "student"), "--technique", "sft", "--data", str(files / "train.jsonl")]
+    cases = [(["--max-len", "64", "--max-prompt-len", "64"], "lower max_prompt_len or raise max_len "
+              "(--max-prompt-len, --max-len)"),
+             (["--master-weights", "bf16", "--fp16"], "drop fp16 (--fp16) or use --master-weights fp32"),
+             (["--max-len", "8", "--max-prompt-len", "2", "--long-prompts", "drop"],
+              "raise them (kdfast distill --max-prompt-len/--max-len, the audit's data.max_prompt_len/data.max_len)")]
+    for i, (flags, fix) in enumerate(cases):
+        assert main([*run, *flags, "--out", str(files / f"e{i}")]) == 2
+        assert fix in capsys.readouterr().err
+    done = files / "done"
+    assert main([*run, "--max-steps", "1", "--out", str(done), *ARGS]) == 0
+    assert main([*run, "--max-steps", "1", "--out", str(done), *ARGS]) == 2
+    assert "already holds a run; pass --resume (resume=True in Python)" in capsys.readouterr().err

@@ -67,7 +67,7 @@ def test_final_student_checkpoints_and_reruns(tmp_path):
     assert _max_diff(loaded, student) == 0.0 and len(tok) == 1024
     assert json.loads((out / "summary.json").read_text())["steps"] == 4 and summary.final == str(out / "final")
     assert "4/4 steps" in str(summary)
-    with pytest.raises(DistillError, match="already holds a run; pass resume=True"):
+    with pytest.raises(DistillError, match=r"already holds a run; pass --resume \(resume=True in Python\)"):
         _run(out=str(out), max_steps=4, batch_size=4)
     _, again = _run(out=str(out), max_steps=4, batch_size=4, resume=True)   # finished: not repeated
     assert again == summary

@@ -51,3 +51,36 @@ def test_fused_linear_module_matches_function(gen):
 def test_bad_construction_arguments(cls, kwargs, message):
     with pytest.raises(ValueError, match=message):
         cls(**kwargs)
+
+
+V = 11
+
+
+def _label_ops(gen):
+    """Every op that takes labels, on [2, 3] positions of a V-entry vocabulary (hidden size 8 for the fused ones)."""
+    s, t = torch.randn(2, 3, V, generator=gen), torch.randn(2, 3, V, generator=gen)
+    hs, ht, w = (torch.randn(*shape, generator=gen) for shape in ((2, 3, 8), (2, 3, 8), (V, 8)))
+    return {
+        "distill_loss": lambda y: kdfast.distill_loss(s, t, labels=y),
+        "distill_loss reference": lambda y: kdfast.distill_loss(s, t, labels=y, backend="reference"),
+        "DistillLoss": lambda y: kdfast.DistillLoss()(s, t, labels=y),
+        "fused_linear_distill_loss": lambda y: kdfast.fused_linear_distill_loss(hs, w, ht, w, y),
+        "fused, hard_weight 0.5": lambda y: kdfast.fused_linear_distill_loss(hs, w, ht, w, y, hard_weight=0.5),
+        "token_stats": lambda y: kdfast.token_stats(s, y),
+        "token_stats torch": lambda y: kdfast.token_stats(s, y, backend="torch"),
+        "token_stats_from_hidden": lambda y: kdfast.token_stats_from_hidden(hs, w, y),
+    }
+
+
+@pytest.mark.parametrize("bad", [V, -5])
+def test_one_label_check_everywhere(gen, bad):
+    """A label outside [0, V) that is not ignore_index (-100) is refused by every op with one message (distill_loss
+    used to count it as a valid position while token_stats and the fused loss raised)."""
+    labels = torch.tensor([[1, 2, -100], [3, bad, 0]])
+    want = (f"label {bad} at position (1, 1) is neither a token id in [0, {V}) (the vocabulary used) nor "
+            "ignore_index=-100; mask positions with -100 or pass the ignore_index your labels use")
+    for name, op in _label_ops(gen).items():
+        op(labels.where(labels != bad, 4))  # the same call with a valid label runs
+        with pytest.raises(ValueError) as caught:
+            op(labels)
+        assert str(caught.value) == want, name

@@ -63,3 +63,21 @@ def test_evaluate_table_skips_nan_and_plots(tmp_path):
         roc_metrics([1, 1], [0.1, 0.2])
     with pytest.raises(ValueError, match="one label per row"):
         evaluate(table, membership=[1, 0])
+
+
+def test_non_finite_scores_are_counted_and_printed():
+    """NaN and ±inf are left out of every figure, and each column says how many (±inf used to vanish unseen)."""
+    inf = np.inf
+    table = pd.DataFrame({"member": [1, 1, 1, 1, 0, 0, 0, 0],
+                          "loss": [4, 3, inf, 2, 1, 0, -inf, -1.0], "zlib": [np.nan, 2, 3, 1, 0, 2, np.nan, inf],
+                          "min_k@0.2": np.arange(8.0)})
+    results = evaluate(table, n_bootstrap=20, calibration=0.5)
+    assert results["loss"]["left_out"] == {"nan": 0, "inf": 2}
+    assert results["zlib"]["left_out"] == {"nan": 2, "inf": 1}
+    assert results["min_k@0.2"]["left_out"] == {"nan": 0, "inf": 0}
+    assert (results["loss"]["n_members"], results["loss"]["n_nonmembers"]) == (3, 3)
+    assert results["loss"]["auc"] == roc_auc_score([1, 1, 1, 0, 0, 0], [4, 3, 2, 1, 0, -1])
+    assert results["zlib"]["calibrated"]["n_calibration"] + results["zlib"]["calibrated"]["n_heldout"] == 2
+    assert format_results(results).splitlines()[-1] == \
+        "left out (non-finite scores): loss: 2 ±inf; zlib: 2 NaN, 1 ±inf"
+    assert "left out" not in format_results({"min_k@0.2": results["min_k@0.2"]})

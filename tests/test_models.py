@@ -1,8 +1,13 @@
 """Model loading, tiny models, the hidden-state/head split and tokenizer checks."""
+import json
+import re
+
 import pytest
 import torch
+import transformers
 
 from kdfast import models
+from kdfast.cli import main
 from kdfast.data import encode, next_token_targets, pad_batch
 
 
@@ -53,6 +58,42 @@ def test_errors():
     models.check_same_tokenizer(tok, models.tiny_tokenizer())
     with pytest.raises(models.ModelError, match="tokenizers differ"):
         models.check_same_tokenizer(tok, other)
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """Run in tmp_path, which holds a runs/ folder, with every from_pretrained (the hub's door) refused."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"sent to the hub: {args}")
+
+    for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM, transformers.AutoConfig):
+        monkeypatch.setattr(cls, "from_pretrained", no_hub)
+    return tmp_path
+
+
+@pytest.mark.parametrize("spec", ["runs/nope/final", "runs/nope", "./nope", "~/kdfast-nope", "/kdfast/nope",
+                                  "a/b/c", "nope.gguf"])
+def test_mistyped_local_path_is_not_found_without_the_hub(offline, spec):
+    kind = "GGUF file" if spec.endswith(".gguf") else "model folder"
+    for load in (models.load_model, models.load_tokenizer):
+        with pytest.raises(models.ModelError, match=rf"^{kind} {re.escape(spec)} not found; check the path"):
+            load(spec)
+
+
+def test_hub_ids_stay_hub_ids(offline):
+    assert models.local_path("HuggingFaceTB/SmolLM2-135M") is None and models.local_path("gpt2") is None
+    assert models.local_path("runs").is_dir()  # an existing folder is local whatever its name
+
+
+def test_mistyped_model_path_from_the_cli(offline, capsys):
+    for name in ("m.jsonl", "n.jsonl"):
+        (offline / name).write_text(json.dumps({"instruction": name, "response": "r"}) + "\n")
+    args = ["attack", "--model", "runs/nope/final", "--members", "m.jsonl", "--nonmembers", "n.jsonl", "--out", "o"]
+    assert main(args) == 2
+    assert "model folder runs/nope/final not found; check the path" in capsys.readouterr().err
 
 
 def test_local_folder_loads_safetensors_only(tmp_path):

@@ -51,10 +51,15 @@ def bootstrap_auc_ci(labels: np.ndarray, scores: np.ndarray, n_bootstrap: int = 
 
 def roc_metrics(labels, scores, n_bootstrap: int = 1000, seed: int = 0, fprs=FPRS) -> dict:
     """auc (raw: below 0.5 means the score is inverted for this model), auc_ci95, tpr_at_fpr {x: TPR at FPR ≤ x},
-    roc {fpr, tpr}, n_members, n_nonmembers. NaN scores are left out; labels: 1 = member."""
+    roc {fpr, tpr}, n_members, n_nonmembers, left_out. labels: 1 = member.
+
+    Non-finite scores are left out of every figure: NaN (a record the attack did not score, e.g. ReCaLL's prefix
+    records) and ±inf (a score that overflowed); left_out {"nan": n, "inf": n} counts them, so nothing is dropped
+    unseen."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     labels, scores = np.asarray(labels, dtype=int), np.asarray(scores, dtype=np.float64)
+    left_out = {"nan": int(np.isnan(scores).sum()), "inf": int(np.isinf(scores).sum())}
     keep = np.isfinite(scores)
     labels, scores = labels[keep], scores[keep]
     n_pos = int(labels.sum())
@@ -69,6 +74,7 @@ def roc_metrics(labels, scores, n_bootstrap: int = 1000, seed: int = 0, fprs=FPR
         "roc": {"fpr": short_fpr.tolist(), "tpr": short_tpr.tolist()},
         "n_members": n_pos,
         "n_nonmembers": int(labels.size - n_pos),
+        "left_out": left_out,
     }
 
 
@@ -82,7 +88,8 @@ def evaluate(table, membership=None, n_bootstrap: int = 1000, seed: int = 0,
     """roc_metrics of every score column of a score() table; membership: 0/1 per row (default: its member column).
 
     calibration: the fraction of non-members on which thresholds are chosen (calibrated_thresholds, seeded by
-    `seed`); each column's result then holds them under "calibrated".
+    `seed`); each column's result then holds them under "calibrated". Each column's "left_out" counts its NaN and
+    ±inf scores, which no figure includes (format_results prints them).
     """
     if membership is None:
         if "member" not in table.columns:
@@ -105,8 +112,9 @@ def calibration_split(n_nonmembers: int, fraction: float = 0.5, seed: int = 0) -
     order = np.random.default_rng(seed).permutation(n_nonmembers)
     cut = round(fraction * n_nonmembers)
     if cut == 0 or cut == n_nonmembers:
-        raise ValueError(f"calibration={fraction} leaves an empty half of {n_nonmembers} non-members; "
-                         "give more non-members or a fraction nearer 0.5")
+        raise ValueError(f"calibration={fraction} leaves an empty half of {n_nonmembers} non-members; give more "
+                         "non-members or a fraction nearer 0.5 (kdfast attack --calibration, the audit's "
+                         "attacks.calibration)")
     return np.sort(order[:cut]), np.sort(order[cut:])
 
 
@@ -115,7 +123,8 @@ def calibrated_thresholds(labels, scores, fraction: float = 0.5, seed: int = 0, 
 
     For each target FPR x, τ_x is the (k+1)-th highest calibration score with k = ⌊x · n_calibration⌋, and a
     record is called a member when its score > τ_x (so at most k calibration non-members are); reported are τ_x,
-    the TPR over all members and the realized FPR on the held-out non-members. NaN scores are left out.
+    the TPR over all members and the realized FPR on the held-out non-members. Non-finite scores are left out
+    (roc_metrics counts them).
     Returns {"fraction", "seed", "n_calibration", "n_heldout", "at_fpr": {f"{x:g}": {"threshold", "tpr", "fpr"}}}.
     """
     labels, scores = np.asarray(labels, dtype=int), np.asarray(scores, dtype=np.float64)
@@ -160,7 +169,20 @@ def format_results(results: dict[str, dict]) -> str:
             at = r["calibrated"]["at_fpr"]["0.01"]
             line += f" {at['tpr']:>10.3f} {at['fpr']:>10.3f}"
         lines.append(line)
+    if left_out := left_out_text(results):
+        lines.append(f"left out (non-finite scores): {left_out}")
     return "\n".join(lines)
+
+
+def left_out_text(results: dict[str, dict]) -> str:
+    """The scores left out of each column's figures, 'loss: 2 NaN, 1 ±inf; zlib: 1 NaN' ('' when none were)."""
+    parts = []
+    for name, r in results.items():
+        counts = r.get("left_out") or {}  # results saved before the counts existed have none
+        shown = [f"{counts[k]} {label}" for k, label in (("nan", "NaN"), ("inf", "±inf")) if counts.get(k)]
+        if shown:
+            parts.append(f"{name}: {', '.join(shown)}")
+    return "; ".join(parts)
 
 
 def plot_roc(results: dict[str, dict], path: str | Path, title: str = "Membership inference ROC") -> Path:

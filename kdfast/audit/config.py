@@ -88,12 +88,13 @@ class AttacksConfig:
     bootstrap: NonNegativeInt = 200
     # Calibrated attacks: OUT references of rmia/lira (the teacher's: the pretrained base + ref_second; a
     # student's: the base + `references` extra SFT controls trained on the public half with seeds seed+1, ...).
-    calibrated: list[str] = field(default_factory=lambda: ["rmia", "lira"])
+    calibrated: list[Literal["rmia", "lira"]] = field(default_factory=lambda: ["rmia", "lira"])
     references: NonNegativeInt = 2
     population: NonNegativeInt = 200  # rmia's population: non-members beyond the attack records
-    rmia_a: float = 1.0  # RMIA's offline correction (1: none)
-    rmia_gamma: float = 1.0
-    calibration: Fraction = 0.5  # fraction of the non-members that sets the TPR@FPR thresholds (the rest measures them)
+    rmia_a: Fraction = 1.0  # RMIA's offline correction (1: none)
+    rmia_gamma: PositiveFloat = 1.0
+    # fraction of the non-members that sets the TPR@FPR thresholds (the rest measures them)
+    calibration: Annotated[float, Range(gt=0, lt=1)] = 0.5
 
 
 @dataclass
@@ -124,15 +125,17 @@ class DefensesConfig:
     size: str | None = None  # a list size of students.sizes (None: the first)
     init: list[str] = field(default_factory=list)  # low_risk / high_risk: blocks of the least / most leaky teacher blocks
     dp: dict[str, Any] | None = None  # a DP-SGD teacher beside the plain one, and a student distilled from it
-    temperature: list[float] = field(default_factory=list)  # logit release: the teacher softened at these temperatures
-    risk_records: int = 64  # members and non-members each for the teacher's per-block risk (kept off the attack records)
-    risk_n: int = 2  # perturbations per block for that risk
+    # logit release: the teacher softened at these temperatures
+    temperature: list[PositiveFloat] = field(default_factory=list)
+    # members and non-members each for the teacher's per-block risk (kept off the attack records)
+    risk_records: Annotated[int, Range(ge=2)] = 64
+    risk_n: PositiveInt = 2  # perturbations per block for that risk
 
 
 @dataclass
 class AuditConfig:
     name: str = "default"
-    seed: int = 0
+    seed: NonNegativeInt = 0  # numpy's generators take no negative seed
     device: str | None = None  # cpu, cuda, cuda:1 ... (None: cuda when available)
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -182,7 +185,6 @@ def validate(cfg: AuditConfig) -> AuditConfig:
 
     check_config(cfg, ConfigError)
     check_device(cfg.device, "device (--device)", ConfigError)
-    _check_calibrated(cfg.attacks)
     _check_choices(cfg.ablations.divergence, KINDS, "ablations.divergence")
     if not cfg.students.techniques and not cfg.students.control:
         raise ConfigError("students: no techniques and no control: nothing to audit; list at least one technique")
@@ -200,16 +202,6 @@ def validate(cfg: AuditConfig) -> AuditConfig:
 
     check_defenses(cfg)
     return cfg
-
-
-def _check_calibrated(a: AttacksConfig) -> None:
-    _check_choices(a.calibrated, ("rmia", "lira"), "attacks.calibrated")
-    if a.references < 0 or a.population < 0:
-        raise ConfigError(f"attacks.references and attacks.population must be ≥ 0 (got {a.references}, {a.population})")
-    if not 0 < a.calibration < 1:
-        raise ConfigError(f"attacks.calibration must be a fraction in (0, 1), got {a.calibration}")
-    if not 0 <= a.rmia_a <= 1 or a.rmia_gamma <= 0:
-        raise ConfigError(f"attacks.rmia_a must lie in [0, 1] and attacks.rmia_gamma be > 0 (got {a.rmia_a}, {a.rmia_gamma})")
 
 
 def student_settings(cfg: AuditConfig, technique: str, overrides: dict | None = None) -> dict:

@@ -61,11 +61,6 @@ def check_defenses(cfg: AuditConfig) -> None:
     if (cfg.teacher.dp is not None or d.dp is not None) and re.search(r"(^|[:/])opt", cfg.teacher.model.lower()):
         raise ConfigError(f"teacher.model {cfg.teacher.model!r}: DP-SGD cannot run on OPT (Opacus cannot take "
                           "per-sample gradients through its positional embedding); use a LLaMA- or GPT-2-family teacher")
-    for t in d.temperature:
-        if not (isinstance(t, (int, float)) and t > 0):
-            raise ConfigError(f"defenses.temperature: {t!r} is not a positive number")
-    if (m := cfg.memorization.utility_tokens) is not None and m < 1:
-        raise ConfigError(f"memorization.utility_tokens must be at least 1, got {m}")
     if not (d.init or d.dp is not None or d.temperature):
         return
     if d.technique not in s.techniques:
@@ -75,9 +70,6 @@ def check_defenses(cfg: AuditConfig) -> None:
     if not isinstance(s.sizes[size], list) and d.init:
         raise ConfigError(f"defenses.init picks teacher blocks, but students.sizes.{size} is a model id; set "
                           "defenses.size to a size given as a list of teacher layers")
-    if d.risk_records < 2 or d.risk_n < 1:
-        raise ConfigError(f"defenses.risk_records must be ≥ 2 and defenses.risk_n ≥ 1, got {d.risk_records}, "
-                          f"{d.risk_n}")
 
 
 def defense_size(cfg: AuditConfig) -> str:

@@ -25,7 +25,7 @@ from kdfast.data import RecordError, bundled_records, encode_all, load_hub_datas
 from kdfast.distill import DistillConfig, Distiller, make_student
 from kdfast.distill.cross import across_tokenizers
 from kdfast.io import atomic_write_json, claim_folder
-from kdfast.models import ModelError, context_len, load_model, resolve_device, smollm2_path, tiny_tokenizer
+from kdfast.models import ModelError, context_len, load_model, load_tokenizer, local_path, resolve_device
 
 MATERIALIZED = ("smollm2", "tiny:")  # base models saved once as safetensors: GGUF is slow to load, tiny is random
 TECHNIQUE_LABELS = {"sft": "No-KD (SFT)", "kd": "KD", "seqkd": "SeqKD", "imitkd": "ImitKD", "gkd": "GKD",
@@ -76,23 +76,18 @@ def check_inputs(cfg: AuditConfig) -> None:
              ("attacks.ref_second", cfg.attacks.ref_second)]
     specs += [(f"students.sizes.{k}", v) for k, v in cfg.students.sizes.items() if isinstance(v, str)]
     for label, spec in specs:
-        if spec and spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists():
-            raise ConfigError(f"{label}: model folder {spec} not found")
         if spec and spec.startswith("tiny:") and spec[5:] not in ("gpt2", "opt", "llama"):
             raise ConfigError(f"{label}: unknown tiny model {spec!r}; use tiny:gpt2, tiny:opt or tiny:llama")
+        if spec and spec != "smollm2" and not spec.startswith("tiny:"):
+            try:
+                local_path(spec)  # a path that does not exist: "not found" now, not a hub error after the teacher
+            except ModelError as e:
+                raise ConfigError(f"{label}: {e}") from None
 
 
 def base_tokenizer(cfg: AuditConfig):
     """The tokenizer every audited model shares: the teacher's (no weights are loaded)."""
-    from transformers import AutoTokenizer
-
-    spec = cfg.teacher.finetuned or cfg.teacher.model
-    if spec.startswith("tiny:"):
-        return tiny_tokenizer()
-    if spec == "smollm2" or spec.endswith(".gguf"):
-        path = smollm2_path() if spec == "smollm2" else Path(spec)
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(spec)
+    return load_tokenizer(cfg.teacher.finetuned or cfg.teacher.model)
 
 
 def prepare(cfg: AuditConfig) -> dict:
@@ -424,6 +419,9 @@ class Audit:
         results = self._results(entries, rows, time.time() - started)
         paths = write_report(results, self.out)
         self.log("\n" + text_table(*auc_table(results)))
+        for entry, row in zip(entries, rows):
+            if left_out := attacks.left_out_text(row["metrics"]):
+                self.log(f"{entry.label}: left out of its figures (non-finite scores): {left_out}")
         self.log(f"\nReport: {paths['report']}\nResults: {paths['results']}  Summary: {paths['summary']}")
         return results
 
@@ -450,6 +448,7 @@ class Audit:
                 "tpr_at_fpr": {c: m["tpr_at_fpr"] for c, m in metrics.items()},
                 "calibrated": {c: m.get("calibrated") for c, m in metrics.items()},
                 "roc": {c: m["roc"] for c, m in metrics.items()},
+                "left_out": {c: m.get("left_out") for c, m in metrics.items()},  # NaN / ±inf scores per column
                 "memorization": mem, "utility": {"rouge_l": row["memorization"]["rouge_l"]},
                 "mope_block": row["mope_block"], "blocks": self.blocks_of.get(entry.id),
                 "dp": self.privacy.get(entry.id), "records_cut_to_max_len": self.cut.get(entry.id),

@@ -2,10 +2,30 @@
 from __future__ import annotations
 
 import argparse
+import typing
 from pathlib import Path
 
 from kdfast.data import RecordError, load_records, record_key
 from kdfast.models import model_positions
+from kdfast.validation import describe
+
+
+def ranged(hint):
+    """An argparse type for a number flag of type `hint` (PositiveInt, Fraction ...: the config fields' types), so a
+    bad value stops the command before any work: "argument --limit: -5 is out of range; give a number >= 1"."""
+    base, *bounds = typing.get_args(hint) if typing.get_origin(hint) is typing.Annotated else (hint,)
+
+    def parse(text: str):
+        try:
+            value = base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {describe(base)}") from None
+        problem = next((p for b in bounds if (p := b.complaint(value))), None)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return parse
 
 
 def add_model_argument(parser: argparse.ArgumentParser, flag: str = "--model", required: bool = True,
@@ -41,9 +61,11 @@ def load_membership(members: str | Path, nonmembers: str | Path, fields: dict | 
     m, n = load_records(members, fields), load_records(nonmembers, fields)
     both = {record_key(r) for r in m} & {record_key(r) for r in n}
     if both:
-        example = next(r for r in m if record_key(r) in both)
-        raise RecordError(f"{len(both)} record(s) are both in {members} and {nonmembers} (e.g. {str(example)[:120]}); "
-                          "a sample in both sets makes the AUC meaningless: remove them from one file")
+        first = next(r for r in m if record_key(r) in both)
+        twin = next(r for r in n if record_key(r) == record_key(first))
+        raise RecordError(f"{len(both)} record(s) are both in {members} and {nonmembers} (e.g. {first.where} and "
+                          f"{twin.where}: {str(first)[:120]}); a sample in both sets makes the AUC meaningless: "
+                          "remove them from one file")
     return m + n, [1] * len(m) + [0] * len(n)
 
 

@@ -15,6 +15,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.distributed as dist
@@ -36,10 +37,12 @@ from kdfast.commands._common import (
     cut_warning,
     load_membership,
     max_len_for,
+    ranged,
 )
 from kdfast.data import load_labeled, load_records
 from kdfast.io import atomic_write_json, claim_folder
 from kdfast.models import default_dtype, load_model, resolve_device
+from kdfast.validation import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,9 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="OUT reference model of rmia and lira (never saw the members), with its own tokenizer; repeat")
     parser.add_argument("--population", help="non-member records disjoint from the scored ones: rmia's population "
                                              "and dc_pdd's token frequencies")
-    parser.add_argument("--rmia-a", type=float, default=1.0, help="RMIA's offline correction a (default 1: none)")
-    parser.add_argument("--rmia-gamma", type=float, default=1.0, help="RMIA's threshold γ (default 1)")
-    parser.add_argument("--calibration", type=float, default=0.5,
+    parser.add_argument("--rmia-a", type=ranged(Fraction), default=1.0,
+                        help="RMIA's offline correction a (default 1: none)")
+    parser.add_argument("--rmia-gamma", type=ranged(PositiveFloat), default=1.0, help="RMIA's threshold γ (default 1)")
+    parser.add_argument("--calibration", type=ranged(Annotated[float, Range(ge=0, lt=1)]), default=0.5,
                         help="fraction of non-members on which TPR@FPR thresholds are chosen (default 0.5; 0: none)")
     parser.add_argument("--ref-model", action="append", default=[], metavar="[NAME=]MODEL",
                         help="reference model for the 'ref' attack, scored with its own tokenizer; repeat for several "
@@ -66,19 +70,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attacks", nargs="+", default=list(DEFAULT_ATTACKS), metavar="ATTACK",
                         help=f"any of {', '.join(ATTACKS)} or 'all' (default: {' '.join(DEFAULT_ATTACKS)}; "
                              "ref is added when --ref-model is given)")
-    parser.add_argument("--ks", nargs="+", type=float, default=[0.1, 0.2], help="Min-K%% fractions (default 0.1 0.2)")
-    parser.add_argument("--mope-n", type=int, default=10, help="MoPe perturbations (default 10)")
-    parser.add_argument("--mope-sigma", type=float, default=0.01, help="MoPe noise std (default 0.01; the paper used 0.005 for teachers)")
-    parser.add_argument("--recall-shots", type=int, default=3, help="non-members held out as ReCaLL's prefix (default 3)")
-    parser.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward pass (default 8192)")
-    parser.add_argument("--max-len", type=int, default=None,
+    parser.add_argument("--ks", nargs="+", type=ranged(Annotated[float, Range(gt=0, le=1)]), default=[0.1, 0.2],
+                        help="Min-K%% fractions (default 0.1 0.2)")
+    parser.add_argument("--mope-n", type=ranged(PositiveInt), default=10, help="MoPe perturbations (default 10)")
+    parser.add_argument("--mope-sigma", type=ranged(NonNegativeFloat), default=0.01,
+                        help="MoPe noise std (default 0.01; the paper used 0.005 for teachers)")
+    parser.add_argument("--recall-shots", type=ranged(PositiveInt), default=3,
+                        help="non-members held out as ReCaLL's prefix (default 3)")
+    parser.add_argument("--batch-tokens", type=ranged(PositiveInt), default=8192,
+                        help="padded tokens per forward pass (default 8192)")
+    parser.add_argument("--max-len", type=ranged(PositiveInt), default=None,
                         help="cut each record to this many tokens (default: the model's positions)")
     parser.add_argument("--padding-side", choices=["right", "left"], default="right")
     parser.add_argument("--all-tokens", action="store_true", help="score prompt tokens too (default: response tokens only)")
-    parser.add_argument("--limit", type=int, default=None, help="use at most this many records of each file")
+    parser.add_argument("--limit", type=ranged(PositiveInt), default=None,
+                        help="use at most this many records of each file")
     add_fields_argument(parser)
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the AUC CI (default 1000; 0: none)")
-    parser.add_argument("--seed", type=int, default=0, help="MoPe noise, ReCaLL prefix choice, bootstrap")
+    parser.add_argument("--bootstrap", type=ranged(NonNegativeInt), default=1000,
+                        help="bootstrap resamples of the AUC CI (default 1000; 0: none)")
+    parser.add_argument("--seed", type=ranged(NonNegativeInt), default=0,
+                        help="MoPe noise, ReCaLL prefix choice, bootstrap")
     parser.add_argument("--out", required=True, help="output folder (resumable)")
     add_common_model_options(parser)
 

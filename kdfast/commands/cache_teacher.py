@@ -13,17 +13,19 @@ import argparse
 
 import torch
 
-from kdfast.commands._common import add_model_argument
+from kdfast.commands._common import add_fields_argument, add_model_argument, ranged
 from kdfast.data import bundled_records, load_records
 from kdfast.distill.teacher_cache import LOGPROB_DTYPES, cache_teacher
 from kdfast.models import load_model
+from kdfast.validation import PositiveInt
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_model_argument(parser, "--teacher", help_text="teacher: hub id, local folder, .gguf file or 'smollm2'")
     parser.add_argument("--data", required=True, help="training records (.jsonl/.json/.csv/.parquet), or 'bundled'")
-    parser.add_argument("--limit", type=int, help="use at most this many records")
+    parser.add_argument("--limit", type=ranged(PositiveInt), help="use at most this many records")
+    add_fields_argument(parser)
     parser.add_argument("--out", required=True, help="cache folder (manifest.json + shard-*.safetensors)")
     parser.add_argument("--k", type=int, default=64, help="top-k ids kept per token (default 64)")
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the log-probs")
@@ -40,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    records = bundled_records() if args.data == "bundled" else load_records(args.data)
+    records = bundled_records() if args.data == "bundled" else load_records(args.data, args.fields)
     records = records[: args.limit] if args.limit else records
     teacher, tokenizer = load_model(args.teacher, dtype=torch.bfloat16 if args.bf16 else None, device=args.device,
                                     trust_remote_code=args.trust_remote_code)

@@ -18,12 +18,13 @@ import json
 import os
 import typing
 
-from kdfast.commands._common import add_fields_argument
+from kdfast.commands._common import add_fields_argument, ranged
 from kdfast.data import bundled_records, load_records
 from kdfast.distill import DistillConfig, Distiller, DistillError, make_student
 from kdfast.distill import config as config_module
 from kdfast.io import claim_folder
 from kdfast.models import load_model, load_tokenizer
+from kdfast.validation import PositiveInt
 
 # Options the command handles itself (not DistillConfig fields).
 _OWN = ("teacher", "student", "student_layers", "student_num_layers", "data", "eval_data", "lm_data", "limit",
@@ -46,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     student = models.add_mutually_exclusive_group(required=True)
     student.add_argument("--student", help="student: hub id, local folder or .gguf file (teacher's tokenizer)")
     student.add_argument("--student-layers", help="build the student from these teacher blocks, e.g. 0,10,20,29")
-    student.add_argument("--student-num-layers", type=int, help="build the student from k evenly spaced teacher blocks")
+    student.add_argument("--student-num-layers", type=ranged(PositiveInt),
+                         help="build the student from k evenly spaced teacher blocks")
     models.add_argument("--teacher-tokenizer", help="the teacher's tokenizer where it is not the --teacher model's "
                                                     "own (hub id, folder, .gguf, 'smollm2'); with --loss uld it may "
                                                     "differ from the student's")
@@ -56,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                     "input?, response), or 'bundled' (the WordNet set)")
     data.add_argument("--eval-data", help="validation records (DistiLLM's schedule needs them)")
     data.add_argument("--lm-data", help="pretraining text ({'text': ...} records) for the LM-loss term")
-    data.add_argument("--limit", type=int, help="use at most this many records of each file")
+    data.add_argument("--limit", type=ranged(PositiveInt), help="use at most this many records of each file")
     add_fields_argument(data)
     data.add_argument("--config", help="JSON file of DistillConfig fields (options given here override it)")
     options = parser.add_argument_group("training (DistillConfig; unset: the technique's default)")

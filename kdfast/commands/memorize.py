@@ -26,9 +26,11 @@ from kdfast.commands._common import (
     cut_warning,
     load_membership,
     max_len_for,
+    ranged,
 )
 from kdfast.data import RecordError, load_records
 from kdfast.io import atomic_path, atomic_write_json, claim_folder
+from kdfast.validation import NonNegativeFloat, PositiveInt
 
 RECORDS_FILE, SUMMARY_FILE = "records.parquet", "summary.json"
 PREFIX = {"model": "", "teacher": "teacher_"}  # column prefix of each model's results
@@ -43,21 +45,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser, "--teacher", required=False,
                        help_text="the teacher (hub id, folder, .gguf, 'smollm2'): adds teacher-conditioned figures")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--n-tokens", type=int, default=32, help="response tokens compared (default 32, the study's)")
-    parser.add_argument("--approx-threshold", type=float, default=0.1,
+    parser.add_argument("--n-tokens", type=ranged(PositiveInt), default=32,
+                        help="response tokens compared (default 32, the study's)")
+    parser.add_argument("--approx-threshold", type=ranged(NonNegativeFloat), default=0.1,
                         help="approximate match: normalized token edit distance at most this (default 0.1)")
-    parser.add_argument("--prefix-len", type=int, default=None,
+    parser.add_argument("--prefix-len", type=ranged(PositiveInt), default=None,
                         help="extraction prefix: the last N prompt tokens (default: the whole prompt); for plain "
                              "{'text'} records the first N tokens (default 32)")
-    parser.add_argument("--suffix-len", type=int, default=None, help="extraction suffix length (default: --n-tokens)")
+    parser.add_argument("--suffix-len", type=ranged(PositiveInt), default=None,
+                        help="extraction suffix length (default: --n-tokens)")
     parser.add_argument("--no-extraction", action="store_true", help="skip the one-pass exact extraction test")
     parser.add_argument("--taus", default="0.5,0.6,0.7,0.8,0.9",
                         help="teacher-conditioned thresholds (comma-separated)")
-    parser.add_argument("--max-len", type=int, default=None,
+    parser.add_argument("--max-len", type=ranged(PositiveInt), default=None,
                         help="tokens a model may see: a longer prompt + generated tokens loses the prompt's start "
                              "(default: the model's positions)")
-    parser.add_argument("--batch-size", type=int, default=32, help="records per batch (default 32)")
-    parser.add_argument("--limit", type=int, default=None, help="use at most N records of each file")
+    parser.add_argument("--batch-size", type=ranged(PositiveInt), default=32, help="records per batch (default 32)")
+    parser.add_argument("--limit", type=ranged(PositiveInt), default=None, help="use at most N records of each file")
     add_fields_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_common_model_options(parser)
@@ -188,8 +192,6 @@ def _record_columns(records: list[dict], labels: list[int] | None):
 def main(args) -> int:
 
     start = time.perf_counter()
-    if args.n_tokens < 1 or (args.suffix_len is not None and args.suffix_len < 1):
-        raise ValueError("--n-tokens and --suffix-len must be at least 1")
     taus = tuple(float(t) for t in args.taus.split(",") if t.strip())
     records, labels = _load(args)
     settings = _settings(args, instruct="text" not in records[0])

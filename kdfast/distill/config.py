@@ -187,7 +187,7 @@ class DistillConfig:
         _choice("master_weights", self.master_weights, MASTER_WEIGHTS)
         if self.master_weights == "bf16" and self.fp16:
             raise DistillError("master_weights='bf16' trains a bf16 student; fp16 autocast cannot run on it: "
-                               "drop fp16 or use master_weights='fp32'")
+                               "drop fp16 (--fp16) or use --master-weights fp32")
         for name in ("batch_size", "grad_accum", "max_len", "ppo_epochs", "num_rollouts", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise DistillError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -207,7 +207,8 @@ class DistillConfig:
             raise DistillError(f"epochs must be positive (or set max_steps), got {self.epochs}")
         if self.max_prompt_len is not None and self.max_prompt_len >= self.max_len:
             raise DistillError(f"max_prompt_len={self.max_prompt_len} leaves no room for a response under "
-                               f"max_len={self.max_len}; lower max_prompt_len or raise max_len")
+                               f"max_len={self.max_len}; lower max_prompt_len or raise max_len (--max-prompt-len, "
+                               "--max-len)")
         if self.bf16 and self.fp16:
             raise DistillError("bf16 and fp16 are both on; choose one")
         if self.buffer_size < 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.lora_rank < 0:
@@ -220,7 +221,7 @@ class DistillConfig:
             raise DistillError(f"max_grad_norm must be positive or None, got {self.max_grad_norm}")
         if self.technique == "sft" and (self.kd_ratio or self.student_gen_fraction or self.lm_kd_ratio):
             raise DistillError("sft trains without a teacher: kd_ratio, lm_kd_ratio and student_gen_fraction "
-                               "must be 0 (use technique='kd' to distill)")
+                               "must be 0 (to distill, --technique kd)")
         _check_teacher_cache(self)
 
     def _check_cross(self) -> None:
@@ -235,7 +236,8 @@ class DistillConfig:
                                "across tokenizers use kd, seqkd, gkd, imitkd or distillm")
         if self.lm_kd_ratio:
             raise DistillError("lm_kd_ratio > 0 distills pretraining text with a same-vocabulary divergence; with "
-                               "loss='uld' set lm_kd_ratio=0 (the text term is then plain cross-entropy)")
+                               "loss='uld' set lm_kd_ratio=0 (--lm-kd-ratio 0; the text term is then plain "
+                               "cross-entropy)")
 
     def _check_types(self) -> None:
         """A number given as text (a YAML or JSON slip) fails here, naming the field, not later in a comparison."""
@@ -281,7 +283,8 @@ def _check_teacher_cache(cfg: DistillConfig) -> None:
     if cfg.teacher_cache is None:
         return
     if cfg.teacher_cache_tail == "renorm" and cfg.loss != "fkl":
-        raise DistillError(f"teacher_cache_tail='renorm' supports loss='fkl' only (got {cfg.loss!r}); use 'bucket'")
+        raise DistillError(f"teacher_cache_tail='renorm' supports loss='fkl' only (got {cfg.loss!r}); use "
+                           "--teacher-cache-tail bucket")
     if cfg.technique in ("sft", "imitkd", "minillm"):
         raise DistillError(f"technique {cfg.technique!r} cannot train from teacher_cache: "
                            + ("sft uses no teacher" if cfg.technique == "sft" else
@@ -293,4 +296,4 @@ def _check_teacher_cache(cfg: DistillConfig) -> None:
                            f"student_gen_fraction is {shown} (gkd's default is 0.5, distillm's adaptive): set "
                            f"student_gen_fraction=0 (--student-gen-fraction 0) to train on the ground-truth batches")
     if cfg.lm_kd_ratio:
-        raise DistillError("teacher_cache does not cover lm_records: set lm_kd_ratio=0")
+        raise DistillError("teacher_cache does not cover lm_records: set lm_kd_ratio=0 (--lm-kd-ratio 0)")

@@ -27,7 +27,8 @@ def encode_records(tokenizer, records: list[dict], max_len: int, max_prompt_len:
     encoded, kept = encode_all(tokenizer, rows, max_len, max_prompt_len, long_prompts=long_prompts)
     if not encoded:
         raise RecordError(f"every {what} record has a prompt longer than max_prompt_len={max_prompt_len} / "
-                          f"max_len={max_len}; raise the limits")
+                          f"max_len={max_len}; raise them (kdfast distill --max-prompt-len/--max-len, the audit's "
+                          "data.max_prompt_len/data.max_len)")
     limits = f"max_prompt_len={max_prompt_len} or leaves no room under max_len={max_len}"
     if len(kept) < len(rows):
         warnings.warn(f"dropped {len(rows) - len(kept)} of {len(rows)} {what} records whose prompt exceeds {limits}",

@@ -70,7 +70,7 @@ class DistillSummary:
     def __str__(self) -> str:
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
         lines = [f"distill {self.technique}: {self.steps}/{self.total_steps} steps"
-                 + (" (stopped early; resume=True continues)" if self.stopped_early else ""),
+                 + (" (stopped early; --resume, resume=True in Python, continues)" if self.stopped_early else ""),
                  f"  tokens  {self.tokens:,} ({rate:,.0f}/s)", f"  loss    {self.loss:.4f} (mean of the last steps)"]
         if self.eval_loss is not None:
             lines.append(f"  eval    {self.eval_loss:.4f} (student cross-entropy on the eval records)")
@@ -111,8 +111,9 @@ class Distiller:
         if is_quantized(student):
             raise DistillError("the student is quantized (bitsandbytes): its integer weights get no gradient, so it "
                                "cannot be trained. Load the student in bf16/fp32 (load_model without quantize); to "
-                               "save memory quantize the teacher (teacher_quantize / --teacher-quantize), use "
-                               "optim='adamw_8bit', master_weights='bf16' or lora_rank")
+                               "save memory quantize the teacher (--teacher-quantize nf4), or use --optim adamw_8bit, "
+                               "--master-weights bf16 or --lora-rank N (in Python: teacher_quantize, optim, "
+                               "master_weights, lora_rank)")
         self.student, self.tokenizer = student, tokenizer
         if cfg.lora_rank and not has_lora(student):
             apply_lora(student, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
@@ -121,10 +122,11 @@ class Distiller:
         else:
             _check_vocab(self.teacher, student, tokenizer, cfg.vocab)
         if cfg.resume and not cfg.out:
-            raise DistillError("resume=True needs out= (the folder holding the checkpoints)")
+            raise DistillError("resume=True (--resume) needs out= (--out): the folder holding the checkpoints")
         self.accelerator = accelerator or _accelerator(cfg)
         if cfg.device is not None and self.accelerator.num_processes > 1 and cfg.device != "cpu":
-            raise DistillError("device= cannot be set under a multi-process launch; accelerate assigns the devices")
+            raise DistillError("device= (--device) cannot be set under a multi-process launch; accelerate assigns the "
+                               "devices")
         self.device = torch.device(cfg.device) if cfg.device else self.accelerator.device
         self.amp_dtype = _amp_dtype(cfg, self.device)
         self.teacher_device = torch.device(cfg.teacher_device) if cfg.teacher_device else self.device
@@ -157,8 +159,9 @@ class Distiller:
                                "eval") if eval_records else None
         if (cfg.technique == "distillm" and not evals and cfg.student_gen_fraction is None
                 and cfg.init_threshold == 0):
-            warnings.warn("DistiLLM's adaptive schedule needs eval_records: without them its threshold stays at "
-                          "init_threshold=0 and the student never generates", stacklevel=2)
+            warnings.warn("DistiLLM's adaptive schedule needs eval records (--eval-data, eval_records in Python): "
+                          "without them its threshold stays at init_threshold=0 and the student never generates",
+                          stacklevel=2)
         progress = (self._restore(run, out) if cfg.resume else None) or _Progress()
         if evals and progress.step == 0:
             progress.eval_loss = self._evaluate(run, evals)
@@ -207,7 +210,7 @@ class Distiller:
     def _start(self, train_records, lm_records, out: Path | None) -> RunContext:
         cfg, acc = self.cfg, self.accelerator
         if out is not None and not cfg.resume and (latest_checkpoint(out) is not None or (out / "final").exists()):
-            raise DistillError(f"{out} already holds a run; pass resume=True (kdfast distill --resume) to continue it or "
+            raise DistillError(f"{out} already holds a run; pass --resume (resume=True in Python) to continue it or "
                                "choose another folder (--out)")
         set_seed(cfg.seed)
         train = encode_records(self.tokenizer, train_records, cfg.max_len, cfg.max_prompt_len, cfg.long_prompts)
@@ -386,7 +389,8 @@ def _check_vocab(teacher, student, tokenizer, policy: str) -> None:
     if vs != vt and policy == "error":
         raise DistillError(f"the teacher's output head has {vt} rows and the student's {vs}: their vocabularies "
                            "differ. If the extra rows are padding, distill over the common prefix with "
-                           "vocab='intersect'; otherwise pick a student with the teacher's vocabulary")
+                           "--vocab intersect (vocab='intersect'); otherwise pick a student with the teacher's "
+                           "vocabulary")
     if len(tokenizer) > min(vs, vt):
         smaller = "student" if vs <= vt else "teacher"
         raise DistillError(f"the tokenizer has {len(tokenizer)} tokens but the {smaller}'s "

@@ -19,7 +19,7 @@ from torch import nn
 
 from kdfast.distill.optim import MASTER_WEIGHTS, OPTIMIZERS
 from kdfast.lora import DEFAULT_TARGETS as LORA_TARGETS
-from kdfast.models import QUANTIZATIONS, ModelError, tiny_config
+from kdfast.models import QUANTIZATIONS, ModelError, local_path, tiny_config
 from kdfast.runtime import DIVERGENCE_CHUNK_ELEMENTS, FUSED_LINEAR_CPU_CHUNK_BYTES, FUSED_LINEAR_GPU_CHUNK_BYTES
 
 GB = 1 << 30
@@ -111,10 +111,8 @@ def load_config(spec: str):
         values = json.loads(path.read_text())
         return AutoConfig.for_model(values.pop("model_type"), **values) if "model_type" in values else \
             _fail(f"{path} has no model_type; give an HF config.json")
-    if spec.startswith((".", "/", "~")) and not path.exists():
-        raise ModelError(f"model folder or config {spec} not found")
     try:
-        return AutoConfig.from_pretrained(spec)
+        return AutoConfig.from_pretrained(str(local_path(spec) or spec))
     except OSError as e:
         raise ModelError(f"could not read the config of {spec!r} (offline? give a local folder or config.json): "
                          f"{e}") from e

@@ -54,6 +54,20 @@ def check_labels(labels: torch.Tensor | None, lead_shape: torch.Size, what: str 
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
 
 
+def check_label_values(labels: torch.Tensor | None, vocab: int, ignore_index: int) -> None:
+    """Every label is a token id in [0, vocab) or ignore_index: the one check (and message) of distill_loss, the
+    fused losses and token_stats. A stray value (-1 for a mask, an id past the head) would otherwise count as a
+    valid position in one op and fail in another. One host sync; call it inside the custom ops (torch.compile)."""
+    if labels is None:
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"label {int(labels[where])} at position {where} is neither a token id in [0, {vocab}) "
+                         f"(the vocabulary used) nor ignore_index={ignore_index}; mask positions with {ignore_index} "
+                         "or pass the ignore_index your labels use")
+
+
 def raise_if_nonfinite(bad: torch.Tensor, student_bit: int, teacher_bit: int) -> None:
     """bad [N] int flags from a divergence pass; one host sync. Names the first bad row and which model."""
     rows = torch.nonzero(bad).flatten()

@@ -12,6 +12,7 @@ from kdfast import reference
 from kdfast.ops._checks import (
     check_choice,
     check_float,
+    check_label_values,
     check_labels,
     check_same_device,
     check_temperature,
@@ -270,7 +271,8 @@ class _Spec:
 def _loss_and_grads(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, spec: _Spec,
                     gs: torch.Tensor | None, gt: torch.Tensor | None) -> torch.Tensor:
     """The loss of a distill_loss call; its gradient d(loss)/d(logits) goes into gs / gt (shaped like the inputs,
-    or None when not wanted). Raises on non-finite logits."""
+    or None when not wanted). Raises on non-finite logits and on labels outside the vocabulary."""
+    check_label_values(labels, spec.vocab, spec.ignore_index)
     lead = student.shape[:-1]
     s2, t2 = _rows(student), _rows(teacher)
     gs2 = None if gs is None else gs.view(s2.shape)
@@ -416,6 +418,7 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kin
     V = common_vocab(student_logits.shape[-1], teacher_logits.shape[-1], vocab)
     backend = resolve_backend(backend, student_logits.device)
     if backend == "reference":
+        check_label_values(labels, V, ignore_index)
         teacher = teacher_logits if teacher_grad else teacher_logits.detach()
         return reference.distill_loss(student_logits[..., :V], teacher[..., :V], kind, beta, alpha, temperature,
                                       labels, ignore_index, reduction, scale_by_t2)

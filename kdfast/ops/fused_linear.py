@@ -5,8 +5,9 @@ import dataclasses
 
 import torch
 
-from kdfast.ops._checks import (FLOAT_DTYPES, check_choice, check_float, check_labels, check_same_device,
-                                check_temperature, check_unit_interval, common_vocab, raise_if_nonfinite)
+from kdfast.ops._checks import (FLOAT_DTYPES, check_choice, check_float, check_label_values, check_labels,
+                                check_same_device, check_temperature, check_unit_interval, common_vocab,
+                                raise_if_nonfinite)
 from kdfast.ops.divergence import (BAD_STUDENT, BAD_TEACHER, KINDS, _times, divergence_fwd_bwd, mean_scale,
                                    resolve_backend)
 from kdfast.runtime import FUSED_LINEAR_CPU_CHUNK_BYTES, FUSED_LINEAR_GPU_CHUNK_BYTES, FUSED_LINEAR_GPU_MIN_CHUNK
@@ -224,8 +225,7 @@ def _fused_linear_op(hs: torch.Tensor, ws: torch.Tensor, bs: torch.Tensor | None
                      backend: str, want_h: bool, want_w: bool, want_b: bool) -> _Out:
     """(loss, d hs, d ws, d bs), an unwanted gradient as an empty [0] tensor: FusedLinearDistillFunction run
     eagerly, as one op torch.compile does not look into (its chunk loop and checks sync with the host)."""
-    if hard_weight != 0.0:
-        _check_targets(labels, ignore_index, vocab)
+    _check_targets(labels, ignore_index, vocab, hard_weight)
     spec = _Spec(kind, beta, alpha, temperature, ignore_index, hard_weight, soft_weight, reduction, vocab,
                  chunk_size, accum_dtype, scale_by_t2, backend, True)
     student = [None if x is None else x.detach().requires_grad_(w) for x, w in ((hs, want_h), (ws, want_w),
@@ -284,9 +284,7 @@ def _check_shapes(hs, ws, bs, ht, wt, bt, allowed) -> torch.Size:
     return hs.shape[:-1]
 
 
-def _check_targets(labels: torch.Tensor | None, ignore_index: int, vocab: int) -> None:
-    if labels is None:
+def _check_targets(labels: torch.Tensor | None, ignore_index: int, vocab: int, hard_weight: float) -> None:
+    if labels is None and hard_weight != 0.0:
         raise ValueError("hard_weight != 0 needs labels (the hard loss targets)")
-    valid = labels != ignore_index
-    if bool(((labels < 0) | (labels >= vocab))[valid].any()):
-        raise ValueError(f"labels must lie in [0, {vocab}) (the vocabulary used) or equal ignore_index={ignore_index}")
+    check_label_values(labels, vocab, ignore_index)

@@ -117,8 +117,7 @@ def fused_linear_sparse_distill_loss(
                       teacher_ids=teacher_ids, teacher_logprobs=teacher_logprobs, labels=labels)
     valid = None if labels is None else labels != ignore_index
     check_sparse_teacher(teacher_ids, teacher_logprobs, lead, V, valid)
-    if hard_weight != 0.0:
-        _check_targets(labels, ignore_index, V)
+    _check_targets(labels, ignore_index, V, hard_weight)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     n = student_hidden.numel() // student_hidden.shape[-1]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kdfast import _ext, reference
+from kdfast.ops._checks import check_label_values
 from kdfast.runtime import HIDDEN_STATS_LOGIT_BYTES, TOKEN_STATS_CPU_CHUNK_BYTES, TOKEN_STATS_GPU_CHUNK_BYTES
 
 BACKENDS = ("auto", "cuda", "cpp", "torch", "reference")
@@ -20,6 +21,7 @@ DEFAULT_KS = (0.05, 0.1, 0.2, 0.3, 0.5)
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The TokenStats fields in order, as the custom ops return them (their schema needs a fixed-length tuple).
 _Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+# 2 is the kernels' own guard on the target; check_label_values raises first, with the losses' message.
 _STATUS = {1: "has NaN or +inf logits", 2: "has a target outside [0, V)", 3: "has no finite logit (all -inf)"}
 
 
@@ -143,8 +145,8 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int =
     logits[..., 0]; positions equal to ignore_index get zeros and valid=False.
     backend: "auto" (CUDA kernel on GPU, C++ kernel on CPU, else torch), or force "cuda", "cpp", "torch",
     "reference" (float64 materialized softmax; tests).
-    Raises ValueError naming the first row whose (valid) logits hold NaN or +inf, are all -inf, or whose
-    target is outside [0, V). -inf logits are fine (probability 0).
+    Raises ValueError naming the first row whose (valid) logits hold NaN or +inf or are all -inf, and on a target
+    that is neither in [0, V) nor ignore_index (check_label_values, as the losses). -inf logits are fine.
     """
     if logits.dim() < 2 or targets.shape != logits.shape[:-1]:
         raise ValueError(f"token_stats: logits [..., V] and targets [...] must agree, got {tuple(logits.shape)} "
@@ -161,6 +163,7 @@ def _token_stats_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: i
                     backend: str) -> _Stats:
     """The TokenStats fields of token_stats, as one op torch.compile does not look into (the kernels and the
     bad-row check sync with the host)."""
+    check_label_values(targets, logits.shape[-1], ignore_index)
     lead = logits.shape[:-1]
     y = targets.reshape(-1).long()
     valid = y != ignore_index
@@ -225,6 +228,7 @@ def _token_stats_from_hidden_op(hidden: torch.Tensor, weight: torch.Tensor, targ
                                 bias: torch.Tensor | None, chunk_size: int | None, ignore_index: int,
                                 backend: str) -> _Stats:
     lead, v = hidden.shape[:-1], weight.shape[0]
+    check_label_values(targets, v, ignore_index)
     h = hidden.reshape(-1, hidden.shape[-1])
     y = targets.reshape(-1).long()
     valid = y != ignore_index

@@ -347,3 +347,17 @@ def test_gpu_triton_equals_torch_backend_on_a_large_batch(cuda, gen):
     b, gb, _ = fast_run(s, t, kind="jsd", beta=0.1, backend="torch")
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(ga.float(), gb.float(), rtol=2e-2, atol=2e-3 * gb.abs().max().item())
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_backward_allocates_no_copy_of_the_gradient(scale):
+    """The stored [N, V] gradient is scaled where it lies and no zeros stand in for the hidden outputs' grads."""
+    from kdfast.memory import peak_bytes
+
+    student = torch.randn(64, 3000, requires_grad=True)
+    teacher = torch.randn(64, 3000)
+    loss = ops.distill_loss(student, teacher, "fkl", backend="torch")
+    (want,) = torch.autograd.grad(loss, student)
+    loss = ops.distill_loss(student, teacher, "fkl", backend="torch")
+    assert peak_bytes(lambda: (scale * loss).backward()) < student.numel() * 4 // 2
+    torch.testing.assert_close(student.grad, scale * want, rtol=1e-6, atol=0)

@@ -59,3 +59,30 @@ def test_all_rows_ignored(gen):
     p["labels"][:] = -100
     got, grads = fast_run(p, kind="fkl", chunk_size=5, backend="torch")
     assert float(got) == 0.0 and all(float(g.abs().max()) == 0.0 for g in grads)
+
+
+def test_backward_scales_the_stored_gradients_in_place(gen):
+    """grad_output != 1 (a weighted or averaged loss): d(weight) is scaled where it lies, no [V, H] copy."""
+    from kdfast.memory import peak_bytes
+
+    p = problem(gen, n=64, hs=32, ht=32, V=4000, dtype=torch.float32)
+    weight = p["student_weight"].requires_grad_()
+    hidden = p["student_hidden"].requires_grad_()
+    loss = fl.fused_linear_distill_loss(hidden, weight, p["teacher_hidden"], p["teacher_weight"],
+                                        labels=p["labels"], chunk_size=16, backend="torch")
+    (ref_h, ref_w), = [torch.autograd.grad(loss, (hidden, weight), retain_graph=False)]
+    loss = fl.fused_linear_distill_loss(hidden, weight, p["teacher_hidden"], p["teacher_weight"],
+                                        labels=p["labels"], chunk_size=16, backend="torch")
+    assert peak_bytes(lambda: (0.5 * loss).backward()) < weight.numel() * 4 // 2
+    torch.testing.assert_close(weight.grad, 0.5 * ref_w, rtol=1e-6, atol=0)
+    torch.testing.assert_close(hidden.grad, 0.5 * ref_h, rtol=1e-6, atol=0)
+
+
+def test_a_second_backward_through_the_node_is_refused(gen):
+    p = problem(gen, n=16, dtype=torch.float32)
+    weight = p["student_weight"].requires_grad_()
+    loss = 0.5 * fl.fused_linear_distill_loss(p["student_hidden"], weight, p["teacher_hidden"], p["teacher_weight"],
+                                              labels=p["labels"], chunk_size=8, backend="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

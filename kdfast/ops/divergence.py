@@ -328,13 +328,17 @@ def _grad_out(x: torch.Tensor, want: bool) -> torch.Tensor:
 def _setup_context(ctx, inputs, output):
     _, gs, gt = output
     ctx.mark_non_differentiable(gs, gt)
+    ctx.set_materialize_grads(False)  # else autograd hands backward zeros shaped like the stored gradients
     ctx.save_for_backward(gs, gt)
     ctx.want = inputs[-2:]
 
 
 def _backward(ctx, grad_loss, _grad_gs, _grad_gt):
     gs, gt = ctx.saved_tensors
-    grads = [_times(g, grad_loss, False) if want else None for g, want in zip((gs, gt), ctx.want)]
+    # The stored gradients belong to this node alone: scaled in place (eager), no [N, V] copy; a second backward
+    # through the node fails autograd's version check.
+    inplace = not torch.compiler.is_compiling()
+    grads = [_times(g, grad_loss, inplace) if want else None for g, want in zip((gs, gt), ctx.want)]
     return grads[0], grads[1], *([None] * 12)
 
 

@@ -249,12 +249,16 @@ def _(hs, ws, bs, ht, wt, bt, labels, kind, beta, alpha, temperature, ignore_ind
 
 def _fused_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # else autograd hands backward zeros shaped like every stored gradient
     ctx.save_for_backward(*output[1:])
     ctx.want = inputs[-3:]
 
 
 def _fused_backward(ctx, grad_loss, *_):
-    grads = [_times(g, grad_loss, False) if want else None for g, want in zip(ctx.saved_tensors, ctx.want)]
+    # The stored gradients belong to this node alone: scaling them in place (eager) saves a copy of d(weight)
+    # [V, H] and d(hidden) [N, H]; a second backward through the node fails autograd's version check, as it should.
+    inplace = not torch.compiler.is_compiling()
+    grads = [_times(g, grad_loss, inplace) if want else None for g, want in zip(ctx.saved_tensors, ctx.want)]
     return *grads, *([None] * 20)
 
 

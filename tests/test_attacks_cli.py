@@ -1,5 +1,7 @@
 """`kdfast attack` end to end on a tiny saved model, and its input errors."""
 import json
+import os
+import socket
 
 import pandas as pd
 import pytest
@@ -124,3 +126,20 @@ def test_fields_maps_the_columns_of_both_files(files, tmp_path, capsys):
     assert f"{tmp_path / 'm.csv'}: line 2: missing field(s)" in capsys.readouterr().err
     assert main([*run, "--out", str(tmp_path / "b"), "--fields", "instruction=q,response=a"]) == 0
     assert "16 records (8 members)" in capsys.readouterr().out
+
+
+def test_an_out_of_another_model_or_a_live_writer_is_refused(files, tmp_path, capsys):
+    """Issue 12 item 2: a second model's attack never overwrites the first one's results, nor races a live run."""
+    run = ["attack", "--members", str(files / "members.jsonl"), "--nonmembers", str(files / "nonmembers.csv"),
+           "--attacks", "loss", "--bootstrap", "0", "--calibration", "0", "--out", str(tmp_path / "out")]
+    assert main([*run, "--model", str(files / "model")]) == 0
+    before = (tmp_path / "out" / "scores.parquet").read_bytes()
+    capsys.readouterr()
+    assert main([*run, "--model", str(files / "ref")]) == 2
+    err = capsys.readouterr().err
+    assert "holds the results of another run" in err and str(files / "ref") in err and "give another --out" in err
+    assert (tmp_path / "out" / "scores.parquet").read_bytes() == before
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / ".kdfast.lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")
+    assert main([*run[:-1], str(tmp_path / "busy"), "--model", str(files / "model")]) == 2
+    assert f"another kdfast process (pid {os.getpid()}) is writing there" in capsys.readouterr().err

@@ -111,3 +111,11 @@ def test_vocab_intersect_and_sft_without_teacher_and_bf16():
     sft = DistillConfig(technique="sft", lr=1e-3, max_steps=2, batch_size=4, bf16=True, **SMALL)
     summary = Distiller(None, models.tiny_model("llama", hidden=32), tok, sft).train(bundled_records()[:8])
     assert summary.steps == 2 and summary.loss == summary.loss
+
+
+def test_resume_with_other_records_is_refused(tmp_path):
+    """Issue 12 item 3: a resumed run trains on the records it started with, or says which differ."""
+    out = str(tmp_path / "run")
+    _run(out=out, max_steps=4, batch_size=4, save_every=1, on_step=lambda step, m: step == 2)
+    with pytest.raises(DistillError, match=r"cannot resume .*: it trained on train data .* now given .*--out"):
+        _run(out=out, max_steps=4, batch_size=4, resume=True, records=bundled_records()[100:116])

@@ -102,3 +102,13 @@ def test_errors_give_the_fix_as_flags(files, capsys):
     assert main([*run, "--max-steps", "1", "--out", str(done), *ARGS]) == 0
     assert main([*run, "--max-steps", "1", "--out", str(done), *ARGS]) == 2
     assert "already holds a run; pass --resume (resume=True in Python)" in capsys.readouterr().err
+
+
+def test_version_and_the_tiny_models_in_help(capsys):
+    from kdfast import __version__
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert f"kdfast {__version__}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["attack", "--help"])
+    assert "tiny:llama, tiny:gpt2 or tiny:opt" in " ".join(capsys.readouterr().out.split())

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kdfast.ops import fused_linear as fl
-from test_fused_linear import HARD, SOFT, assert_close_rel, fast_run, problem, reference_run, small_blocks  # noqa: F401
+from test_fused_linear import HARD, SOFT, assert_close_rel, fast_run, problem, reference_run, small_blocks  # noqa: F401, F811  (a fixture)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -47,7 +47,7 @@ def _raw_rows(path: Path) -> Iterator[tuple[str, object]]:
     """(where, row) pairs; `where` is "line N" or "row N" for the error messages."""
     try:
         yield from _rows(path)
-    except UnicodeDecodeError as e:
+    except UnicodeDecodeError:
         raise _locate_decode_error(path) from None
 
 

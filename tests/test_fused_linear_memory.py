@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from kdfast.ops import fused_linear as fl
-from test_fused_linear import HARD, SOFT, assert_close_rel, fast_run, problem, reference_run, small_blocks  # noqa: F401, F811  (a fixture)
+from test_fused_linear import HARD, SOFT, assert_close_rel, fast_run, problem, reference_run, small_blocks  # noqa: F401
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_fp32_master_head_with_bf16_hidden(backend, gen, small_blocks):
+def test_fp32_master_head_with_bf16_hidden(backend, gen, small_blocks):  # noqa: F811 (the imported fixture)
     """bf16 hidden + fp32 weight/bias (autocast over an fp32 master): d(weight) comes back fp32, no bf16 round,
     and matches the float64 reference of the bf16-rounded weight as closely as the all-bf16 path does."""
     p = problem(gen, n=48, hs=32, ht=48, V=500, dtype=torch.float32)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from kdfast.distill.optim import MASTER_WEIGHTS, OPTIMIZERS
 from kdfast.lora import DEFAULT_TARGETS as LORA_TARGETS
+from kdfast.memory import peak_bytes, resident_bytes
 from kdfast.models import QUANTIZATIONS, ModelError, local_path, tiny_config
 from kdfast.runtime import DIVERGENCE_CHUNK_ELEMENTS, FUSED_LINEAR_CPU_CHUNK_BYTES, FUSED_LINEAR_GPU_CHUNK_BYTES
 
@@ -410,10 +412,6 @@ def measure_step(distiller, records: list[dict], warmup: int = 1) -> StepMeasure
     """The whole-step peak of a Distiller on records, as plan_memory predicts it: teacher, student, optimizer state
     (resident once the warm-up steps allocated it) plus the next step's peak (kdfast.memory.peak_bytes); the time
     is that of one more step, outside the profiler."""
-    import time
-
-    from kdfast.memory import peak_bytes, resident_bytes
-
     run = distiller._start(records, None, None)
     for step in range(warmup):
         distiller._step(run, step)

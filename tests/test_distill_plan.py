@@ -51,3 +51,16 @@ def test_cli_json_and_table(tmp_path, capsys):
     assert out["total_bytes"] > out["parts"]["teacher_weights"] > 0
     assert main(["plan", "--teacher", str(teacher), "--student", "tiny:llama", "--budget", "1GB"]) == 0
     assert "does not fit" in capsys.readouterr().out
+
+
+def test_fewer_targets_shrink_only_the_loss_part():
+    full = plan_memory(LLAMA_7B, TINYLLAMA, batch_size=4, fused=False)
+    half = plan_memory(LLAMA_7B, TINYLLAMA, batch_size=4, fused=False, target_fraction=0.5)
+    assert half.parts["loss_workspace"] < full.parts["loss_workspace"]
+    assert {k: v for k, v in half.parts.items() if k != "loss_workspace"} == \
+        {k: v for k, v in full.parts.items() if k != "loss_workspace"}
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="target_fraction"):
+            plan_memory(LLAMA_7B, TINYLLAMA, target_fraction=bad)
+    with pytest.raises(SystemExit):
+        main(["plan", "--student", "tiny:llama", "--target-fraction", "0"])

@@ -81,10 +81,10 @@ class MemoryPlan:
         if self.budget is not None:
             verdict = "fits" if self.fits else "does not fit"
             lines.append(f"budget {self.budget / GB:.2f} GB: {verdict}")
-            if not self.fits:
-                lines.append("levers that fit: " + _describe(self.suggestion) + f" ({self.suggestion_bytes / GB:.2f} GB)"
-                             if self.suggestion else "no combination of levers fits this budget; "
-                             "lower batch_size or seq_len")
+            if not self.fits and self.suggestion:
+                lines.append(f"levers that fit: {_describe(self.suggestion)} ({self.suggestion_bytes / GB:.2f} GB)")
+            elif not self.fits:
+                lines.append("no combination of levers fits this budget; lower batch_size or seq_len")
         return "\n".join(lines)
 
 
@@ -128,11 +128,13 @@ def plan_memory(teacher_config, student_config, *, batch_size: int = 1, seq_len:
                 teacher_quantize: str | None = None, optim: str = "adamw", gradient_checkpointing: bool = False,
                 lora_rank: int = 0, lora_targets: str = LORA_TARGETS, master_weights: str = "fp32",
                 fused: bool = True, device: str = "cuda", autocast: bool | None = None,
-                disable_dropout: bool = False, budget: int | str | None = None) -> MemoryPlan:
+                disable_dropout: bool = False, target_fraction: float = 1.0,
+                budget: int | str | None = None) -> MemoryPlan:
     """The predicted peak memory of one distillation step (a MemoryPlan), from HF configs only.
 
     teacher_config / student_config: transformers configs or dicts (with model_type); teacher_config None: sft.
-    batch_size × seq_len tokens per micro-batch, every token a target (an upper bound). device "cuda" (bf16
+    batch_size × seq_len tokens per micro-batch, of which target_fraction are loss targets (response tokens; the
+    default 1.0 is an upper bound on the loss part: with prompts, set the response share). device "cuda" (bf16
     autocast, bf16 teacher, CUDA reserve) or "cpu" (fp32 throughout, no reserve, as the trainer does there).
     disable_dropout: the trainer's setting of that name (dropout saves masks, and attention dropout makes SDPA save
     every head's [T, T] probabilities). budget: bytes or text like "24GB"; when given and not met, the cheapest
@@ -141,7 +143,7 @@ def plan_memory(teacher_config, student_config, *, batch_size: int = 1, seq_len:
     settings = dict(batch_size=batch_size, seq_len=seq_len, teacher_quantize=teacher_quantize, optim=optim,
                     gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank, lora_targets=lora_targets,
                     master_weights=master_weights, fused=fused, device=device, autocast=autocast,
-                    disable_dropout=disable_dropout)
+                    disable_dropout=disable_dropout, target_fraction=target_fraction)
     _check_settings(settings)
     teacher = None if teacher_config is None else _shape(_as_config(teacher_config), lora_targets)
     student = _shape(_as_config(student_config), lora_targets)
@@ -273,13 +275,13 @@ def _plan(teacher: _Shape | None, student: _Shape, s: dict) -> MemoryPlan:
     parts["student_weights"] = student.total * w + (trainable * w if s["lora_rank"] else 0)
     parts["gradients"] = trainable * w
     parts["optimizer"] = _optimizer_bytes(student, trainable, s, w)
-    # one tensor's worth of temporaries while the optimizer steps (the for-loop AdamW / 8-bit update)
-    parts["optimizer_step"] = 2 * min(student.largest, trainable) * 4
+    parts["optimizer_step"] = _optimizer_step(student, trainable, s)
     parts["activations"] = _activations(student, s, tokens, e, w)
     if s["gradient_checkpointing"]:
         r = max(e, w) if s["master_weights"] == "fp32" else 2
         parts["recompute"] = _block_saved(student, s, e, r)
-    parts["loss_workspace"] = _loss_workspace(student, teacher, s, tokens, e)
+    rows = max(1, round(tokens * s["target_fraction"]))
+    parts["loss_workspace"] = _loss_workspace(student, teacher, s, tokens, rows, e)
     parts["reserve"] = CUDA_RESERVE if cuda else 0
     phases = _phases(parts)
     phase = "forward" if phases["forward"] >= phases["backward"] else "backward"
@@ -325,24 +327,38 @@ def _teacher_forward(t: _Shape, tokens: int, e: int) -> float:
     return tokens * e * (3 * t.inter + 4 * t.hidden)
 
 
-def _loss_workspace(m: _Shape, t: _Shape | None, s: dict, tokens: int, e: int) -> float:
+def _loss_workspace(m: _Shape, t: _Shape | None, s: dict, tokens: int, rows: int, e: int) -> float:
+    """The loss's memory over `rows` target tokens of the `tokens` in the micro-batch."""
     V = m.vocab
-    if t is None or not s["fused"]:  # logits of both models, their fp32 softmax and the logits' gradient
-        teacher = 0 if t is None else tokens * t.vocab * e
-        return tokens * V * (2 * e + 8) + teacher
+    if t is None:  # the logits, their fp32 log-softmax and the logits' gradient
+        return tokens * V * e + rows * V * (e + 8)
+    if not s["fused"]:
+        # the teacher's forward holds the student's target rows, its own logits and their target rows; the loss
+        # holds both models' rows and the gradient the divergence op returns with its loss
+        teacher_forward = rows * V * e + (tokens + rows) * t.vocab * e
+        loss = rows * (2 * V + t.vocab) * e + _divergence_temporaries(s, rows * V, e)
+        return max(teacher_forward, loss)
     budget = FUSED_LINEAR_GPU_CHUNK_BYTES if s["device"] != "cpu" else FUSED_LINEAR_CPU_CHUNK_BYTES
-    chunk = min(tokens, max(32, budget // (2 * V * e)))
+    chunk = min(rows, max(32, budget // (2 * V * e)))
     head_grad = 0 if s["lora_rank"] else V * m.hidden * 4  # the fp32 d(weight) accumulator
     head_copy = V * m.hidden * e if e != 4 and s["master_weights"] == "fp32" else 0
-    # both heads' chunk logits (the student's are overwritten by their gradient); on the CPU the torch divergence
-    # backend adds fp32 temporaries per sub-chunk of DIVERGENCE_CHUNK_ELEMENTS (measured: 6, and 3 more carried
-    # from one sub-chunk to the next); the Triton kernels keep theirs in registers
-    workspace = 2 * chunk * V * e
-    if s["device"] == "cpu":
-        sub = min(chunk * V, DIVERGENCE_CHUNK_ELEMENTS)
-        workspace += 4 * (6 * sub + (3 * DIVERGENCE_CHUNK_ELEMENTS if chunk * V > sub else 0))
-    teacher_hidden = tokens * t.hidden * (2 if s["device"] != "cpu" or s["teacher_quantize"] else 4)
-    return workspace + head_grad + head_copy + tokens * m.hidden * e + teacher_hidden
+    # both heads' chunk logits (the student's are overwritten by their gradient)
+    workspace = 2 * chunk * V * e + _divergence_temporaries(s, chunk * V, e)
+    teacher_hidden = rows * t.hidden * (2 if s["device"] != "cpu" or s["teacher_quantize"] else 4)
+    return workspace + head_grad + head_copy + rows * m.hidden * e + teacher_hidden
+
+
+def _divergence_temporaries(s: dict, elements: int, e: int) -> float:
+    """The torch divergence backend's fp32 temporaries on the CPU: 6 per entry of a sub-chunk of
+    DIVERGENCE_CHUNK_ELEMENTS (8 when the logits are not fp32: both models' sub-chunk upcast), and 3 of the first
+    sub-chunk still held while the second computes (measured on the op alone at 0.7-3 sub-chunks, fp32 and bf16);
+    the Triton kernels keep theirs in registers."""
+    if s["device"] != "cpu":
+        return 0
+    first = min(elements, DIVERGENCE_CHUNK_ELEMENTS)
+    second = min(elements - first, DIVERGENCE_CHUNK_ELEMENTS)
+    upcast = 2 * first if e != 4 else 0
+    return 4 * (upcast + max(6 * first, 6 * second + 3 * first if second else 0))
 
 
 def _optimizer_bytes(m: _Shape, trainable: int, s: dict, w: int) -> float:
@@ -357,6 +373,16 @@ def _optimizer_bytes(m: _Shape, trainable: int, s: dict, w: int) -> float:
     return m.matrix_rows_cols * 4 + m.vectors * 4  # adafactor
 
 
+def _optimizer_step(m: _Shape, trainable: int, s: dict) -> float:
+    """Temporaries while the optimizer steps, all of one tensor at a time: two fp32 copies of the largest for the
+    for-loop AdamW and Adafactor; on the CPU, bitsandbytes' 8-bit update dequantizes both states and computes in
+    fp32, five copies (measured: 540 MiB over SmolLM2's 28.3M-entry embedding); its CUDA kernel updates in place."""
+    largest = min(m.largest, trainable)
+    if s["optim"] in ("adamw_8bit", "paged_adamw_8bit"):
+        return 5 * largest * 4 if s["device"] == "cpu" else 0
+    return 2 * largest * 4
+
+
 def _check_settings(s: dict) -> None:
     if s["optim"] not in OPTIMIZERS:
         raise ValueError(f"unknown optim {s['optim']!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -367,6 +393,9 @@ def _check_settings(s: dict) -> None:
         raise ValueError(f"unknown master_weights {s['master_weights']!r}; choose one of {', '.join(MASTER_WEIGHTS)}")
     if s["batch_size"] < 1 or s["seq_len"] < 1:
         raise ValueError("batch_size and seq_len must be at least 1")
+    if not 0 < s["target_fraction"] <= 1:
+        raise ValueError(f"target_fraction must be in (0, 1] (the share of tokens that are loss targets), got "
+                         f"{s['target_fraction']}")
 
 
 def _cheapest_fit(teacher, student, settings: dict, budget: int) -> tuple[dict | None, int | None]:
@@ -415,6 +444,9 @@ def measure_step(distiller, records: list[dict], warmup: int = 1) -> StepMeasure
     run = distiller._start(records, None, None)
     for step in range(warmup):
         distiller._step(run, step)
+    # the step frees the gradients before its backward; on the CPU the profiler cannot see frees of blocks
+    # allocated before it started, so they are freed here and the resident bytes exclude them
+    run.optimizer.zero_grad(set_to_none=True)
     resident = resident_bytes(distiller.teacher, distiller.student, run.optimizer)
     peak = peak_bytes(lambda: distiller._step(run, warmup), distiller.device)
     if distiller.device.type == "cuda":

@@ -171,7 +171,8 @@ def run_job(name, teacher, make, tok, shapes, device, rows: list, notes: list, d
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             plan = plan_memory(teacher.config, student_config, batch_size=batch, seq_len=max_len,
-                               device=device.type, **{k: v for k, v in levers.items() if k in PLANNED})
+                               device=device.type, target_fraction=measured.tokens / (batch * max_len),
+                               **{k: v for k, v in levers.items() if k in PLANNED})
             gib = measured.total_bytes / 2**30
             rows.append([f"{name}, {batch}x{max_len}", label, gib, plan.total_bytes / 2**30,
                          plan.total_bytes / measured.total_bytes, measured.seconds, measured.tokens / measured.seconds])
@@ -200,8 +201,8 @@ def main() -> None:
     notes = [
         "measured = bytes resident after a warm-up step (teacher, student, optimizer state) + the next step's peak "
         "above them (CPU: the profiler's allocation stream; CUDA: max_memory_allocated); planned = "
-        "kdfast.distill.plan.plan_memory on the same configs, batch and levers (every token counted a target, so "
-        "an upper bound on the loss part)",
+        "kdfast.distill.plan.plan_memory on the same configs, batch and levers, given the step's share of "
+        "response tokens (target_fraction)",
         "step s: one more step outside the profiler; tokens/s: response tokens of that step per second",
         "TRL GKDTrainer rows: lmbda=0, beta=0 (forward-KL supervised KD, as kdfast's kd), full logits of both "
         "models as TRL computes them; measured over its train() of 3 steps; tokens/s counts input tokens "

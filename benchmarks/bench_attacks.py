@@ -20,8 +20,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import median_ms, mib, peak_bytes, write_table  # noqa: E402
-from kdfast.attacks.bulk import (encode_records, forward_stats, inference_context, logit_scores, lowercased,  # noqa: E402
-                                 mean_log_likelihoods, scored_text, shared_prefix_length, zlib_length)
+from kdfast.attacks.bulk import (  # noqa: E402
+    encode_records,
+    forward_stats,
+    inference_context,
+    logit_scores,
+    lowercased,
+    mean_log_likelihoods,
+    scored_text,
+    shared_prefix_length,
+    zlib_length,
+)
 from kdfast.data import IGNORE_INDEX, bundled_records, next_token_targets, pad_batch, token_budget_batches  # noqa: E402
 from kdfast.models import load_model, tiny_tokenizer  # noqa: E402
 

@@ -25,7 +25,8 @@ PREFIX = [{"instruction": "Define \"tree\".", "response": "A tall perennial wood
 
 def other_tokenizer():
     """A second, different BPE (trained here in a fraction of a second) for the reference model."""
-    from tokenizers import Tokenizer, models as tm, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, pre_tokenizers, trainers
+    from tokenizers import models as tm
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(tm.BPE(unk_token="<unk>"))

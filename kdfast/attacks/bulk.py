@@ -14,12 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdfast.data import (IGNORE_INDEX, Encoded, RecordError, encode, next_token_targets, pad_batch,
-                         token_budget_batches)
+from kdfast.data import IGNORE_INDEX, Encoded, RecordError, encode, next_token_targets, pad_batch, token_budget_batches
 from kdfast.data.template import prompt_text, target_text
 from kdfast.models import ModelError, hidden_and_head, output_head
-from kdfast.runtime import warn_if_bf16_emulated
 from kdfast.ops.token_stats import min_k, token_stats, token_stats_from_hidden
+from kdfast.runtime import warn_if_bf16_emulated
 
 # Logit elements materialized at once; a batch whose scored rows need more goes through the fused
 # hidden-state path (token_stats_from_hidden), which never holds [N, V] logits.

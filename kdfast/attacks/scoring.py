@@ -18,14 +18,23 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from kdfast.attacks.bulk import (encode_records, forward_stats, inference_context, logit_scores,
-                                 lowercased, mean_log_likelihoods, model_device, scored_text, zlib_length)
+from kdfast.attacks.bulk import (
+    encode_records,
+    forward_stats,
+    inference_context,
+    logit_scores,
+    lowercased,
+    mean_log_likelihoods,
+    model_device,
+    scored_text,
+    zlib_length,
+)
 from kdfast.attacks.con_recall import con_recall_scores
 from kdfast.attacks.dc_pdd import dc_pdd_score, token_frequencies
 from kdfast.attacks.gradnorm import gradnorm_scores
+from kdfast.attacks.lira import lira_scores
 from kdfast.attacks.metrics import META_COLUMNS, with_percentiles
 from kdfast.attacks.perturb import mope_scores
-from kdfast.attacks.lira import lira_scores
 from kdfast.attacks.recall import choose_prefix, conditioned_ll, prefix_ids, recall_scores
 from kdfast.attacks.ref import pad_id, ref_scores
 from kdfast.attacks.references import cached_mean_ll, resolve_references

@@ -10,8 +10,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
-from kdfast.validation import (Fraction, NonNegativeInt, PositiveFloat, PositiveInt, Range, check_config,
-                               check_device)
+from kdfast.validation import Fraction, NonNegativeInt, PositiveFloat, PositiveInt, Range, check_config, check_device
 
 TECHNIQUES = ("kd", "seqkd", "imitkd", "gkd", "minillm", "distillm")
 ATTACKS = ("loss", "zlib", "lowercase", "min_k", "min_k_pp", "ref_base", "ref_second", "mope", "gradnorm", "recall")

@@ -1,8 +1,16 @@
 """Named audit configurations: the embedded CPU default, the CI-sized tiny run, and the paper's three settings."""
 from __future__ import annotations
 
-from kdfast.audit.config import (AblationsConfig, AttacksConfig, AuditConfig, DataConfig, DefensesConfig,
-                                 MemorizationConfig, StudentsConfig, TeacherConfig)
+from kdfast.audit.config import (
+    AblationsConfig,
+    AttacksConfig,
+    AuditConfig,
+    DataConfig,
+    DefensesConfig,
+    MemorizationConfig,
+    StudentsConfig,
+    TeacherConfig,
+)
 from kdfast.runtime import bf16_is_native
 
 DOLLY = dict(source="hub:databricks/databricks-dolly-15k", fields={"input": "context"}, n_members=None,

@@ -13,8 +13,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
 
 from kdfast.audit.frontier import frontier_points, plot_frontier  # noqa: E402
 from kdfast.io import atomic_path, atomic_write_json, atomic_write_text  # noqa: E402

@@ -12,11 +12,33 @@ import math
 import torch
 
 from kdfast import reference
-from kdfast.ops._checks import (check_choice, check_float, check_labels, check_same_device, check_temperature,
-                                check_unit_interval, raise_if_nonfinite)
-from kdfast.ops.divergence import (BAD_STUDENT, BAD_TEACHER, KINDS, REDUCTIONS, DivergenceOut, _add_hard, _masked,
-                                   _nonfinite, _rows, _scaled, _times, _torch_terms, effective_kind, mean_scale,
-                                   mixture, resolve_backend)
+from kdfast.ops._checks import (
+    check_choice,
+    check_float,
+    check_labels,
+    check_same_device,
+    check_temperature,
+    check_unit_interval,
+    raise_if_nonfinite,
+)
+from kdfast.ops.divergence import (
+    BAD_STUDENT,
+    BAD_TEACHER,
+    KINDS,
+    REDUCTIONS,
+    DivergenceOut,
+    _add_hard,
+    _masked,
+    _nonfinite,
+    _rows,
+    _scaled,
+    _times,
+    _torch_terms,
+    effective_kind,
+    mean_scale,
+    mixture,
+    resolve_backend,
+)
 
 TAILS = reference.SPARSE_TAILS
 TORCH_CHUNK_ELEMENTS = 1 << 19

@@ -10,5 +10,6 @@ from kdfast.ops.token_stats import TokenStats, min_k, token_stats, token_stats_f
 
 __version__ = "0.1.0"
 
-__all__ = ["reference", "__version__", "token_stats", "token_stats_from_hidden", "min_k", "TokenStats", "backends", "distill_loss", "DistillLoss", "fused_linear_distill_loss", "FusedLinearDistillLoss",
+__all__ = ["reference", "__version__", "token_stats", "token_stats_from_hidden", "min_k", "TokenStats", "backends",
+           "distill_loss", "DistillLoss", "fused_linear_distill_loss", "FusedLinearDistillLoss",
            "sparse_distill_loss", "fused_linear_sparse_distill_loss"]

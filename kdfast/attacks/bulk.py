@@ -175,7 +175,8 @@ def _hidden_after(model: nn.Module, inputs: dict[str, torch.Tensor], cut: int):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    # transformers ≥ 5.2x names the argument `cache` (past_key_values is deprecated); older 5.x only knows past_key_values.
+    # transformers ≥ 5.2x names the argument `cache` (past_key_values is deprecated); older 5.x only knows
+    # past_key_values.
     name = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
     hidden_and_head(model, inputs["input_ids"][:1, :cut], inputs["attention_mask"][:1, :cut],
                     position_ids=inputs["position_ids"][:1, :cut], use_cache=True, **{name: cache})

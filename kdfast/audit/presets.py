@@ -93,4 +93,5 @@ def defenses() -> AuditConfig:
     return cfg
 
 
-PRESETS = {"default": default, "defenses": defenses, "tiny": tiny, "paper-gpt2": paper_gpt2, "paper-opt": paper_opt, "paper-llama": paper_llama}
+PRESETS = {"default": default, "defenses": defenses, "tiny": tiny, "paper-gpt2": paper_gpt2, "paper-opt": paper_opt,
+           "paper-llama": paper_llama}

@@ -170,8 +170,8 @@ def _torch_pass(student, ids, lp, labels, gs, scales, *, kind, tail, mix, temper
     for i in range(0, n, rows):
         sl = slice(i, min(i + rows, n))
         keep = None if valid is None else valid[sl]
-        f, g, q, bad_rows = _torch_chunk(student[sl], ids[sl].long(), lp[sl], kind, tail, mix, 1.0 / temperature, cdtype,
-                                         want=gs is not None)
+        f, g, q, bad_rows = _torch_chunk(student[sl], ids[sl].long(), lp[sl], kind, tail, mix, 1.0 / temperature,
+                                         cdtype, want=gs is not None)
         loss[sl] = f if keep is None else f.where(keep, 0.0)
         bad[sl] = bad_rows if keep is None else bad_rows.where(keep, 0)
         if hard:

@@ -1,4 +1,5 @@
-"""The trainer's memory levers: gradient checkpointing, bitsandbytes teacher, 8-bit/Adafactor optimizers, bf16 master."""
+"""The trainer's memory levers: gradient checkpointing, bitsandbytes teacher, 8-bit/Adafactor optimizers,
+bf16 master."""
 import pytest
 import torch
 

@@ -13,7 +13,8 @@ from kdfast.memory import peak_bytes, resident_bytes
 PLANNED = ("optim", "gradient_checkpointing", "teacher_quantize", "master_weights", "fused")
 ALL = dict(gradient_checkpointing=True, teacher_quantize="nf4", optim="adamw_8bit", master_weights="bf16")
 CASES = [("llama", {}), ("llama", dict(fused=False)), ("llama", dict(gradient_checkpointing=True)),
-         ("llama", dict(optim="adamw_8bit")), ("llama", dict(optim="adafactor")), ("llama", dict(master_weights="bf16")),
+         ("llama", dict(optim="adamw_8bit")), ("llama", dict(optim="adafactor")),
+         ("llama", dict(master_weights="bf16")),
          ("llama", dict(teacher_quantize="int8")), ("llama", ALL),
          ("gpt2", {}), ("gpt2", dict(gradient_checkpointing=True)), ("gpt2", ALL),
          ("opt", {}), ("opt", dict(teacher_quantize="nf4")), ("opt", ALL)]

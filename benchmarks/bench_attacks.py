@@ -2,8 +2,8 @@
 mimir-style baseline (one record at a time, full log_softmax on the CPU, one pass per attack) vs a bare forward.
 
 python benchmarks/bench_attacks.py [--device cpu|cuda]  ->  benchmarks/results/attacks-<device>.md
-python benchmarks/bench_attacks.py --calibrated  ->  benchmarks/results/attacks-calibrated-<device>.md (issue 14: records/s
-of attacks.score with con_recall, dc_pdd, rmia, lira beside the logit attacks alone)
+python benchmarks/bench_attacks.py --calibrated  ->  benchmarks/results/attacks-calibrated-<device>.md (issue 14:
+records/s of attacks.score with con_recall, dc_pdd, rmia, lira beside the logit attacks alone)
 CPU: SmolLM2-135M (the carried GGUF). CUDA: a random-init LlamaForCausalLM of SmolLM2's shape in bf16 (the GGUF
 cannot travel), fed by the tiny tokenizer; the timings depend on shapes, not on the weights.
 """
@@ -20,8 +20,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import median_ms, mib, peak_bytes, write_table  # noqa: E402
-from kdfast.attacks.bulk import (encode_records, forward_stats, inference_context, logit_scores, lowercased,  # noqa: E402
-                                 mean_log_likelihoods, scored_text, shared_prefix_length, zlib_length)
+from kdfast.attacks.bulk import (  # noqa: E402
+    encode_records,
+    forward_stats,
+    inference_context,
+    logit_scores,
+    lowercased,
+    mean_log_likelihoods,
+    scored_text,
+    shared_prefix_length,
+    zlib_length,
+)
 from kdfast.data import IGNORE_INDEX, bundled_records, next_token_targets, pad_batch, token_budget_batches  # noqa: E402
 from kdfast.models import load_model, tiny_tokenizer  # noqa: E402
 
@@ -181,8 +190,8 @@ def main() -> None:
         f"kdfast, the bare forward, the lowercase pass and the baseline run interleaved batch by batch in rotating "
         f"order on the same pre-tokenized batches (median of {plan['reps']} per batch, summed); tokenization is "
         "outside all timings.",
-        f"Baseline: every {stride}th record ({len(subset)}), timed in its batch's turn (same reps) and extrapolated per record to "
-        f"{n}; its scores match kdfast's to {worst:.1e} (max abs difference over all attacks).",
+        f"Baseline: every {stride}th record ({len(subset)}), timed in its batch's turn (same reps) and extrapolated "
+        f"per record to {n}; its scores match kdfast's to {worst:.1e} (max abs difference over all attacks).",
         f"Peak memory: one batch of {batches[largest]['input_ids'].shape[0]}x{batches[largest]['input_ids'].shape[1]} "
         "tokens, beyond the model.",
         "lowercase needs a second forward pass of the lower-cased records (different tokens): reported on its own row.",
@@ -191,11 +200,13 @@ def main() -> None:
            f"{'met' if overhead <= 0.15 else 'NOT met'}." if device.type == "cpu" else
            f" Over the bare forward: {100 * overhead:+.0f}%."),
         f"kdfast sends only the scored (response) positions through the LM head, and runs the unscored prefix that "
-        f"all rows of a batch share (the template's header: {prefix_share:.0%} of the tokens here) once, as a KV cache; "
+        f"all rows of a batch share (the template's header: {prefix_share:.0%} of the tokens here) once, "
+        "as a KV cache; "
         "hence it beats a bare forward that computes logits at every position of every row.",
     ]
     if device.type == "cpu":
-        notes.append("CPU numbers measured on a 2-core machine shared with other jobs: noisy; rerun on a quiet machine.")
+        notes.append("CPU numbers measured on a 2-core machine shared with other jobs: noisy; "
+                     "rerun on a quiet machine.")
     write_table("attacks", device, "Bulk membership-inference scoring: records/s", [
         "method", "passes/record", "records", "time (s)", "records/s", "record tokens/s", "vs baseline", "time vs bare",
         "peak MiB"], rows, notes)
@@ -218,7 +229,8 @@ CALIBRATED_RUNS = {  # label -> (attacks, references used)
     "+ rmia (2 references; references and target also score the population)": (
         ("loss", "zlib", "min_k", "min_k_pp", "rmia"), 2),
     "+ rmia, lira (sharing the 2 references' passes)": (("loss", "zlib", "min_k", "min_k_pp", "rmia", "lira"), 2),
-    "+ recall, con_recall (3 prefix passes: 1 shared)": (("loss", "zlib", "min_k", "min_k_pp", "recall", "con_recall"), 0),
+    "+ recall, con_recall (3 prefix passes: 1 shared)": (
+        ("loss", "zlib", "min_k", "min_k_pp", "recall", "con_recall"), 0),
 }
 
 

@@ -19,7 +19,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import write_table  # noqa: E402
-
 from kdfast import memorization as mem  # noqa: E402
 from kdfast.models import BUNDLED  # noqa: E402
 

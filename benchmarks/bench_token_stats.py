@@ -14,9 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import copy_bandwidth, median_ms, mib, peak_bytes, write_table  # noqa: E402
-
 import kdfast  # noqa: E402
+from benchmarks.common import copy_bandwidth, median_ms, mib, peak_bytes, write_table  # noqa: E402
 from kdfast.ops.token_stats import active_backend  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -13,9 +13,9 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
 import torch  # noqa: E402
+from common import median_ms, mib, peak_bytes, write_table  # noqa: E402
 
 import kdfast  # noqa: E402
-from common import median_ms, mib, peak_bytes, write_table  # noqa: E402
 from kdfast.ops.uld import uld_loss  # noqa: E402
 
 V_TEACHER = 49152  # SmolLM2's vocabulary

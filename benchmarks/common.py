@@ -54,7 +54,8 @@ def environment(device: torch.device) -> dict[str, str]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+        name = (f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, "
+                f"{torch.get_num_threads()} threads")
     return {
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "device": name,

@@ -48,14 +48,16 @@ def main() -> None:
         os.environ["KDFAST_DIVERGENCE_CONFIG"] = f"{block},{warps}"
         times = {kind: time_kernel(kind, s, t) for kind in ("fkl", "jsd")}
         totals[(block, warps)] = sum(times.values())
-        rows += [[f"divergence {kind}", f"BLOCK {block}, {warps} warps", ms, ms / bound_ms, "-"] for kind, ms in times.items()]
+        rows += [[f"divergence {kind}", f"BLOCK {block}, {warps} warps", ms, ms / bound_ms, "-"]
+                 for kind, ms in times.items()]
     os.environ.pop("KDFAST_DIVERGENCE_CONFIG")
     del s, t
     rows += fused_chunks(device, start, args.budget)
     best = min(totals, key=totals.get)
     write_table("tune-divergence", device, "Tuning sweep: divergence kernel config, fused-linear chunk",
                 ["op", "setting", "median ms", "x two-pass bound", "peak MiB"], rows,
-                [f"divergence: N={n}, V={V}, bf16, forward+backward; bound = 10·N·V bytes / copy bandwidth = {bound_ms:.2f} ms",
+                [f"divergence: N={n}, V={V}, bf16, forward+backward; "
+                 f"bound = 10·N·V bytes / copy bandwidth = {bound_ms:.2f} ms",
                  "fused-linear: N=8192, Hs=2048, Ht=4096, V=128256, bf16, jsd, 0.5·CE + 0.5·JSD",
                  f"best divergence config (fkl + jsd): BLOCK {best[0]}, {best[1]} warps"])
     print(f"best KDFAST_DIVERGENCE_CONFIG={best[0]},{best[1]}")

@@ -1,4 +1,5 @@
-"""Loading HF causal LMs (hub id, local dir, GGUF, the carried SmolLM2), tiny random models for tests, and model facts."""
+"""Loading HF causal LMs (hub id, local dir, GGUF, the carried SmolLM2), tiny random models for tests, and model
+facts."""
 from __future__ import annotations
 
 import importlib.util
@@ -75,10 +76,12 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | None = None, dev
         local = local_path(spec)
         if local is not None:
             if not local.is_dir() or not (local / "config.json").exists():
-                raise ModelError(f"{local} is not a model folder (no config.json); give a folder saved by save_pretrained")
+                raise ModelError(f"{local} is not a model folder (no config.json); "
+                                 "give a folder saved by save_pretrained")
             if not any(local.glob("*.safetensors")):
                 raise ModelError(f"{local} has no .safetensors weights; kdfast does not unpickle checkpoints. "
-                                 "Convert them once with a trusted tool (model.save_pretrained(safe_serialization=True))")
+                                 "Convert them once with a trusted tool "
+                                 "(model.save_pretrained(safe_serialization=True))")
             spec = str(local)
         try:
             tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision, **kwargs)
@@ -132,7 +135,8 @@ def bnb_config(quantize: str, device: torch.device | str = "cuda"):
     skip = ["lm_head"]
     if quantize == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.bfloat16 if bf16_is_native(device) else torch.float32, llm_int8_skip_modules=skip)
+                                  bnb_4bit_compute_dtype=torch.bfloat16 if bf16_is_native(device) else torch.float32,
+                                  llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
@@ -199,10 +203,10 @@ def tiny_config(family: str, vocab_size: int = 1024, hidden: int = 64, layers: i
                         ffn_dim=4 * hidden, max_position_embeddings=max_positions, word_embed_proj_dim=hidden,
                         pad_token_id=1, bos_token_id=0, eos_token_id=0)
     elif family == "llama":
-        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                          num_key_value_heads=max(1, heads // 2), intermediate_size=2 * hidden,
-                          max_position_embeddings=max_positions, bos_token_id=0, eos_token_id=0, pad_token_id=1,
-                          tie_word_embeddings=True)
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                          num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                          intermediate_size=2 * hidden, max_position_embeddings=max_positions, bos_token_id=0,
+                          eos_token_id=0, pad_token_id=1, tie_word_embeddings=True)
     else:
         raise ValueError(f"unknown model family {family!r}; choose one of {FAMILIES}")
     for key, value in overrides.items():
@@ -252,7 +256,8 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 
 
 def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The LM head's (weight [V, H], bias [V] or None) of an HF causal LM; clear error where logits are not a plain linear map."""
+    """The LM head's (weight [V, H], bias [V] or None) of an HF causal LM; clear error where logits are not a plain
+    linear map."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear):
         raise ModelError(f"{type(model).__name__} has no linear output head (get_output_embeddings() gave "

@@ -242,7 +242,8 @@ def sparse_distill_loss(
     reduction: str = "mean",
     scale_by_t2: bool = False,
 ) -> torch.Tensor:
-    """The dense divergence (docs/design.md §3) on the outcomes of sparse_outcomes (log-probabilities are their own logits).
+    """The dense divergence (docs/design.md §3) on the outcomes of sparse_outcomes (log-probabilities are their own
+    logits).
 
     renorm is defined for fkl only: every other kind needs the teacher's probabilities outside S.
     """

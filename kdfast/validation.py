@@ -140,7 +140,8 @@ def check_device(device: str | None, where: str, error: type[Exception] = ValueE
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise error(f"{where}: unknown device {device!r}; give cpu, cuda, cuda:1, mps ... (or leave it unset)") from None
+        raise error(f"{where}: unknown device {device!r}; "
+                    "give cpu, cuda, cuda:1, mps ... (or leave it unset)") from None
     if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
         have = torch.cuda.device_count() if torch.cuda.is_available() else 0
         raise error(f"{where}: {device!r} is not usable here ({have} CUDA device(s)); give cpu or leave it unset")

@@ -56,7 +56,8 @@ def build_records() -> list[dict]:
             # and the public half would leak membership to the students without any distillation.
             if lemma.lower() not in seen and definition.lower() not in seen:
                 seen.update((lemma.lower(), definition.lower()))
-                records.append({"instruction": f'Define the {name} "{lemma}".', "response": definition, "category": name})
+                records.append({"instruction": f'Define the {name} "{lemma}".', "response": definition,
+                                "category": name})
     rng.shuffle(records)
     return records[:N_RECORDS]
 
@@ -67,7 +68,8 @@ def build_tokenizer(records: list[dict]) -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<|endoftext|>", "<pad>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    template = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n### Input:\n### Response:\n"
+    template = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                "request.\n\n### Instruction:\n### Input:\n### Response:\n")
     tok.train_from_iterator([template] + [r["instruction"] + "\n" + r["response"] for r in records], trainer)
     return tok
 

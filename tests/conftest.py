@@ -1,5 +1,6 @@
 """Test set-up: Triton in the interpreter without a GPU (set before kdfast is imported), one thread per test
-process (subprocesses included), and a fresh random seed per run (printed in the header; KDFAST_SEED=<n> replays a run)."""
+process (subprocesses included), and a fresh random seed per run (printed in the header; KDFAST_SEED=<n> replays
+a run)."""
 import os
 import random
 import zlib

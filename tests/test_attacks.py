@@ -15,8 +15,8 @@ RECORDS = [
     {"instruction": "Define the noun \"cat\".", "response": "A small domesticated Feline Mammal with soft fur."},
     {"instruction": "Define it.", "input": "dog", "response": "Canine."},
     {"text": "The Quick brown fox jumps over the lazy dog, again and again and again."},
-    {"instruction": "What does \"run\" mean?", "response": "To move swiftly on foot, so that both feet leave the ground "
-                                                           "during each stride; To Flee."},
+    {"instruction": "What does \"run\" mean?",
+     "response": "To move swiftly on foot, so that both feet leave the ground during each stride; To Flee."},
     {"instruction": "Spell it.", "response": "A"},
     {"text": "Short Text."},
 ]
@@ -25,7 +25,8 @@ PREFIX = [{"instruction": "Define \"tree\".", "response": "A tall perennial wood
 
 def other_tokenizer():
     """A second, different BPE (trained here in a fraction of a second) for the reference model."""
-    from tokenizers import Tokenizer, models as tm, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, pre_tokenizers, trainers
+    from tokenizers import models as tm
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(tm.BPE(unk_token="<unk>"))
@@ -233,7 +234,8 @@ def test_recall_holds_out_its_prefix(target):
     model, tok = target
     records = bundled_records()[:12]
     membership = [1] * 6 + [0] * 6
-    table = attacks.score(model, tok, records, ("loss", "recall"), membership=membership, recall_shots=2, progress=False)
+    table = attacks.score(model, tok, records, ("loss", "recall"), membership=membership, recall_shots=2,
+                          progress=False)
     held = table["recall"].isna()
     assert held.sum() == 2 and not table["member"][held].any()
     assert set(attacks.evaluate(table, n_bootstrap=0)["recall"]) >= {"auc"}

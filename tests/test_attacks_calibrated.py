@@ -84,7 +84,8 @@ def test_lira_per_record_and_global_sigma(setup, n_refs):
         out = [ref_ll[n][id(x)] for n in names]
         mu = sum(out) / n_refs
         sigma = math.sqrt(sum((v - mu) ** 2 for v in out) / n_refs) if n_refs >= lira.MIN_PER_RECORD else global_sigma
-        assert table["lira"][i] == pytest.approx((target_ll[id(x)] - mu) / sigma, rel=1e-3, abs=1e-3)  # fp32 model, σ small
+        # fp32 model, σ small
+        assert table["lira"][i] == pytest.approx((target_ll[id(x)] - mu) / sigma, rel=1e-3, abs=1e-3)
 
 
 def test_dc_pdd_matches_the_paper(setup):

@@ -42,7 +42,8 @@ def test_end_to_end(files, capsys):
     assert set(metrics["results"]) == {"loss", "min_k@0.2", "ref_base", "gradnorm"}
     loss = metrics["results"]["loss"]
     assert loss["calibrated"]["n_calibration"] == 6 and set(loss["calibrated"]["at_fpr"]) == {"0.1", "0.01", "0.001"}
-    assert 0 <= loss["auc"] <= 1 and len(loss["auc_ci95"]) == 2 and set(loss["tpr_at_fpr"]) == {"0.25", "0.05", "0.01", "0.001", "0"}
+    assert (0 <= loss["auc"] <= 1 and len(loss["auc_ci95"]) == 2
+            and set(loss["tpr_at_fpr"]) == {"0.25", "0.05", "0.01", "0.001", "0"})
     assert (out / "roc.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -27,7 +27,8 @@ def bos_tokenizer():
 
 
 def oracle(model, tok, text, add_eos=False):
-    """float64 scores of one text scored as ids = tokenizer(text) (+ EOS), positions 1.. predicted from the ones before."""
+    """float64 scores of one text scored as ids = tokenizer(text) (+ EOS), positions 1.. predicted from the ones
+    before."""
     ids = tok(text)["input_ids"] + ([tok.eos_token_id] if add_eos else [])
     logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits.double()[0, :-1], -1)
     target = torch.tensor(ids[1:])
@@ -53,7 +54,8 @@ def test_logit_attacks_score_tokenizer_text_as_it_is(bos, add_eos):
         want = oracle(model, tok, record["text"], add_eos)
         for column, value in want.items():
             assert table[column][i] == pytest.approx(value, abs=1e-4, rel=1e-4), (column, i)
-        assert table["ref"][i] == pytest.approx(want["loss"] - oracle(ref, tok, record["text"], add_eos)["loss"], abs=1e-4)
+        assert table["ref"][i] == pytest.approx(want["loss"] - oracle(ref, tok, record["text"], add_eos)["loss"],
+                                                abs=1e-4)
 
 
 def test_instruction_records_keep_the_response_eos():
@@ -100,7 +102,8 @@ def test_load_labeled_formats_and_errors(tmp_path):
     with pytest.raises(RecordError, match=r"bad\.jsonl: line 2: label 2 in column 'label' is not 0 or 1"):
         load_labeled(bad)
     missing = _write(tmp_path / "missing.jsonl", [rows[0], {"text": "x", "label": 0}])
-    with pytest.raises(RecordError, match=r"missing\.jsonl: line 2: no column 'input' \(the row has text, label\).*--text-column"):
+    with pytest.raises(RecordError,
+                       match=r"missing\.jsonl: line 2: no column 'input' \(the row has text, label\).*--text-column"):
         load_labeled(missing)
     with pytest.raises(RecordError, match=r"line 1: no column 'y'.*--label-column"):
         load_labeled(tmp_path / "w.jsonl", "input", "y")
@@ -113,7 +116,8 @@ def test_cli_data_file(tmp_path, capsys):
     tok = models.tiny_tokenizer()
     models.tiny_model("llama", seed=27).save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
-    texts = [f"Text number {i} about the {w} and its neighbours." for i, w in enumerate(["oak", "elm", "ash", "fir", "yew", "box"])]
+    texts = [f"Text number {i} about the {w} and its neighbours."
+             for i, w in enumerate(["oak", "elm", "ash", "fir", "yew", "box"])]
     data = _write(tmp_path / "wikimia.jsonl", [{"input": t, "label": i % 2} for i, t in enumerate(texts)])
     base = ["attack", "--model", str(tmp_path / "model"), "--bootstrap", "0", "--attacks", "loss"]
     assert main([*base, "--data", str(data), "--out", str(tmp_path / "out")]) == 0

@@ -20,7 +20,8 @@ def test_presets_validate(name):
 
 def test_paper_presets_follow_the_study():
     gpt2 = load_config(preset_name="paper-gpt2")
-    assert gpt2.teacher.model == "gpt2-xl" and list(gpt2.students.sizes.values()) == ["gpt2-large", "gpt2-medium", "gpt2"]
+    assert (gpt2.teacher.model == "gpt2-xl"
+            and list(gpt2.students.sizes.values()) == ["gpt2-large", "gpt2-medium", "gpt2"])
     assert gpt2.data.source == "hub:databricks/databricks-dolly-15k" and gpt2.data.fields == {"input": "context"}
     llama = load_config(preset_name="paper-llama")
     assert llama.teacher.lora_rank > 0

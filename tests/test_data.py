@@ -6,7 +6,8 @@ import pytest
 from kdfast import data
 from kdfast.models import tiny_tokenizer
 
-RECORDS = [{"instruction": f"Define word {i}.", "response": f"definition number {i}", "category": "noun"} for i in range(20)]
+RECORDS = [{"instruction": f"Define word {i}.", "response": f"definition number {i}", "category": "noun"}
+           for i in range(20)]
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet", ".jsonl.gz"])
@@ -46,7 +47,8 @@ def test_errors_name_file_and_line(tmp_path):
     bad.write_text(json.dumps({"prompt": "x", "answer": "y"}) + "\n")
     with pytest.raises(data.RecordError, match=r"line 1: missing field\(s\) \['instruction', 'response'\]"):
         data.load_records(bad)
-    assert data.load_records(bad, fields={"instruction": "prompt", "response": "answer"}) == [{"instruction": "x", "response": "y"}]
+    assert data.load_records(bad, fields={"instruction": "prompt", "response": "answer"}) == [
+        {"instruction": "x", "response": "y"}]
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(data.RecordError, match="holds no records"):
         data.load_records(tmp_path / "empty.jsonl")
@@ -67,9 +69,11 @@ def test_study_split_dedupes_and_balances():
     train = RECORDS + [dict(RECORDS[0], response="DEFINITION number 0 ")]  # a duplicate up to case/space
     validation = [RECORDS[1], {"instruction": "v", "response": "w"}, {"instruction": "u", "response": "z"}]
     split = data.study_split(train, validation, seed=3)
-    assert split.dropped == {"duplicates in train": 1, "duplicates in validation": 0, "validation records also in train": 1}
+    assert split.dropped == {"duplicates in train": 1, "duplicates in validation": 0,
+                             "validation records also in train": 1}
     keys = lambda rs: {data.record_key(r) for r in rs}  # noqa: E731
-    assert not keys(split.private) & keys(split.public) and not keys(split.nonmembers) & keys(split.private + split.public)
+    assert (not keys(split.private) & keys(split.public)
+            and not keys(split.nonmembers) & keys(split.private + split.public))
     assert len(split.private) == 10 and len(split.nonmembers) == 2
     members, nonmembers = split.balanced()
     assert len(members) == len(nonmembers) == 2
@@ -87,7 +91,8 @@ def test_encode_masks_prompt_and_checks_lengths():
     with pytest.raises(data.RecordError, match="no room for the response"):
         data.encode(tok, RECORDS[0], max_len=enc.prompt_len)
     assert len(data.encode(tok, RECORDS[0], max_len=enc.prompt_len + 2)) == enc.prompt_len + 2
-    kept = data.encode_all(tok, [RECORDS[0], {"instruction": "x " * 200, "response": "y"}], max_prompt_len=100, long_prompts="drop")[1]
+    kept = data.encode_all(tok, [RECORDS[0], {"instruction": "x " * 200, "response": "y"}], max_prompt_len=100,
+                           long_prompts="drop")[1]
     assert kept == [0]
 
 

@@ -6,7 +6,7 @@ import torch
 
 from kdfast import models
 from kdfast.data import RecordError, bundled_records
-from kdfast.distill import DistillConfig, DistillError, Distiller
+from kdfast.distill import DistillConfig, Distiller, DistillError
 
 SMALL = dict(max_len=112, max_prompt_len=100, max_new_tokens=8, warmup_steps=1, progress=False, num_rollouts=8)
 

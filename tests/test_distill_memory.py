@@ -1,12 +1,13 @@
-"""The trainer's memory levers: gradient checkpointing, bitsandbytes teacher, 8-bit/Adafactor optimizers, bf16 master."""
+"""The trainer's memory levers: gradient checkpointing, bitsandbytes teacher, 8-bit/Adafactor optimizers,
+bf16 master."""
 import pytest
 import torch
 
 from kdfast import models
 from kdfast.data import bundled_records
-from kdfast.distill import DistillConfig, DistillError, Distiller
-from kdfast.distill.objective import divergence_sum, forward_rows, valid
+from kdfast.distill import DistillConfig, Distiller, DistillError
 from kdfast.distill.data import collate, encode_records
+from kdfast.distill.objective import divergence_sum, forward_rows, valid
 
 SMALL = dict(max_len=112, max_prompt_len=100, max_new_tokens=6, warmup_steps=0, progress=False, batch_size=4,
              lr=2e-3, lr_scheduler="constant")

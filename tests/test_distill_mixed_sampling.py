@@ -10,7 +10,6 @@ from kdfast.distill.mixed_sampling import sample_mixture
 from kdfast.generation import generate
 
 
-
 class FixedNext(nn.Module):
     """A stub LM whose next-token distribution is `probs`, whatever the context."""
 

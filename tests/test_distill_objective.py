@@ -8,7 +8,6 @@ from kdfast.distill import objective
 from kdfast.distill.data import collate, encode_records
 from kdfast.distill.objective import Rows, divergence_sum, forward_rows, token_nll, valid
 
-
 RECORDS = [{"instruction": "Define the noun \"cat\".", "response": "a small domesticated feline"},
            {"instruction": "Define \"run\".", "response": "to move fast"}]
 

@@ -7,7 +7,6 @@ from kdfast.distill import make_student
 from kdfast.generation import generate
 
 
-
 def _ids():
     return torch.randint(2, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
 

@@ -1,9 +1,9 @@
 """The fused-linear op's own memory: an fp32 master head's gradient stays fp32, ignored rows never reach a matmul."""
 import pytest
 import torch
+from test_fused_linear import HARD, SOFT, assert_close_rel, fast_run, problem, reference_run, small_blocks  # noqa: F401
 
 from kdfast.ops import fused_linear as fl
-from test_fused_linear import HARD, SOFT, assert_close_rel, fast_run, problem, reference_run, small_blocks  # noqa: F401
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -4,7 +4,7 @@ import torch
 
 from kdfast import models
 from kdfast.data import bundled_records
-from kdfast.distill import DistillConfig, DistillError, Distiller
+from kdfast.distill import DistillConfig, Distiller, DistillError
 from kdfast.lora import LoRALinear, apply_lora, merge_lora, merged_state_dict
 
 FAMILIES = {"gpt2": ["c_attn"], "opt": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj"]}

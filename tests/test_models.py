@@ -42,7 +42,8 @@ def test_left_and_right_padding_give_same_logits(family):
     out = {}
     for side in ("left", "right"):
         b = pad_batch(items, tok.pad_token_id, side=side)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"]).logits
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                       position_ids=b["position_ids"]).logits
         out[side] = logits[b["attention_mask"].bool()]
     assert torch.allclose(out["left"], out["right"], atol=1e-4)
 

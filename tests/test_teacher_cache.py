@@ -8,7 +8,7 @@ import torch
 from kdfast import models
 from kdfast.cli import main
 from kdfast.data import bundled_records, load_records
-from kdfast.distill import DistillConfig, DistillError, Distiller
+from kdfast.distill import DistillConfig, Distiller, DistillError
 from kdfast.distill import teacher_cache as tc
 from kdfast.distill.data import encode_records
 

@@ -14,12 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdfast.data import (IGNORE_INDEX, Encoded, RecordError, encode, next_token_targets, pad_batch,
-                         token_budget_batches)
+from kdfast.data import IGNORE_INDEX, Encoded, RecordError, encode, next_token_targets, pad_batch, token_budget_batches
 from kdfast.data.template import prompt_text, target_text
 from kdfast.models import ModelError, hidden_and_head, output_head
-from kdfast.runtime import warn_if_bf16_emulated
 from kdfast.ops.token_stats import min_k, token_stats, token_stats_from_hidden
+from kdfast.runtime import warn_if_bf16_emulated
 
 # Logit elements materialized at once; a batch whose scored rows need more goes through the fused
 # hidden-state path (token_stats_from_hidden), which never holds [N, V] logits.
@@ -176,7 +175,8 @@ def _hidden_after(model: nn.Module, inputs: dict[str, torch.Tensor], cut: int):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    # transformers ≥ 5.2x names the argument `cache` (past_key_values is deprecated); older 5.x only knows past_key_values.
+    # transformers ≥ 5.2x names the argument `cache` (past_key_values is deprecated); older 5.x only knows
+    # past_key_values.
     name = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
     hidden_and_head(model, inputs["input_ids"][:1, :cut], inputs["attention_mask"][:1, :cut],
                     position_ids=inputs["position_ids"][:1, :cut], use_cache=True, **{name: cache})

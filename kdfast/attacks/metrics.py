@@ -64,7 +64,8 @@ def roc_metrics(labels, scores, n_bootstrap: int = 1000, seed: int = 0, fprs=FPR
     labels, scores = labels[keep], scores[keep]
     n_pos = int(labels.sum())
     if n_pos == 0 or n_pos == labels.size:
-        raise ValueError(f"ROC metrics need members and non-members; got {n_pos} members of {labels.size} scored records")
+        raise ValueError(f"ROC metrics need members and non-members; got {n_pos} members of {labels.size} "
+                         "scored records")
     fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
     short_fpr, short_tpr, _ = roc_curve(labels, scores)
     return {
@@ -139,7 +140,8 @@ def calibrated_thresholds(labels, scores, fraction: float = 0.5, seed: int = 0, 
         tau = float(ranked[k]) if k < ranked.size else -np.inf
         at[f"{x:g}"] = {"threshold": tau, "tpr": float((positives > tau).mean()) if positives.size else float("nan"),
                         "fpr": float((negatives[held] > tau).mean())}
-    return {"fraction": fraction, "seed": seed, "n_calibration": int(cal.size), "n_heldout": int(held.size), "at_fpr": at}
+    return {"fraction": fraction, "seed": seed, "n_calibration": int(cal.size), "n_heldout": int(held.size),
+            "at_fpr": at}
 
 
 def with_percentiles(table):

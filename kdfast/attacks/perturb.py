@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdfast.data import Encoded
 from kdfast.attacks.bulk import mean_log_likelihoods
+from kdfast.data import Encoded
 
 
 def noise_seed(seed: int, index: int, name: str) -> int:

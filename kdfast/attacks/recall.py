@@ -1,4 +1,5 @@
-"""ReCaLL (Xie et al. 2024): ll(x | non-member prefix) / ll(x); conditioning on non-members lowers a member's likelihood more."""
+"""ReCaLL (Xie et al. 2024): ll(x | non-member prefix) / ll(x); conditioning on non-members lowers a member's
+likelihood more."""
 from __future__ import annotations
 
 import random

@@ -31,5 +31,6 @@ def pad_id(tokenizer) -> int:
     """The padding id (EOS when the tokenizer has no pad token: padded positions are masked anyway)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
-        raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither a pad nor an EOS token; set tokenizer.pad_token")
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither a pad nor an EOS token; "
+                         "set tokenizer.pad_token")
     return pad

@@ -18,14 +18,23 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from kdfast.attacks.bulk import (encode_records, forward_stats, inference_context, logit_scores,
-                                 lowercased, mean_log_likelihoods, model_device, scored_text, zlib_length)
+from kdfast.attacks.bulk import (
+    encode_records,
+    forward_stats,
+    inference_context,
+    logit_scores,
+    lowercased,
+    mean_log_likelihoods,
+    model_device,
+    scored_text,
+    zlib_length,
+)
 from kdfast.attacks.con_recall import con_recall_scores
 from kdfast.attacks.dc_pdd import dc_pdd_score, token_frequencies
 from kdfast.attacks.gradnorm import gradnorm_scores
+from kdfast.attacks.lira import lira_scores
 from kdfast.attacks.metrics import META_COLUMNS, with_percentiles
 from kdfast.attacks.perturb import mope_scores
-from kdfast.attacks.lira import lira_scores
 from kdfast.attacks.recall import choose_prefix, conditioned_ll, prefix_ids, recall_scores
 from kdfast.attacks.ref import pad_id, ref_scores
 from kdfast.attacks.references import cached_mean_ll, resolve_references
@@ -141,7 +150,8 @@ def score(model: nn.Module, tokenizer, records: list[dict], attacks=None, *, ref
     """
     fields = {f.name for f in dataclasses.fields(AttackConfig)}
     if set(options) - fields:
-        raise ValueError(f"unknown option(s) {sorted(set(options) - fields)}; score() takes {', '.join(sorted(fields))}")
+        raise ValueError(f"unknown option(s) {sorted(set(options) - fields)}; "
+                         f"score() takes {', '.join(sorted(fields))}")
     cfg = dataclasses.replace(config or AttackConfig(), **options)
     if attacks is not None:
         cfg = dataclasses.replace(cfg, attacks=attacks)
@@ -184,8 +194,8 @@ class _Calibration:
         self.refs = resolve_references(references, tokenizer) if self.wanted else {}
         corpus = frequency_corpus if frequency_corpus is not None else self.population
         if "dc_pdd" in cfg.attacks and not corpus:
-            raise ValueError("dc_pdd estimates token frequencies from a reference corpus: pass frequency_corpus=[records] "
-                             "(or population=)")
+            raise ValueError("dc_pdd estimates token frequencies from a reference corpus: "
+                             "pass frequency_corpus=[records] (or population=)")
         self.frequencies = token_frequencies(tokenizer, corpus) if "dc_pdd" in cfg.attacks else None
 
     def add_scores(self, model, table, out):
@@ -210,7 +220,8 @@ class _Calibration:
 def _reference_models(ref_model, ref_tokenizer, ref_models) -> dict[str, tuple]:
     refs = dict(ref_models or {})
     if (ref_model is None) != (ref_tokenizer is None):
-        raise ValueError("pass ref_model and ref_tokenizer together (the reference scores the text with its own tokenizer)")
+        raise ValueError("pass ref_model and ref_tokenizer together "
+                         "(the reference scores the text with its own tokenizer)")
     if ref_model is not None:
         refs["ref"] = (ref_model, ref_tokenizer)
     for name, pair in refs.items():
@@ -249,7 +260,8 @@ def fingerprint(model: nn.Module) -> str:
 
 def _tokenizer_id(tokenizer) -> str:
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(f"{type(tokenizer).__name__}{tokenizer.eos_token_id}{tokenizer.bos_token_id}{vocab}".encode()).hexdigest()[:16]
+    return hashlib.sha256(
+        f"{type(tokenizer).__name__}{tokenizer.eos_token_id}{tokenizer.bos_token_id}{vocab}".encode()).hexdigest()[:16]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -264,7 +276,8 @@ class _Job:
 
     def __init__(self, model, tokenizer, records, cfg: AttackConfig, refs, labels, recall_prefix,
                  member_prefix=None, frequencies: np.ndarray | None = None):
-        self.model, self.tokenizer, self.records, self.cfg, self.refs, self.labels = model, tokenizer, records, cfg, refs, labels
+        self.model, self.tokenizer, self.records, self.cfg, self.refs, self.labels = (
+            model, tokenizer, records, cfg, refs, labels)
         self.items = encode_records(tokenizer, records, cfg.response_only, cfg.max_len, add_eos=cfg.add_eos)
         self.keys = [record_hash(r) for r in records]
         self.blocks = list(transformer_blocks(model)) if "mope_block" in cfg.attacks else []
@@ -316,7 +329,8 @@ class _Job:
                  "refs": {n: [fingerprint(m), _tokenizer_id(t)] for n, (m, t) in self.refs.items()},
                  "prefix": self.prefix, "device": model_device(self.model).type, "columns": self.columns,
                  "member_prefix": self.member_prefix,
-                 "frequencies": None if self.frequencies is None else hashlib.sha256(self.frequencies.tobytes()).hexdigest()}
+                 "frequencies": (None if self.frequencies is None
+                                 else hashlib.sha256(self.frequencies.tobytes()).hexdigest())}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     def run(self, out, progress: bool):

@@ -10,8 +10,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
-from kdfast.validation import (Fraction, NonNegativeInt, PositiveFloat, PositiveInt, Range, check_config,
-                               check_device)
+from kdfast.validation import Fraction, NonNegativeInt, PositiveFloat, PositiveInt, Range, check_config, check_device
 
 TECHNIQUES = ("kd", "seqkd", "imitkd", "gkd", "minillm", "distillm")
 ATTACKS = ("loss", "zlib", "lowercase", "min_k", "min_k_pp", "ref_base", "ref_second", "mope", "gradnorm", "recall")
@@ -50,8 +49,10 @@ class TeacherConfig:
     lr: PositiveFloat = 1e-4
     batch_size: PositiveInt = 16
     bf16: bool | None = None  # bf16 autocast while fine-tuning (None: on GPUs only)
-    lora_rank: NonNegativeInt = 0  # > 0: fine-tune LoRA adapters of this rank, merged into the saved teacher (paper-llama)
-    dp: dict[str, Any] | None = None  # DP-SGD: {epsilon: 8, delta: 1e-5, max_grad_norm: 1.0} (kdfast.distill.dp.DPConfig)
+    # > 0: fine-tune LoRA adapters of this rank, merged into the saved teacher (paper-llama)
+    lora_rank: NonNegativeInt = 0
+    # DP-SGD: {epsilon: 8, delta: 1e-5, max_grad_norm: 1.0} (kdfast.distill.dp.DPConfig)
+    dp: dict[str, Any] | None = None
 
 
 @dataclass
@@ -60,12 +61,14 @@ class StudentsConfig:
 
     techniques: list[Literal[TECHNIQUES]] = field(default_factory=lambda: list(TECHNIQUES))
     control: bool = True  # the No-KD (SFT) control
-    sizes: dict[str, Any] = field(default_factory=lambda: {"small": [0, 10, 20, 29]})  # name -> teacher layers or a model
+    # name -> teacher layers or a model
+    sizes: dict[str, Any] = field(default_factory=lambda: {"small": [0, 10, 20, 29]})
     epochs: PositiveFloat = 3.0
     lr: PositiveFloat = 2e-4
     batch_size: PositiveInt = 16
     distill: dict[str, Any] = field(default_factory=dict)  # DistillConfig fields for every technique
-    per_technique: dict[Literal[TECHNIQUES], dict[str, Any]] = field(default_factory=dict)  # technique -> DistillConfig overrides
+    # technique -> DistillConfig overrides
+    per_technique: dict[Literal[TECHNIQUES], dict[str, Any]] = field(default_factory=dict)
     init: str = "evenly"  # blocks of list sizes: evenly (as listed), low_risk / high_risk (teacher's per-block MoPe)
 
 
@@ -105,7 +108,8 @@ class MemorizationConfig:
     n_records: PositiveInt | None = 200  # members and non-members each (the first of the attack records)
     batch_size: PositiveInt = 32
     taus: list[Fraction] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
-    agreement_flag_rate: Annotated[float, Range(gt=0, le=1)] = 0.1  # flag the top 10% of each signal for the agreement analysis
+    # flag the top 10% of each signal for the agreement analysis
+    agreement_flag_rate: Annotated[float, Range(gt=0, le=1)] = 0.1
     utility_tokens: PositiveInt | None = None  # tokens generated for ROUGE-L (None: reuse the n_tokens generations)
 
 
@@ -123,7 +127,8 @@ class DefensesConfig:
 
     technique: str = "kd"  # what every defended student is trained with (also in students.techniques: the baseline)
     size: str | None = None  # a list size of students.sizes (None: the first)
-    init: list[str] = field(default_factory=list)  # low_risk / high_risk: blocks of the least / most leaky teacher blocks
+    # low_risk / high_risk: blocks of the least / most leaky teacher blocks
+    init: list[str] = field(default_factory=list)
     dp: dict[str, Any] | None = None  # a DP-SGD teacher beside the plain one, and a student distilled from it
     # logit release: the teacher softened at these temperatures
     temperature: list[PositiveFloat] = field(default_factory=list)
@@ -164,7 +169,8 @@ def _build(cls, values: dict, path: str):
     for key, value in values.items():
         where = f"{path}.{key}" if path else str(key)
         if key not in known:
-            raise ConfigError(f"unknown config key {where!r}{_suggest(str(key), known)}; valid keys here: {', '.join(known)}")
+            raise ConfigError(f"unknown config key {where!r}{_suggest(str(key), known)}; "
+                              f"valid keys here: {', '.join(known)}")
         sub = known[key].type
         nested = {"DataConfig": DataConfig, "TeacherConfig": TeacherConfig, "StudentsConfig": StudentsConfig,
                   "AttacksConfig": AttacksConfig, "MemorizationConfig": MemorizationConfig,
@@ -176,7 +182,8 @@ def _build(cls, values: dict, path: str):
 def _check_choices(values, choices, where: str) -> None:
     for v in values:
         if v not in choices:
-            raise ConfigError(f"{where}: unknown value {v!r}{_suggest(str(v), choices)}; choose from {', '.join(choices)}")
+            raise ConfigError(f"{where}: unknown value {v!r}{_suggest(str(v), choices)}; "
+                              f"choose from {', '.join(choices)}")
 
 
 def validate(cfg: AuditConfig) -> AuditConfig:
@@ -192,11 +199,13 @@ def validate(cfg: AuditConfig) -> AuditConfig:
         raise ConfigError("students.sizes is empty; give at least one size, e.g. {small: [0, 10, 20, 29]}")
     for name, spec in cfg.students.sizes.items():
         if not (isinstance(spec, str) or isinstance(spec, list) and spec and all(isinstance(i, int) for i in spec)):
-            raise ConfigError(f"students.sizes.{name}: give a list of teacher layer indices or a model id, got {spec!r}")
+            raise ConfigError(f"students.sizes.{name}: give a list of teacher layer indices or a model id, "
+                              f"got {spec!r}")
     if "ref_second" in cfg.attacks.attacks and not cfg.attacks.ref_second:
         cfg.attacks.attacks = [a for a in cfg.attacks.attacks if a != "ref_second"]
     if cfg.data.max_prompt_len >= cfg.data.max_len:
-        raise ConfigError(f"data.max_prompt_len ({cfg.data.max_prompt_len}) must be below data.max_len ({cfg.data.max_len})")
+        raise ConfigError(f"data.max_prompt_len ({cfg.data.max_prompt_len}) must be below "
+                          f"data.max_len ({cfg.data.max_len})")
     _check_student_settings(cfg)
     from kdfast.audit.defenses import check_defenses
 
@@ -235,7 +244,8 @@ def preset(name: str) -> AuditConfig:
     return validate(presets.PRESETS[name]())
 
 
-def load_config(path: str | Path | None = None, preset_name: str | None = None, overrides: dict | None = None) -> AuditConfig:
+def load_config(path: str | Path | None = None, preset_name: str | None = None,
+                overrides: dict | None = None) -> AuditConfig:
     """A preset with a YAML file's keys and `overrides` laid over it, validated.
 
     The preset is `preset_name`, else the file's `preset:` key, else "default".

@@ -60,7 +60,8 @@ def check_defenses(cfg: AuditConfig) -> None:
         dp_config(d.dp, "defenses.dp")
     if (cfg.teacher.dp is not None or d.dp is not None) and re.search(r"(^|[:/])opt", cfg.teacher.model.lower()):
         raise ConfigError(f"teacher.model {cfg.teacher.model!r}: DP-SGD cannot run on OPT (Opacus cannot take "
-                          "per-sample gradients through its positional embedding); use a LLaMA- or GPT-2-family teacher")
+                          "per-sample gradients through its positional embedding); "
+                          "use a LLaMA- or GPT-2-family teacher")
     if not (d.init or d.dp is not None or d.temperature):
         return
     if d.technique not in s.techniques:
@@ -163,7 +164,8 @@ def teacher_risk(audit: Audit, teacher: ModelEntry) -> dict:
 
     def run(work: Path) -> dict:
         model, tok = audit.model(teacher.path)
-        table = attacks.score(model, tok, records, ["mope_block"], membership=[1] * len(members) + [0] * len(nonmembers),
+        table = attacks.score(model, tok, records, ["mope_block"],
+                              membership=[1] * len(members) + [0] * len(nonmembers),
                               mope_n=d.risk_n, mope_sigma=a.mope_sigma_teacher, batch_tokens=a.batch_tokens,
                               autocast=a.autocast, seed=audit.cfg.seed, out=work / "parts", progress=audit.progress)
         metrics = attacks.evaluate(table, n_bootstrap=0)

@@ -209,7 +209,8 @@ class Audit:
             model, tok = load_model(self.base_path)
             cfg = DistillConfig(technique="sft", lr=t.lr, epochs=t.epochs, batch_size=t.batch_size, bf16=t.bf16,
                                 max_len=self.cfg.data.max_len, max_prompt_len=self.cfg.data.max_prompt_len,
-                                long_prompts=self.cfg.data.long_prompts, seed=self.cfg.seed, out=str(work / "run"), resume=True, save_every=50,
+                                long_prompts=self.cfg.data.long_prompts, seed=self.cfg.seed, out=str(work / "run"),
+                                resume=True, save_every=50,
                                 lora_rank=t.lora_rank, device=str(self.device), progress=self.progress)
             summary = Distiller(None, model, tok, cfg).train(self.split["private"])
             self.log(str(summary))

@@ -1,8 +1,16 @@
 """Named audit configurations: the embedded CPU default, the CI-sized tiny run, and the paper's three settings."""
 from __future__ import annotations
 
-from kdfast.audit.config import (AblationsConfig, AttacksConfig, AuditConfig, DataConfig, DefensesConfig,
-                                 MemorizationConfig, StudentsConfig, TeacherConfig)
+from kdfast.audit.config import (
+    AblationsConfig,
+    AttacksConfig,
+    AuditConfig,
+    DataConfig,
+    DefensesConfig,
+    MemorizationConfig,
+    StudentsConfig,
+    TeacherConfig,
+)
 from kdfast.runtime import bf16_is_native
 
 DOLLY = dict(source="hub:databricks/databricks-dolly-15k", fields={"input": "context"}, n_members=None,
@@ -85,4 +93,5 @@ def defenses() -> AuditConfig:
     return cfg
 
 
-PRESETS = {"default": default, "defenses": defenses, "tiny": tiny, "paper-gpt2": paper_gpt2, "paper-opt": paper_opt, "paper-llama": paper_llama}
+PRESETS = {"default": default, "defenses": defenses, "tiny": tiny, "paper-gpt2": paper_gpt2, "paper-opt": paper_opt,
+           "paper-llama": paper_llama}

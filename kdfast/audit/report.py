@@ -13,8 +13,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
 
 from kdfast.audit.frontier import frontier_points, plot_frontier  # noqa: E402
 from kdfast.io import atomic_path, atomic_write_json, atomic_write_text  # noqa: E402
@@ -172,7 +172,8 @@ def plot_utility(results: dict, attack: str, path: Path) -> Path:
             ax.scatter(u, a)
             ax.annotate(m["label"], (u, a), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axhline(0.5, color="k", ls=":", lw=0.8)
-    ax.set(xlabel="utility: ROUGE-L on held-out prompts", ylabel=f"leakage: {attack} AUC", title="Utility beside leakage")
+    ax.set(xlabel="utility: ROUGE-L on held-out prompts", ylabel=f"leakage: {attack} AUC",
+           title="Utility beside leakage")
     return _save(fig, path)
 
 
@@ -182,7 +183,8 @@ def plot_sizes(results: dict, attack: str, path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for tech in dict.fromkeys(m["technique"] for m in results["models"] if m.get("size")):
-        ys = [next((m["auc"].get(attack) for m in results["models"] if m.get("size") == s and m["technique"] == tech), None)
+        ys = [next((m["auc"].get(attack) for m in results["models"]
+                    if m.get("size") == s and m["technique"] == tech), None)
               for s in sizes]
         ax.plot(sizes, [np.nan if y is None else y for y in ys], marker="o", label=tech)
     ax.set(xlabel="student size", ylabel=f"{attack} AUC", title="Leakage by student size")
@@ -309,7 +311,8 @@ def _conditioned_rows(results: dict) -> tuple[list[str], list[list[str]]]:
 
 def _agreement_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     header = ["model", "Jaccard", "Cohen's κ", "both", "MIA only", "memorization only", "neither"]
-    rows = [[mid, _fmt(a["jaccard"], 3), _fmt(a["kappa"], 3)] + [str(a[k]) for k in ("both", "mia_only", "mem_only", "neither")]
+    rows = [[mid, _fmt(a["jaccard"], 3), _fmt(a["kappa"], 3)]
+            + [str(a[k]) for k in ("both", "mia_only", "mem_only", "neither")]
             for mid, a in results.get("agreement", {}).items()]
     return header, rows
 
@@ -350,7 +353,8 @@ def _frontier_md(results: dict) -> str:
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%}figure{margin:1em 0}
-tr.degenerate td{color:#aaa;background:#f4f4f4}.ex{border-left:3px solid #88a;padding-left:1em;margin:1em 0;font-size:13px}dt{font-weight:bold}.note{color:#555}"""
+tr.degenerate td{color:#aaa;background:#f4f4f4}.ex{border-left:3px solid #88a;padding-left:1em;margin:1em 0;\
+font-size:13px}dt{font-weight:bold}.note{color:#555}"""
 
 
 def _summary_md(results: dict, main_attack: str) -> str:
@@ -409,7 +413,8 @@ def write_report(results: dict, out: str | Path, main_attack: str = "loss") -> d
            f"{html.escape(_rule_text(results.get('degeneracy_rule', {})))}.</p>"),
         ("TPR at 1% FPR by model and attack (in brackets: held-out TPR / realized FPR at the threshold set on "
          "the calibration half of the non-members)", _html_table(*tpr_table(results))),
-        (f"ROC and TPR at low FPR ({main_attack} attack)", _html_table(*_tpr_rows(results, main_attack)) + _img(figures["roc"])),
+        (f"ROC and TPR at low FPR ({main_attack} attack)",
+         _html_table(*_tpr_rows(results, main_attack)) + _img(figures["roc"])),
         ("Memorization and utility", _html_table(*_memorization_rows(results)) + _img(figures["memorization"])
          + _img(figures["utility"])),
         ("Teacher-conditioned memorization", _html_table(*_conditioned_rows(results))),

@@ -56,7 +56,8 @@ def add_fields_argument(parser) -> None:
                              "(Dolly-15k: input=context)")
 
 
-def load_membership(members: str | Path, nonmembers: str | Path, fields: dict | None = None) -> tuple[list[dict], list[int]]:
+def load_membership(members: str | Path, nonmembers: str | Path,
+                    fields: dict | None = None) -> tuple[list[dict], list[int]]:
     """Records of the two files and their labels (1 member, 0 non-member); a record in both is an error."""
     m, n = load_records(members, fields), load_records(nonmembers, fields)
     both = {record_key(r) for r in m} & {record_key(r) for r in n}

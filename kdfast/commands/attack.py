@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--add-eos", action="store_true",
                         help="score text records with an EOS appended (default: tokenizer(text) as it is)")
     parser.add_argument("--reference", action="append", default=[], metavar="NAME=MODEL",
-                        help="OUT reference model of rmia and lira (never saw the members), with its own tokenizer; repeat")
+                        help="OUT reference model of rmia and lira (never saw the members), with its own tokenizer; "
+                             "repeat")
     parser.add_argument("--population", help="non-member records disjoint from the scored ones: rmia's population "
                                              "and dc_pdd's token frequencies")
     parser.add_argument("--rmia-a", type=ranged(Fraction), default=1.0,
@@ -82,7 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", type=ranged(PositiveInt), default=None,
                         help="cut each record to this many tokens (default: the model's positions)")
     parser.add_argument("--padding-side", choices=["right", "left"], default="right")
-    parser.add_argument("--all-tokens", action="store_true", help="score prompt tokens too (default: response tokens only)")
+    parser.add_argument("--all-tokens", action="store_true",
+                        help="score prompt tokens too (default: response tokens only)")
     parser.add_argument("--limit", type=ranged(PositiveInt), default=None,
                         help="use at most this many records of each file")
     add_fields_argument(parser)
@@ -112,7 +114,8 @@ def parse_references(specs: list[str]) -> dict[str, str]:
     for spec in specs:
         match = re.fullmatch(r"(\w+)=(.+)", spec)
         if not match:
-            raise ValueError(f"--reference {spec!r}: write NAME=MODEL (e.g. --reference base=HuggingFaceTB/SmolLM2-135M)")
+            raise ValueError(f"--reference {spec!r}: write NAME=MODEL "
+                             "(e.g. --reference base=HuggingFaceTB/SmolLM2-135M)")
         if match[1] in refs:
             raise ValueError(f"two --reference models are named {match[1]!r}; give each a distinct NAME")
         refs[match[1]] = match[2]

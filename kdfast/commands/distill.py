@@ -101,7 +101,8 @@ def main(args: argparse.Namespace) -> int:
         raise DistillError("--out is required: the folder for checkpoints, metrics and the final student")
     train = _records(args.data, args.limit, args.fields)
     evals, lm = _records(args.eval_data, args.limit, args.fields), _records(args.lm_data, args.limit, args.fields)
-    # One writer per --out (rank 0 holds the lock for every process of a launch); it also clears killed runs' temporaries.
+    # One writer per --out (rank 0 holds the lock for every process of a launch); it also clears killed runs'
+    # temporaries.
     claim = claim_folder(cfg.out, "--out") if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
     with claim:
         return _train(args, cfg, train, evals, lm)

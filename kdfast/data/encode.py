@@ -52,7 +52,8 @@ def encode(tokenizer, record: dict, max_len: int | None = None, max_prompt_len: 
                 else f"leaving no room for the response under max_len={max_len}")
         raise RecordError(f"{where}: prompt has {len(prompt_ids)} tokens {over}; raise the limit (kdfast distill "
                           "--max-prompt-len/--max-len, the audit's data.max_prompt_len/data.max_len), or set "
-                          "long_prompts to truncate (keep the prompt's end) or drop (--long-prompts, data.long_prompts)")
+                          "long_prompts to truncate (keep the prompt's end) or drop "
+                          "(--long-prompts, data.long_prompts)")
     if max_len is not None:
         target_ids = target_ids[: max_len - len(prompt_ids)]
     ids = prompt_ids + target_ids
@@ -64,7 +65,8 @@ def encode(tokenizer, record: dict, max_len: int | None = None, max_prompt_len: 
 
 
 def _bos(tokenizer) -> list[int]:
-    return [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
+    return ([tokenizer.bos_token_id]
+            if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else [])
 
 
 def encode_all(tokenizer, records: list[dict], max_len: int | None = None, max_prompt_len: int | None = None,

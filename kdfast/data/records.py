@@ -38,8 +38,9 @@ def _locate_decode_error(path: Path) -> RecordError:
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError as e:
-                return RecordError(f"{path}: line {n} is not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1});"
-                                   " save the file as UTF-8, e.g. iconv -f latin1 -t utf-8 FILE > NEW_FILE")
+                return RecordError(f"{path}: line {n} is not UTF-8 "
+                                   f"(byte 0x{line[e.start]:02x} at column {e.start + 1}); save the file as UTF-8, "
+                                   "e.g. iconv -f latin1 -t utf-8 FILE > NEW_FILE")
     return RecordError(f"{path}: not UTF-8 text; save the file as UTF-8")
 
 
@@ -61,7 +62,8 @@ def _rows(path: Path) -> Iterator[tuple[str, object]]:
                 try:
                     yield f"line {n}", json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise RecordError(f"{path}: line {n} is not valid JSON ({e.msg}); each line must be one JSON object") from None
+                    raise RecordError(f"{path}: line {n} is not valid JSON ({e.msg}); "
+                                      "each line must be one JSON object") from None
     elif suffix == ".json":
         with _open_text(path) as f:
             try:
@@ -81,7 +83,8 @@ def _rows(path: Path) -> Iterator[tuple[str, object]]:
         for i, row in enumerate(pq.read_table(path).to_pylist()):
             yield f"row {i}", row
     else:
-        raise RecordError(f"{path}: unknown file type {path.suffix!r}; use one of {', '.join(FORMATS)} (optionally .gz)")
+        raise RecordError(f"{path}: unknown file type {path.suffix!r}; "
+                          f"use one of {', '.join(FORMATS)} (optionally .gz)")
 
 
 def normalize(row: object, fields: dict[str, str] | None = None, where: str = "record") -> dict:
@@ -90,7 +93,8 @@ def normalize(row: object, fields: dict[str, str] | None = None, where: str = "r
     `fields` maps kdfast's names to the source's (e.g. {"input": "context"} for Dolly-15k).
     """
     if not isinstance(row, dict):
-        raise RecordError(f"{where}: a record must be an object with 'instruction' and 'response' (or 'text'), got {type(row).__name__}")
+        raise RecordError(f"{where}: a record must be an object with 'instruction' and 'response' (or 'text'), "
+                          f"got {type(row).__name__}")
     fields = fields or {}
     get = lambda name: row.get(fields.get(name, name))  # noqa: E731
     if get("text") is not None and get("instruction") is None:

@@ -1,4 +1,5 @@
-"""The study's split: the training split halved into private (teacher, members) and public (students), validation = non-members."""
+"""The study's split: the training split halved into private (teacher, members) and public (students),
+validation = non-members."""
 from __future__ import annotations
 
 import random

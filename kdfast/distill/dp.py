@@ -25,8 +25,10 @@ class DPConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0  # per-sample clipping norm C
     accountant: str = "rdp"  # Opacus accountant: rdp or prv
-    physical_batch_size: int = 4  # records whose per-sample gradients are held at once (the logical batch is batch_size)
-    freeze_embeddings: bool = True  # train the blocks and norms only: per-sample gradients of a [V, D] table are V·D each
+    # records whose per-sample gradients are held at once (the logical batch is batch_size)
+    physical_batch_size: int = 4
+    # train the blocks and norms only: per-sample gradients of a [V, D] table are V·D each
+    freeze_embeddings: bool = True
 
     def check(self, where: str = "teacher.dp") -> None:
         if not self.epsilon > 0 or not 0 < self.delta < 1:

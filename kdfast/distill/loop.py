@@ -3,13 +3,13 @@ accelerate (DDP / FSDP / DeepSpeed), evaluation, checkpoints and resume, progres
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import math
 import os
 import time
 import warnings
-import dataclasses
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable

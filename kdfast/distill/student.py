@@ -9,7 +9,6 @@ from torch import nn
 
 from kdfast.models import transformer_blocks
 
-
 INIT_RULES = ("evenly", "low_risk", "high_risk")
 
 

@@ -5,11 +5,27 @@ import dataclasses
 
 import torch
 
-from kdfast.ops._checks import (FLOAT_DTYPES, check_choice, check_float, check_label_values, check_labels,
-                                check_same_device, check_temperature, check_unit_interval, common_vocab,
-                                raise_if_nonfinite)
-from kdfast.ops.divergence import (BAD_STUDENT, BAD_TEACHER, KINDS, _times, divergence_fwd_bwd, mean_scale,
-                                   resolve_backend)
+from kdfast.ops._checks import (
+    FLOAT_DTYPES,
+    check_choice,
+    check_float,
+    check_label_values,
+    check_labels,
+    check_same_device,
+    check_temperature,
+    check_unit_interval,
+    common_vocab,
+    raise_if_nonfinite,
+)
+from kdfast.ops.divergence import (
+    BAD_STUDENT,
+    BAD_TEACHER,
+    KINDS,
+    _times,
+    divergence_fwd_bwd,
+    mean_scale,
+    resolve_backend,
+)
 from kdfast.runtime import FUSED_LINEAR_CPU_CHUNK_BYTES, FUSED_LINEAR_GPU_CHUNK_BYTES, FUSED_LINEAR_GPU_MIN_CHUNK
 
 REDUCTIONS = ("mean", "sum")

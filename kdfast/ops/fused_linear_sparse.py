@@ -6,8 +6,16 @@ import dataclasses
 
 import torch
 
-from kdfast.ops._checks import (FLOAT_DTYPES, check_choice, check_float, check_labels, check_same_device,
-                                check_temperature, check_unit_interval, raise_if_nonfinite)
+from kdfast.ops._checks import (
+    FLOAT_DTYPES,
+    check_choice,
+    check_float,
+    check_labels,
+    check_same_device,
+    check_temperature,
+    check_unit_interval,
+    raise_if_nonfinite,
+)
 from kdfast.ops.divergence import BAD_STUDENT, BAD_TEACHER, KINDS, mean_scale, resolve_backend
 from kdfast.ops.fused_linear import REDUCTIONS, _check_targets, _Grads, _linear, _loss_dtype, pick_chunk_size
 from kdfast.ops.sparse_divergence import check_sparse_teacher, check_tail, padded_ids, sparse_divergence_fwd_bwd

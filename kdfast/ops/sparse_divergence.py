@@ -12,11 +12,33 @@ import math
 import torch
 
 from kdfast import reference
-from kdfast.ops._checks import (check_choice, check_float, check_labels, check_same_device, check_temperature,
-                                check_unit_interval, raise_if_nonfinite)
-from kdfast.ops.divergence import (BAD_STUDENT, BAD_TEACHER, KINDS, REDUCTIONS, DivergenceOut, _add_hard, _masked,
-                                   _nonfinite, _rows, _scaled, _times, _torch_terms, effective_kind, mean_scale,
-                                   mixture, resolve_backend)
+from kdfast.ops._checks import (
+    check_choice,
+    check_float,
+    check_labels,
+    check_same_device,
+    check_temperature,
+    check_unit_interval,
+    raise_if_nonfinite,
+)
+from kdfast.ops.divergence import (
+    BAD_STUDENT,
+    BAD_TEACHER,
+    KINDS,
+    REDUCTIONS,
+    DivergenceOut,
+    _add_hard,
+    _masked,
+    _nonfinite,
+    _rows,
+    _scaled,
+    _times,
+    _torch_terms,
+    effective_kind,
+    mean_scale,
+    mixture,
+    resolve_backend,
+)
 
 TAILS = reference.SPARSE_TAILS
 TORCH_CHUNK_ELEMENTS = 1 << 19
@@ -148,8 +170,8 @@ def _torch_pass(student, ids, lp, labels, gs, scales, *, kind, tail, mix, temper
     for i in range(0, n, rows):
         sl = slice(i, min(i + rows, n))
         keep = None if valid is None else valid[sl]
-        f, g, q, bad_rows = _torch_chunk(student[sl], ids[sl].long(), lp[sl], kind, tail, mix, 1.0 / temperature, cdtype,
-                                         want=gs is not None)
+        f, g, q, bad_rows = _torch_chunk(student[sl], ids[sl].long(), lp[sl], kind, tail, mix, 1.0 / temperature,
+                                         cdtype, want=gs is not None)
         loss[sl] = f if keep is None else f.where(keep, 0.0)
         bad[sl] = bad_rows if keep is None else bad_rows.where(keep, 0)
         if hard:

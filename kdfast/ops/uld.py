@@ -16,13 +16,13 @@ from kdfast.ops._checks import (
     check_temperature,
     raise_if_nonfinite,
 )
-from kdfast.runtime import ULD_CHUNK_ELEMENTS
 from kdfast.ops.divergence import (
     BAD_STUDENT,
     BAD_TEACHER,
     REDUCTIONS,
     mean_scale,
 )
+from kdfast.runtime import ULD_CHUNK_ELEMENTS
 
 BACKENDS = ("auto", "torch", "reference")
 

@@ -3,7 +3,6 @@ exists; a folder has one writer at a time and holds one run's results."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -13,9 +12,11 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from kdfast.store import digest_bytes
+
 # Temporaries are `.NAME.tmp-PID-HOST-XXXXXXXX` folders: the writer's pid and host (a short hash of its name) tell a
 # killed run's leftovers from a live writer's; kdfast before that wrote `.NAME.tmpXXXXXXXX`.
-HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+HOST = digest_bytes(socket.gethostname().encode(), 8)
 _TEMPORARY = re.compile(r"\.tmp(?:-(\d+)-([0-9a-f]{8})-)?[a-z0-9_]{8}$")
 
 

@@ -11,6 +11,7 @@ from kdfast.data import bundled_records, load_records
 from kdfast.distill import DistillConfig, Distiller, DistillError
 from kdfast.distill import teacher_cache as tc
 from kdfast.distill.data import encode_records
+from kdfast.store import tokenizer_fingerprint
 
 LEN = dict(max_len=112, max_prompt_len=100)
 SMALL = dict(**LEN, warmup_steps=1, progress=False, batch_size=4, disable_dropout=True)
@@ -45,7 +46,7 @@ def test_cached_rows_are_the_teachers_top_k(tmp_path):
         assert torch.equal(full.topk(8, -1).values, full.gather(1, ids))  # the top 8, best first
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["k"] == 8 and manifest["temperature"] == 1.7
-    assert manifest["tokenizer"] == tc.tokenizer_hash(tok) and len(manifest["keys"]) == 7
+    assert manifest["tokenizer"] == tokenizer_fingerprint(tok) and len(manifest["keys"]) == 7
 
 
 def test_capture_resumes_and_refuses_other_settings(tmp_path, monkeypatch):

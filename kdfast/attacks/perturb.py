@@ -6,20 +6,18 @@ by construction, and no more than one module's perturbed parameters exist at a t
 """
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import torch
 from torch import nn
 
 from kdfast.attacks.bulk import mean_log_likelihoods
 from kdfast.data import Encoded
+from kdfast.store import seed_from
 
 
 def noise_seed(seed: int, index: int, name: str) -> int:
     """The generator seed of parameter `name` in perturbation `index`: the same wherever and whenever it is drawn."""
-    digest = hashlib.sha256(f"{seed}/{index}/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return seed_from(seed, index, name, sep="/")
 
 
 class Perturbation:

@@ -7,13 +7,10 @@ processes and the table is gathered on every rank.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
@@ -40,8 +37,9 @@ from kdfast.attacks.ref import pad_id, ref_scores
 from kdfast.attacks.references import cached_mean_ll, resolve_references
 from kdfast.attacks.rmia import rmia_scores
 from kdfast.data import next_token_targets, pad_batch, record_key, token_budget_batches
-from kdfast.io import atomic_path, atomic_write_json
+from kdfast.io import atomic_path
 from kdfast.models import context_len, transformer_blocks
+from kdfast.store import Parts, digest, digest_bytes, model_fingerprint, tokenizer_fingerprint
 
 ATTACKS = ("loss", "zlib", "lowercase", "min_k", "min_k_pp", "ref", "mope", "mope_block", "gradnorm", "recall",
            "con_recall", "dc_pdd", "rmia", "lira")
@@ -244,24 +242,7 @@ def _membership(membership, n: int) -> list[int] | None:
 
 def record_hash(record: dict) -> str:
     """The exact content of a record (resume key): identical records are scored once."""
-    return hashlib.sha256(json.dumps(record, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:24]
-
-
-def fingerprint(model: nn.Module) -> str:
-    """A cheap identity of a model's weights: name, shapes and a strided sample of every parameter."""
-    h = hashlib.sha256(str(getattr(getattr(model, "config", None), "_name_or_path", "")).encode())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-            h.update(flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _tokenizer_id(tokenizer) -> str:
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(
-        f"{type(tokenizer).__name__}{tokenizer.eos_token_id}{tokenizer.bos_token_id}{vocab}".encode()).hexdigest()[:16]
+    return digest(record, 24)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -325,13 +306,14 @@ class _Job:
         cfg = dataclasses.asdict(self.cfg)
         for name in ("batch_tokens", "padding_side"):
             cfg.pop(name)
-        ident = {"config": cfg, "model": fingerprint(self.model), "tokenizer": _tokenizer_id(self.tokenizer),
-                 "refs": {n: [fingerprint(m), _tokenizer_id(t)] for n, (m, t) in self.refs.items()},
+        ident = {"config": cfg, "model": model_fingerprint(self.model),
+                 "tokenizer": tokenizer_fingerprint(self.tokenizer),
+                 "refs": {n: [model_fingerprint(m), tokenizer_fingerprint(t)] for n, (m, t) in self.refs.items()},
                  "prefix": self.prefix, "device": model_device(self.model).type, "columns": self.columns,
                  "member_prefix": self.member_prefix,
                  "frequencies": (None if self.frequencies is None
-                                 else hashlib.sha256(self.frequencies.tobytes()).hexdigest())}
-        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+                                 else digest_bytes(self.frequencies.tobytes(), 64))}
+        return digest(ident)
 
     def run(self, out, progress: bool):
         rank, world = rank_and_world()
@@ -340,7 +322,7 @@ class _Job:
         for m in models:
             m.eval()  # no dropout while scoring
         try:
-            store = _PartStore(Path(out) / "parts" / self.settings_hash(), self.part_columns()) if out else None
+            store = Parts(Path(out) / "parts" / self.settings_hash(), self.part_columns()) if out else None
             done = store.load() if store else {}
             if world > 1:
                 dist.barrier()  # every rank has read the finished parts before any rank writes new ones
@@ -453,21 +435,3 @@ def _gather(rows: dict, world: int) -> dict:
     dist.all_gather_object(parts, rows)
     return {k: v for part in parts for k, v in part.items()}
 
-
-class _PartStore:
-    """Finished groups of rows as small JSON files (one per group, written atomically) under one settings folder."""
-
-    def __init__(self, folder: Path, columns: list[str]):
-        self.folder, self.columns = folder, columns
-
-    def load(self) -> dict[str, list[float]]:
-        rows = {}
-        for path in sorted(self.folder.glob("*.json")):
-            part = json.loads(path.read_text())
-            if part["columns"] == self.columns:
-                rows.update(part["rows"])
-        return rows
-
-    def write(self, rows: dict[str, list[float]]) -> None:
-        name = hashlib.sha256("".join(rows).encode()).hexdigest()[:16]
-        atomic_write_json(self.folder / f"{name}.json", {"columns": self.columns, "rows": rows})

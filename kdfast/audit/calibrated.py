@@ -10,6 +10,7 @@ from kdfast import attacks
 from kdfast.attacks.lira import lira_scores
 from kdfast.attacks.rmia import rmia_scores
 from kdfast.audit.config import ConfigError
+from kdfast.store import digest
 
 
 class CalibratedReferences:
@@ -35,7 +36,7 @@ class CalibratedReferences:
     def _ll(self, name: str, spec: str, key: str) -> tuple[np.ndarray, str]:
         """Mean ℓ_t of a model over the records (one stage per model, shared by every target)."""
         a, audit = self.audit.cfg.attacks, self.audit
-        inputs = {"model": key, "data": attacks_digest(self.records), "batch_tokens": a.batch_tokens,
+        inputs = {"model": key, "data": digest(self.records), "batch_tokens": a.batch_tokens,
                   "autocast": a.autocast}
 
         def run(work: Path) -> dict:
@@ -56,7 +57,7 @@ class CalibratedReferences:
         return ["base", *(n for n in self.ll if n.startswith("sft"))]
 
     def inputs(self, entry) -> dict:
-        return {n: self.ll[n][1] for n in self.names(entry)} | {"population": attacks_digest(self.population)}
+        return {n: self.ll[n][1] for n in self.names(entry)} | {"population": digest(self.population)}
 
     def add_scores(self, entry, model, tok, table, work: Path) -> None:
         """rmia / lira columns of an attack table whose loss column holds the target's mean ℓ_t."""
@@ -69,9 +70,3 @@ class CalibratedReferences:
             table["rmia"] = rmia_scores(target_ll, ref_ll[:, :n], pop, ref_ll[:, n:], a.rmia_a, a.rmia_gamma)
         if "lira" in a.calibrated:
             table["lira"] = lira_scores(target_ll, ref_ll[:, :n])
-
-
-def attacks_digest(records: list[dict]) -> str:
-    from kdfast.audit.pipeline import _digest  # the pipeline imports this module
-
-    return _digest(records)

@@ -12,6 +12,7 @@ import numpy as np
 from kdfast.audit.config import AuditConfig, ConfigError, _suggest
 from kdfast.distill.dp import DPConfig, train_dp
 from kdfast.distill.student import INIT_RULES, choose_blocks
+from kdfast.store import digest
 
 if TYPE_CHECKING:
     from kdfast.audit.pipeline import Audit, ModelEntry
@@ -154,12 +155,11 @@ def risk_records(audit: Audit) -> tuple[list[dict], list[dict], str]:
 def teacher_risk(audit: Audit, teacher: ModelEntry) -> dict:
     """Per-block MoPe AUC of the teacher ({block: auc}, `which` records it used), a cached stage."""
     from kdfast import attacks
-    from kdfast.audit.pipeline import _digest
 
     a, d = audit.cfg.attacks, audit.cfg.defenses
     members, nonmembers, which = risk_records(audit)
     records = members + nonmembers
-    inputs = {"model": teacher.key, "data": _digest(records), "n": d.risk_n, "sigma": a.mope_sigma_teacher,
+    inputs = {"model": teacher.key, "data": digest(records), "n": d.risk_n, "sigma": a.mope_sigma_teacher,
               "batch_tokens": a.batch_tokens, "autocast": a.autocast, "seed": audit.cfg.seed}
 
     def run(work: Path) -> dict:

@@ -1,7 +1,6 @@
 """The audit: data → teacher → students → attacks, memorization, per-block MoPe → report (docs/design.md §5–§7)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import time
@@ -19,13 +18,13 @@ from kdfast.audit.config import AuditConfig, ConfigError, student_settings
 from kdfast.audit.degeneracy import DegeneracyRule, degeneracy_metrics, degeneracy_reasons
 from kdfast.audit.frontier import frontier_points
 from kdfast.audit.report import auc_table, text_table, write_report
-from kdfast.audit.stages import Stages
 from kdfast.audit.utility import greedy_responses, mean_rouge_l
 from kdfast.data import RecordError, bundled_records, encode_all, load_hub_dataset, load_records, study_split
 from kdfast.distill import DistillConfig, Distiller, make_student
 from kdfast.distill.cross import across_tokenizers
 from kdfast.io import atomic_write_json, claim_folder
 from kdfast.models import ModelError, context_len, load_model, load_tokenizer, local_path, resolve_device
+from kdfast.store import Store, digest, file_digest
 
 MATERIALIZED = ("smollm2", "tiny:")  # base models saved once as safetensors: GGUF is slow to load, tiny is random
 TECHNIQUE_LABELS = {"sft": "No-KD (SFT)", "kd": "KD", "seqkd": "SeqKD", "imitkd": "ImitKD", "gkd": "GKD",
@@ -43,14 +42,6 @@ class ModelEntry:
     key: str  # the stage key that produced it (downstream stages hash it)
     technique: str | None = None
     size: str | None = None
-
-
-def _file_digest(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_source(cfg: AuditConfig) -> tuple[list[dict], list[dict] | None]:
@@ -117,7 +108,7 @@ class Audit:
 
     def __init__(self, cfg: AuditConfig, out: str | Path, progress: bool = True):
         self.cfg, self.out, self.progress = cfg, Path(out), progress
-        self.stages = Stages(self.out, log=self.log)
+        self.stages = Store(self.out, log=self.log)
         self.device = resolve_device(cfg.device)
         self._models: dict[str, tuple] = {}
         self.privacy: dict[str, dict] = {}  # model id -> the DP-SGD spend of a DP teacher
@@ -145,7 +136,7 @@ class Audit:
     def data(self):
         d = self.cfg.data
         files = [p for p in (d.source, d.validation) if p and p != "bundled" and not p.startswith("hub:")]
-        inputs = {"data": asdict(d), "seed": self.cfg.seed, "files": [_file_digest(p) for p in files]}
+        inputs = {"data": asdict(d), "seed": self.cfg.seed, "files": [file_digest(p) for p in files]}
 
         def run(work: Path) -> dict:
             train, validation = load_source(self.cfg)
@@ -170,9 +161,9 @@ class Audit:
                         "the attacked members")
         self.eval_records = self.split["nonmembers"][-64:]
         # Stages hash the records they use, not the whole split: a new public size keeps the teacher.
-        self.digest = {"private": _digest(self.split["private"]),
-                       "public": _digest([self.split["public"], self.eval_records]),
-                       "attack": _digest([self.members, self.nonmembers])}
+        self.digest = {"private": digest(self.split["private"]),
+                       "public": digest([self.split["public"], self.eval_records]),
+                       "attack": digest([self.members, self.nonmembers])}
 
     def _say_fewer(self, key: str, asked: int | None, used: int, limit: str) -> None:
         if asked and used < asked:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
-import json
 import os
 import re
 import sys
@@ -42,6 +40,7 @@ from kdfast.commands._common import (
 from kdfast.data import load_labeled, load_records
 from kdfast.io import atomic_write_json, claim_folder
 from kdfast.models import default_dtype, load_model, resolve_device
+from kdfast.store import digest
 from kdfast.validation import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range
 
 
@@ -159,10 +158,9 @@ def _subset(records: list[dict], labels: list[int], limit: int | None) -> tuple[
 def _identity(args: argparse.Namespace, records: list[dict], labels: list[int]) -> dict:
     """What an --out folder's results are of: the model and each record file (name and content hash)."""
     model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
-    digest = lambda m: hashlib.sha256(json.dumps([r for r, y in zip(records, labels) if y == m],  # noqa: E731
-                                                 sort_keys=True).encode()).hexdigest()[:12]
-    return {"model": model, "data": args.data, "members": f"{args.members} (records {digest(1)})",
-            "nonmembers": f"{args.nonmembers} (records {digest(0)})"}
+    of = lambda m: digest([r for r, y in zip(records, labels) if y == m], 12)  # noqa: E731
+    return {"model": model, "data": args.data, "members": f"{args.members} (records {of(1)})",
+            "nonmembers": f"{args.nonmembers} (records {of(0)})"}
 
 
 def main(args: argparse.Namespace) -> int:

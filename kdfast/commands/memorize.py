@@ -3,15 +3,13 @@ edit distance), exact extraction in one forward pass, the member - non-member ga
 much of what it memorized the model reproduces.
 
 Writes DIR/records.parquet (one row per record; prompt_cut marks a prompt cut from its start to fit the model's
-positions or --max-len), DIR/summary.json, and DIR/cache/ (each model's results, reused by a rerun with the same
-model, records and settings).
+positions or --max-len), DIR/summary.json, and DIR/stages/ (each model's results, reused by a rerun with the same
+model weights, records and settings).
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -89,92 +87,24 @@ def _settings(args, instruct: bool) -> dict:
             "max_len": args.max_len, "dtype": args.dtype, "device": args.device}
 
 
-def _model_id(spec: str) -> str:
-    """The spec, plus file times for local models: a retrained folder does not reuse stale results."""
-    path = Path(spec)
-    if path.exists():
-        files = sorted(path.glob("*")) if path.is_dir() else [path]
-        return spec + ":" + ",".join(f"{f.name}@{f.stat().st_mtime_ns}" for f in files if f.is_file())
-    return spec
-
-
-def _cache_path(out: Path, role: str, spec: str, records: list[dict], settings: dict) -> Path:
-    key = json.dumps([_model_id(spec), records, settings], sort_keys=True, default=str)
-    return out / "cache" / f"{role}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.parquet"
-
-
 def _measure(role: str, spec: str, records: list[dict], settings: dict, args, out: Path):
-    """One model's per-record table (columns prefixed for the teacher), from the cache when it is there."""
-    import pandas as pd
-
+    """One model's per-record table (columns prefixed for the teacher), from the store when it is there."""
     from kdfast import memorization as mem
     from kdfast.models import default_dtype, load_model, resolve_device
 
-    cache = _cache_path(out, role, spec, records, settings)
-    prefix = PREFIX[role]
-    if cache.exists():
-        print(f"{role} {spec}: reusing {cache}")
-        return pd.read_parquet(cache)
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
     model, tokenizer = load_model(spec, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
     max_len = max_len_for(model, args.max_len, spec)
-    cut = _prompts_cut(tokenizer, records, settings, max_len)
+    cut = mem.prompts_cut(tokenizer, records, settings, max_len)
     warning = cut_warning(sum(cut), len(records), max_len, args.max_len is not None, " from their prompt's start")
     if warning:
         print(f"{role} {spec}: {warning}", file=sys.stderr, flush=True)
-    frames = [pd.DataFrame({prefix + "prompt_cut": cut})]
-    if settings["match"]:
-        frames.append(mem.match_accuracy(model, tokenizer, records, settings["n_tokens"], args.batch_size,
-                                         settings["approx_threshold"], max_len=max_len,
-                                         progress=not args.quiet).to_frame(prefix))
-    if settings["extraction"]:
-        ext = mem.extraction(model, records, settings["prefix_len"], settings["suffix_len"], tokenizer=tokenizer,
-                             batch_size=args.batch_size, on_short="skip", max_len=max_len, progress=not args.quiet)
-        frames.append(ext.to_frame(prefix))
+    table = mem.measure(model, tokenizer, records, settings, max_len=max_len, out=out, batch_size=args.batch_size,
+                        progress=not args.quiet, log=lambda message: print(f"{role} {spec}: {message}"))
     del model
     gc.collect()
-    table = pd.concat(frames, axis=1)
-    with atomic_path(cache) as tmp:
-        table.to_parquet(tmp, index=False)
-    return table
-
-
-def _prompts_cut(tokenizer, records: list[dict], settings: dict, max_len: int | None) -> list[bool]:
-    """Which records' prompts match and extraction cut to fit max_len; a setting that cannot fit raises now,
-    before the long work."""
-    from kdfast import memorization as mem
-
-    rooms = [settings["n_tokens"]] if settings["match"] else []
-    if settings["extraction"]:
-        mem.check_fits(settings["prefix_len"], settings["suffix_len"], max_len)
-        if settings["prefix_len"] is None:  # the whole prompt: only it can be cut
-            rooms.append(settings["suffix_len"])
-    if not rooms:
-        return [False] * len(records)
-    return [e.truncated for e in mem.fit_prompts(tokenizer, records, max_len, max(rooms))]
-
-
-def _as_results(table, prefix: str, settings: dict):
-    """MatchResult / Extraction views of a per-record table, for group_summary."""
-    from kdfast import memorization as mem
-
-    match = extraction = None
-    if prefix + "accuracy" in table:
-        acc = table[prefix + "accuracy"].to_numpy(dtype=np.float64)
-        match = mem.MatchResult(accuracy=acc, n_compared=table[prefix + "n_compared"].to_numpy(),
-                                edit_distance=table[prefix + "edit_distance"].to_numpy(dtype=np.float64),
-                                approx=table[prefix + "approx"].to_numpy(dtype=bool), generated_ids=[],
-                                generated=list(table[prefix + "generated"]), n_tokens=settings["n_tokens"],
-                                approx_threshold=settings["approx_threshold"])
-    if prefix + "extractable" in table:
-        checked = table[prefix + "extractable"].notna().to_numpy()
-        extraction = mem.Extraction(
-            extractable=torch.tensor(table[prefix + "extractable"].fillna(False).to_numpy(dtype=bool)),
-            matched=torch.tensor(table[prefix + "extract_matched"].fillna(0).to_numpy(dtype=np.int64)),
-            checked=torch.tensor(checked), prefix_len=settings["prefix_len"], suffix_len=settings["suffix_len"],
-            method="forward")
-    return match, extraction
+    return table.add_prefix(PREFIX[role])
 
 
 def _record_columns(records: list[dict], labels: list[int] | None):
@@ -226,7 +156,7 @@ def _summary(args, records: list[dict], labels: list[int] | None, settings: dict
                "n_records": len(records), "n_members": sum(labels) if labels else None, "settings": settings,
                "records_cut_to_max_len": {}, "notices": _limit_notices(args, labels, len(records))}
     for role, table in tables.items():
-        figures = mem.group_summary(*_as_results(table, PREFIX[role], settings), membership=labels)
+        figures = mem.group_summary(*mem.results(table, settings, PREFIX[role]), membership=labels)
         summary[f"{role}_figures"] = figures
         summary["records_cut_to_max_len"][role] = int(table[PREFIX[role] + "prompt_cut"].sum())
         notice = _extraction_notice(figures["all"], settings)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import random
 
 import torch
@@ -14,6 +13,7 @@ from kdfast.distill.data import DataStream, collate, prompt_of, with_response
 from kdfast.distill.objective import Rows, forward_rows
 from kdfast.generation import eval_mode, generate, pad_token_id
 from kdfast.models import output_head
+from kdfast.store import seed_from
 
 
 class RunContext:
@@ -56,8 +56,7 @@ class RunContext:
 
     # randomness: derived from (seed, key) so a resumed run draws exactly what an uninterrupted one draws
     def seed(self, *key) -> int:
-        text = ":".join(map(str, (self.cfg.seed, self.rank) + key))
-        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
+        return seed_from(self.cfg.seed, self.rank, *key, bits=56)  # 56 bits: the width the trainer first drew
 
     def rng(self, *key) -> random.Random:
         return random.Random(self.seed(*key))

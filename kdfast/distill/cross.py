@@ -3,8 +3,6 @@ teacher, the aligned rows (kdfast.distill.align) and the objective soft·ULD + h
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass
 
 import torch
@@ -72,11 +70,6 @@ class CrossTokenizer:
         self.teacher_pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         if self.teacher_pad is None:
             raise DistillError("the teacher tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
-
-    def fingerprint(self) -> str:
-        """A hash of the teacher tokenizer's vocabulary (keys caches of teacher text)."""
-        vocab = sorted(self.teacher_tok.get_vocab().items())
-        return hashlib.sha256(json.dumps([vocab, self.teacher_eos]).encode()).hexdigest()[:20]
 
     def pair(self, seqs: list[Encoded]) -> tuple[list[Encoded], CrossBatch]:
         """Student sequences -> (the student's canonical tokenization of their text, the CrossBatch).

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -36,6 +35,7 @@ from kdfast.io import atomic_path, atomic_write_json, atomic_write_text, remove_
 from kdfast.lora import apply_lora, has_lora, merged_state_dict
 from kdfast.models import enable_checkpointing, is_quantized, quantize_model
 from kdfast.runtime import warn_if_bf16_emulated
+from kdfast.store import digest
 
 # Config fields that may change when a run resumes (they do not change what the steps compute).
 _RESUMABLE = {"epochs", "max_steps", "out", "resume", "save_every", "keep_checkpoints", "eval_every", "progress",
@@ -449,7 +449,7 @@ def _check_same_run(saved: dict, now: dict, path: Path) -> None:
 
 def _check_same_records(out: Path, records: dict[str, list | None], sources: dict[str, str], resume: bool) -> None:
     """A resumed run trains on the records it started with: their hashes are saved in out/records.json."""
-    now = {k: {"hash": hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:16],
+    now = {k: {"hash": digest(v),
                "source": sources.get(k, f"the {k} records given")} for k, v in records.items() if v}
     path = out / "records.json"
     if resume and path.exists():

@@ -6,7 +6,6 @@ the temperature (float16 by default, or float32): k·6 (k·8) bytes a token.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from kdfast.distill.config import DistillError
 from kdfast.distill.data import encode_records
 from kdfast.io import atomic_path, atomic_write_json
 from kdfast.models import ModelError, hidden_and_head, output_head
+from kdfast.store import digest_bytes, model_fingerprint, tokenizer_fingerprint
 
 FORMAT = "kdfast-teacher-cache/1"
 MANIFEST = "manifest.json"
@@ -35,22 +35,15 @@ LOGPROB_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 TOPK_CHUNK_ELEMENTS = 1 << 25
 
 
-def tokenizer_hash(tokenizer) -> str:
-    """sha256 of the tokenizer's vocabulary and special-token ids: equal hashes encode text to equal ids."""
-    specials = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    blob = json.dumps([sorted(tokenizer.get_vocab().items()), specials, type(tokenizer).__name__.removesuffix("Fast")])
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
 def template_hash() -> str:
     """sha256 of the prompt templates records are encoded with (kdfast.data.template)."""
-    return hashlib.sha256((template_module.PROMPT + template_module.PROMPT_WITH_INPUT).encode()).hexdigest()
+    return digest_bytes((template_module.PROMPT + template_module.PROMPT_WITH_INPUT).encode(), 64)
 
 
 def sequence_key(item: Encoded) -> str:
     """Identity of one encoded training sequence (its tokens and which of them are labels)."""
     blob = np.asarray(item.input_ids, dtype=np.int64).tobytes() + np.asarray(item.labels, dtype=np.int64).tobytes()
-    return hashlib.sha256(blob).hexdigest()[:32]
+    return digest_bytes(blob, 32)
 
 
 def n_targets(item: Encoded) -> int:
@@ -104,9 +97,7 @@ def _topk_of_logits(logits: torch.Tensor, k: int, temperature: float) -> tuple[t
 
 
 def _settings(teacher, tokenizer, k, temperature, max_len, max_prompt_len, logprob_dtype, shard_records) -> dict:
-    from kdfast.distill.techniques.seqkd import model_fingerprint  # the techniques import this module
-
-    return {"format": FORMAT, "teacher": model_fingerprint(teacher), "tokenizer": tokenizer_hash(tokenizer),
+    return {"format": FORMAT, "teacher": model_fingerprint(teacher), "tokenizer": tokenizer_fingerprint(tokenizer),
             "template": template_hash(), "k": k, "temperature": temperature, "max_len": max_len,
             "max_prompt_len": max_prompt_len, "logprob_dtype": logprob_dtype, "shard_records": shard_records}
 
@@ -262,7 +253,7 @@ class TeacherCache:
         max_len / max_prompt_len and the records (each training sequence must be in the cache)."""
         m = self.manifest
         differ = []
-        if m["tokenizer"] != tokenizer_hash(tokenizer):
+        if m["tokenizer"] != tokenizer_fingerprint(tokenizer):
             differ.append("the tokenizer differs from the one the cache was made with")
         if m["template"] != template_hash():
             differ.append("the prompt template differs (kdfast.data.template changed since the capture)")

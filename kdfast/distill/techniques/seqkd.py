@@ -1,11 +1,9 @@
 """SeqKD: the teacher samples a response to every training prompt once (cached on disk); the student trains on them."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
@@ -13,6 +11,7 @@ from kdfast.distill.data import prompt_of, with_response
 from kdfast.distill.techniques.base import DivergenceTechnique
 from kdfast.generation import generate
 from kdfast.io import atomic_write_text
+from kdfast.store import digest, model_fingerprint, tokenizer_fingerprint
 
 
 class SeqKD(DivergenceTechnique):
@@ -32,10 +31,10 @@ class SeqKD(DivergenceTechnique):
         settings = {"max_len": cfg.max_len, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.gen_temperature,
                     "top_k": cfg.gen_top_k, "top_p": cfg.gen_top_p, "seed": cfg.seed, "eos": ctx.eos_id}
         if ctx.cross is not None:  # responses re-tokenized for the student: another cache entry
-            settings["teacher_tokenizer"] = ctx.cross.fingerprint()
-        key = _digest([model_fingerprint(ctx.teacher), _digest(prompts), settings])
+            settings["teacher_tokenizer"] = tokenizer_fingerprint(ctx.cross.teacher_tok)
+        key = digest([model_fingerprint(ctx.teacher), digest(prompts), settings], 20)
         folder = cfg.seqkd_cache or (Path(ctx.out) / "seqkd-cache" if ctx.out else None)
-        path = Path(folder) / f"teacher-{key[:20]}.json" if folder else None
+        path = Path(folder) / f"teacher-{key}.json" if folder else None
         if path is not None and path.exists():
             responses = json.loads(path.read_text())["responses"]
         else:
@@ -73,18 +72,3 @@ class SeqKD(DivergenceTechnique):
             done = gather_object(done)
         return [r for _, r in sorted(done)]
 
-
-def model_fingerprint(model: torch.nn.Module, samples: int = 1024) -> str:
-    """A hash of a model's class, parameter names, shapes, dtypes and a strided sample of each parameter's values
-    (cheap even for 7B models, and it changes whenever the weights do in practice)."""
-    h = hashlib.sha256(type(model).__name__.encode())
-    for name, p in model.named_parameters():
-        flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // samples)][:samples].float().cpu()
-        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()
-
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()

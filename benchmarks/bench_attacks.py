@@ -23,7 +23,6 @@ from benchmarks.common import median_ms, mib, peak_bytes, write_table  # noqa: E
 from kdfast.attacks.bulk import (  # noqa: E402
     encode_records,
     forward_stats,
-    inference_context,
     logit_scores,
     lowercased,
     mean_log_likelihoods,
@@ -32,7 +31,11 @@ from kdfast.attacks.bulk import (  # noqa: E402
     zlib_length,
 )
 from kdfast.data import IGNORE_INDEX, bundled_records, next_token_targets, pad_batch, token_budget_batches  # noqa: E402
-from kdfast.models import load_model, tiny_tokenizer  # noqa: E402
+from kdfast.models import (  # noqa: E402
+    inference_context,  # noqa: E402
+    load_model,
+    tiny_tokenizer,
+)
 
 KS = (0.1, 0.2)
 PLANS = {  # records scored, baseline subset (extrapolated per record), padded tokens per batch, timing reps per batch

@@ -2,6 +2,7 @@
 facts."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdfast.runtime import bf16_is_native
+from kdfast.runtime import bf16_is_native, warn_if_bf16_emulated
 
 BUNDLED = Path(__file__).parent / "data" / "bundled"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -338,3 +339,19 @@ def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False, 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter."""
+    return next(model.parameters()).device
+
+
+def inference_context(device: torch.device, autocast: bool | None = None):
+    """no_grad, plus bf16 autocast on a GPU (autocast=None: on for cuda, off elsewhere)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.no_grad())
+    if autocast if autocast is not None else device.type == "cuda":
+        if autocast:
+            warn_if_bf16_emulated(device, "autocast")
+        stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+    return stack

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from kdfast import runtime
-from kdfast.attacks.bulk import inference_context
 from kdfast.audit import presets
+from kdfast.models import inference_context
 
 
 def test_bf16_is_native_on_cpu_follows_onednn():

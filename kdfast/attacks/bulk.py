@@ -5,7 +5,6 @@ fused kernels (kdfast.ops.token_stats); a record's scores do not depend on its b
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import zlib
 from dataclasses import dataclass
@@ -16,9 +15,8 @@ from torch import nn
 
 from kdfast.data import IGNORE_INDEX, Encoded, RecordError, encode, next_token_targets, pad_batch, token_budget_batches
 from kdfast.data.template import prompt_text, target_text
-from kdfast.models import ModelError, hidden_and_head, output_head
+from kdfast.models import ModelError, hidden_and_head, inference_context, model_device, output_head
 from kdfast.ops.token_stats import min_k, token_stats, token_stats_from_hidden
-from kdfast.runtime import warn_if_bf16_emulated
 
 # Logit elements materialized at once; a batch whose scored rows need more goes through the fused
 # hidden-state path (token_stats_from_hidden), which never holds [N, V] logits.
@@ -103,21 +101,6 @@ def lowercased(record: dict, response_only: bool = True) -> dict:
     """The record with its scored text lower-cased (the prompt template itself is left as it is)."""
     fields = ("text", "response") if response_only else ("text", "instruction", "input", "response")
     return {k: v.lower() if k in fields else v for k, v in record.items()}
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def inference_context(device: torch.device, autocast: bool | None = None):
-    """no_grad, plus bf16 autocast on a GPU (autocast=None: on for cuda, off elsewhere)."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.no_grad())
-    if autocast if autocast is not None else device.type == "cuda":
-        if autocast:
-            warn_if_bf16_emulated(device, "autocast")
-        stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
-    return stack
 
 
 def linear_head(model: nn.Module) -> nn.Module | None:

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from kdfast.attacks.bulk import linear_head, model_device
+from kdfast.attacks.bulk import linear_head
 from kdfast.data import IGNORE_INDEX, Encoded, next_token_targets
-from kdfast.models import hidden_and_head
+from kdfast.models import hidden_and_head, model_device
 
 
 def record_loss(model: nn.Module, item: Encoded, head: nn.Module | None = None) -> torch.Tensor:

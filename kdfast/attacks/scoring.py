@@ -18,11 +18,9 @@ from tqdm.auto import tqdm
 from kdfast.attacks.bulk import (
     encode_records,
     forward_stats,
-    inference_context,
     logit_scores,
     lowercased,
     mean_log_likelihoods,
-    model_device,
     scored_text,
     zlib_length,
 )
@@ -38,7 +36,7 @@ from kdfast.attacks.references import cached_mean_ll, resolve_references
 from kdfast.attacks.rmia import rmia_scores
 from kdfast.data import next_token_targets, pad_batch, record_key, token_budget_batches
 from kdfast.io import atomic_path
-from kdfast.models import context_len, transformer_blocks
+from kdfast.models import context_len, inference_context, model_device, transformer_blocks
 from kdfast.store import Parts, digest, digest_bytes, model_fingerprint, tokenizer_fingerprint
 
 ATTACKS = ("loss", "zlib", "lowercase", "min_k", "min_k_pp", "ref", "mope", "mope_block", "gradnorm", "recall",

@@ -19,13 +19,12 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from kdfast.attacks.bulk import inference_context, model_device
 from kdfast.data import IGNORE_INDEX, Encoded, next_token_targets, pad_batch, token_budget_batches
 from kdfast.data import template as template_module
 from kdfast.distill.config import DistillError
 from kdfast.distill.data import encode_records
 from kdfast.io import atomic_path, atomic_write_json
-from kdfast.models import ModelError, hidden_and_head, output_head
+from kdfast.models import ModelError, hidden_and_head, inference_context, model_device, output_head
 from kdfast.store import digest_bytes, model_fingerprint, tokenizer_fingerprint
 
 FORMAT = "kdfast-teacher-cache/1"

@@ -95,7 +95,7 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | None = None, dev
         if not is_quantized(model):  # built in memory (tiny, GGUF): through the same bitsandbytes loader
             model = quantize_model(model, quantize, dtype=dtype, device=device)
         _check_head_unquantized(model)
-        return model, tokenizer
+        return _skip_cpu_repacking_of_odd_layers(model), tokenizer
     if dtype is not None:
         model = model.to(dtype)
     if device is not None:
@@ -141,6 +141,23 @@ def bnb_config(quantize: str, device: torch.device | str = "cuda"):
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
+# bitsandbytes' AVX512-BF16 CPU kernel for NF4 layers takes weights repacked in blocks of 32 output rows
+CPU_PACK_ROWS = 32
+
+
+def _skip_cpu_repacking_of_odd_layers(model: nn.Module) -> nn.Module:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks each NF4 layer's weight at its first no-grad forward, and
+    the repacking fails (a reshape error or an assertion) for a layer whose input width is not a multiple of the
+    quantization block or whose output width is not a multiple of 32 (LLaMA-shaped widths such as 1376 hit it).
+    Those layers keep bitsandbytes' plain NF4 path; the others keep the fast one."""
+    for m in model.modules():
+        if getattr(m, "support_avx512bf16_for_cpu", False):
+            blocksize = m.weight.quant_state.blocksize
+            if m.in_features % blocksize or m.out_features % CPU_PACK_ROWS:
+                m.support_avx512bf16_for_cpu = False
+    return model
+
+
 def is_quantized(model: nn.Module) -> bool:
     """True when the model holds bitsandbytes (or other integer-quantized) layers: frozen, not trainable."""
     if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
@@ -167,9 +184,9 @@ def quantize_model(model: nn.Module, quantize: str, *, dtype: torch.dtype | None
         with tempfile.TemporaryDirectory(prefix="kdfast-quantize-") as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             where = resolve_device(device)
-            return AutoModelForCausalLM.from_pretrained(
+            return _skip_cpu_repacking_of_odd_layers(AutoModelForCausalLM.from_pretrained(
                 tmp, quantization_config=bnb_config(quantize, where), device_map={"": str(where)},
-                dtype=dtype or next(model.parameters()).dtype, use_safetensors=True).eval()
+                dtype=dtype or next(model.parameters()).dtype, use_safetensors=True).eval())
     finally:
         if bars:
             hf_logging.enable_progress_bar()

@@ -112,6 +112,24 @@ def test_quantized_teacher_logits_close(quantize, tol):
     assert 0 < rel < tol, rel
 
 
+def test_nf4_layers_of_odd_widths_run_on_every_cpu():
+    """Widths bitsandbytes' AVX512-BF16 repacking cannot take (input 200 and output 200: not multiples of 64 / 32)
+    crashed the first no-grad forward on such CPUs; those layers now take the plain NF4 path there."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=200, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=512)
+    plain = LlamaForCausalLM(cfg).eval()
+    quant = models.quantize_model(plain, "nf4", device="cpu")
+    odd = [m for m in quant.modules() if hasattr(m, "support_avx512bf16_for_cpu") and 200 in (m.in_features,
+                                                                                              m.out_features)]
+    assert len(odd) == 6 and not any(m.support_avx512bf16_for_cpu for m in odd)
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = plain(ids).logits, quant(ids).logits.float()
+    assert 0 < float((a - b).norm() / a.norm()) < 0.2
+
+
 def test_trainer_never_moves_a_quantized_teacher():
     teacher, _ = models.load_model("tiny:llama", quantize="nf4")
     student = models.tiny_model("llama", seed=2)

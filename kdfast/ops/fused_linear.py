@@ -21,10 +21,10 @@ from kdfast.ops.divergence import (
     BAD_STUDENT,
     BAD_TEACHER,
     KINDS,
-    _times,
     divergence_fwd_bwd,
     mean_scale,
     resolve_backend,
+    times_grad_output,
 )
 from kdfast.runtime import FUSED_LINEAR_CPU_CHUNK_BYTES, FUSED_LINEAR_GPU_CHUNK_BYTES, FUSED_LINEAR_GPU_MIN_CHUNK
 
@@ -274,7 +274,7 @@ def _fused_backward(ctx, grad_loss, *_):
     # The stored gradients belong to this node alone: scaling them in place (eager) saves a copy of d(weight)
     # [V, H] and d(hidden) [N, H]; a second backward through the node fails autograd's version check, as it should.
     inplace = not torch.compiler.is_compiling()
-    grads = [_times(g, grad_loss, inplace) if want else None for g, want in zip(ctx.saved_tensors, ctx.want)]
+    grads = [times_grad_output(g, grad_loss, inplace) if want else None for g, want in zip(ctx.saved_tensors, ctx.want)]
     return *grads, *([None] * 20)
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from kdfast.ops._checks import FLOAT_DTYPES, check_label_values, raise_if_nonfinite
-from kdfast.ops.divergence import BAD_STUDENT, BAD_TEACHER, DivergenceOut, resolve_backend
+from kdfast.ops.divergence import BAD_STUDENT, BAD_TEACHER, DivergenceOut, check_loss_args, resolve_backend
 from kdfast.runtime import FUSED_LINEAR_CPU_CHUNK_BYTES, FUSED_LINEAR_GPU_CHUNK_BYTES, FUSED_LINEAR_GPU_MIN_CHUNK
 
 REDUCTIONS = ("mean", "sum")
@@ -28,8 +28,11 @@ def pick_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch
     return max(1, min(chunk, n_tokens))
 
 
-def check_backend(op: str, backend: str, device: torch.device) -> tuple[str, tuple[torch.dtype, ...]]:
-    """The resolved backend of a fused-linear op (it has no reference path) and the float dtypes it takes."""
+def check_args(op: str, kind: str, reduction: str, beta: float, alpha: float, temperature: float, backend: str,
+               device: torch.device) -> tuple[str, tuple[torch.dtype, ...]]:
+    """The checks a fused-linear op starts with; returns the resolved backend (there is no fused-linear reference
+    path) and the float dtypes it takes."""
+    check_loss_args(kind, reduction, REDUCTIONS, beta, alpha, temperature)
     backend = resolve_backend(backend, device)
     if backend == "reference":
         raise ValueError(f"{op} runs the 'triton' or 'torch' backend (or 'auto')")

@@ -8,7 +8,7 @@ import torch
 from kdfast.ops._checks import check_float, check_labels, check_same_device, common_vocab
 from kdfast.ops._chunks import (
     REDUCTIONS,
-    check_backend,
+    check_args,
     check_targets,
     chunk_rows,
     chunked_loss,
@@ -16,7 +16,7 @@ from kdfast.ops._chunks import (
     pick_chunk_size,
     scaled_saved,
 )
-from kdfast.ops.divergence import check_loss_args, divergence_fwd_bwd, mean_scale, times_grad_output
+from kdfast.ops.divergence import divergence_fwd_bwd, mean_scale, times_grad_output
 
 # Re-exported: kdfast.losses and the benchmarks name them here.
 __all__ = ["REDUCTIONS", "fused_linear_distill_loss", "pick_chunk_size"]
@@ -95,8 +95,8 @@ def fused_linear_distill_loss(
     accum_dtype: dtype of the d(weight)/d(bias) accumulators (None: fp32, fp64 for fp64 weights). Returns a 0-dim
     fp32 loss (fp64 for fp64 inputs).
     """
-    check_loss_args(kind, reduction, REDUCTIONS, beta, alpha, temperature)
-    backend, allowed = check_backend("fused_linear_distill_loss", backend, student_hidden.device)
+    backend, allowed = check_args("fused_linear_distill_loss", kind, reduction, beta, alpha, temperature, backend,
+                                  student_hidden.device)
     lead = _check_shapes(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                          allowed)
     check_labels(labels, lead, what="hidden states")

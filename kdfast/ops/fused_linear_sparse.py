@@ -8,15 +8,14 @@ import torch
 
 from kdfast.ops._checks import check_float, check_labels, check_same_device
 from kdfast.ops._chunks import (
-    REDUCTIONS,
-    check_backend,
+    check_args,
     check_targets,
     chunk_rows,
     chunked_loss,
     loss_dtype,
     scaled_saved,
 )
-from kdfast.ops.divergence import check_loss_args, mean_scale
+from kdfast.ops.divergence import mean_scale
 from kdfast.ops.sparse_divergence import check_sparse_teacher, check_tail, padded_ids, sparse_divergence_fwd_bwd
 
 
@@ -77,9 +76,9 @@ def fused_linear_sparse_distill_loss(
     chunk_size, reduction (mean | sum), accum_dtype, scale_by_t2, backend: as kdfast.fused_linear_distill_loss.
     Returns a 0-dim fp32 loss (fp64 for fp64 inputs).
     """
-    check_loss_args(kind, reduction, REDUCTIONS, beta, alpha, temperature)
+    backend, allowed = check_args("fused_linear_sparse_distill_loss", kind, reduction, beta, alpha, temperature,
+                                  backend, student_hidden.device)
     check_tail(kind, tail)
-    backend, allowed = check_backend("fused_linear_sparse_distill_loss", backend, student_hidden.device)
     if student_hidden.dim() < 2 or student_weight.dim() != 2 or student_hidden.shape[-1] != student_weight.shape[1]:
         raise ValueError(f"student hidden {tuple(student_hidden.shape)} and weight {tuple(student_weight.shape)} must "
                          f"be [N, H] / [B, T, H] and [V, H] with equal H")

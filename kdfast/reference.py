@@ -86,6 +86,13 @@ def reduce(per_token: torch.Tensor, valid: torch.Tensor, reduction: str) -> torc
     return total / valid.sum().clamp_min(1) if reduction == "mean" else total
 
 
+def _reduce_labelled(per_token: torch.Tensor, labels: torch.Tensor | None, ignore_index: int,
+                     reduction: str) -> torch.Tensor:
+    """reduce() over the tokens whose label is not ignore_index (every token without labels)."""
+    valid = torch.ones_like(per_token, dtype=torch.bool) if labels is None else labels != ignore_index
+    return reduce(per_token, valid, reduction)
+
+
 def distill_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -100,8 +107,7 @@ def distill_loss(
 ) -> torch.Tensor:
     """Masked, reduced divergence: logits [..., V], labels [...] (positions == ignore_index are masked)."""
     per_token = divergence(student_logits, teacher_logits, kind, beta, alpha, temperature)
-    valid = torch.ones_like(per_token, dtype=torch.bool) if labels is None else labels != ignore_index
-    out = reduce(per_token, valid, reduction)
+    out = _reduce_labelled(per_token, labels, ignore_index, reduction)
     return out * temperature**2 if scale_by_t2 else out
 
 
@@ -200,8 +206,7 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, top_k: 
              teacher_log_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Masked, reduced uld: labels [...] (ignore_index rows masked), as distill_loss."""
     per_token = uld(student_logits, teacher_logits, top_k, temperature, student_log_scale, teacher_log_scale)
-    valid = torch.ones_like(per_token, dtype=torch.bool) if labels is None else labels != ignore_index
-    return reduce(per_token, valid, reduction)
+    return _reduce_labelled(per_token, labels, ignore_index, reduction)
 
 
 SPARSE_TAILS = ("bucket", "renorm")
@@ -256,6 +261,5 @@ def sparse_distill_loss(
         per_token = _kl_terms(lp.exp(), lp, lq, live)
     else:
         per_token = divergence(log_q, log_p, kind, beta, alpha)
-    valid = torch.ones_like(per_token, dtype=torch.bool) if labels is None else labels != ignore_index
-    out = reduce(per_token, valid, reduction)
+    out = _reduce_labelled(per_token, labels, ignore_index, reduction)
     return out * temperature**2 if scale_by_t2 else out

@@ -3,6 +3,7 @@ import pytest
 import torch
 from test_fused_linear import HARD, SOFT, assert_close_rel, fast_run, problem, reference_run, small_blocks  # noqa: F401
 
+from kdfast.ops import _chunks
 from kdfast.ops import fused_linear as fl
 
 
@@ -30,8 +31,8 @@ def test_fp32_weight_with_fp32_hidden_needs_no_cast(gen, monkeypatch):
     """Same dtype: the op multiplies by the weight itself (no copy of the [V, H] matrix)."""
     p = problem(gen, n=20, dtype=torch.float32)
     seen = []
-    real = fl._linear
-    monkeypatch.setattr(fl, "_linear", lambda h, w, b: seen.append(w.data_ptr()) or real(h, w, b))
+    real = _chunks.linear
+    monkeypatch.setattr(_chunks, "linear", lambda h, w, b: seen.append(w.data_ptr()) or real(h, w, b))
     weight = p["student_weight"].requires_grad_()
     fl.fused_linear_distill_loss(p["student_hidden"], weight, p["teacher_hidden"], p["teacher_weight"],
                                  labels=p["labels"], chunk_size=8, backend="torch").backward()
@@ -43,8 +44,8 @@ def test_ignored_rows_skip_the_matmuls(gen, monkeypatch):
     p = problem(gen, n=50)
     kept = int((p["labels"] != -100).sum())
     rows = []
-    real = fl._linear
-    monkeypatch.setattr(fl, "_linear", lambda h, w, b: rows.append(h.shape[0]) or real(h, w, b))
+    real = _chunks.linear
+    monkeypatch.setattr(_chunks, "linear", lambda h, w, b: rows.append(h.shape[0]) or real(h, w, b))
     got, grads = fast_run(p, kind="jsd", hard_weight=HARD, soft_weight=SOFT, chunk_size=7, backend="torch")
     assert sum(rows) == 2 * kept < 2 * 50   # student + teacher head, kept rows only
     want, want_grads = reference_run(p, kind="jsd")

@@ -207,14 +207,18 @@ def _row(s_row, t_row, gs_row, gt_row, loss_ptr, hard_ptr, bad_ptr, label, soft,
 @triton.jit
 def _zero_row(gs_row, gt_row, loss_ptr, hard_ptr, bad_ptr, V,
               GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, HARD: tl.constexpr, BLOCK: tl.constexpr):
-    """An ignored token: loss 0 and a zero gradient; its logits are never read."""
-    zero = tl.zeros([BLOCK], tl.float32)
-    for off in range(0, V, BLOCK):
-        cols = off + tl.arange(0, BLOCK)
-        if GRAD_S:
-            tl.store(gs_row + cols, zero.to(gs_row.dtype.element_ty), mask=cols < V)
-        if GRAD_T:
-            tl.store(gt_row + cols, zero.to(gt_row.dtype.element_ty), mask=cols < V)
+    """An ignored token: loss 0 and a zero gradient; its logits are never read (nor, in the sparse kernel, its ids).
+
+    Also the sparse kernel's (GRAD_T False, gt_row unused): an inlined jit function, specialized on the flags.
+    """
+    if GRAD_S or GRAD_T:  # no loop at all for a loss-only launch
+        zero = tl.zeros([BLOCK], tl.float32)
+        for off in range(0, V, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            if GRAD_S:
+                tl.store(gs_row + cols, zero.to(gs_row.dtype.element_ty), mask=cols < V)
+            if GRAD_T:
+                tl.store(gt_row + cols, zero.to(gt_row.dtype.element_ty), mask=cols < V)
     tl.store(loss_ptr, 0.0)
     if HARD:
         tl.store(hard_ptr, 0.0)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kdfast.kernels.divergence import KIND_CODES, _lse, _step, _terms, launch_config
+from kdfast.kernels.divergence import KIND_CODES, _lse, _step, _terms, _zero_row, launch_config
 
 
 @triton.jit
@@ -90,20 +90,6 @@ def _sparse_row(s_row, ids_row, lp_row, gs_row, loss_ptr, hard_ptr, bad_ptr, lab
 
 
 @triton.jit
-def _zero_row(gs_row, loss_ptr, hard_ptr, bad_ptr, V, GRAD: tl.constexpr, HARD: tl.constexpr, BLOCK: tl.constexpr):
-    """An ignored token: loss 0 and a zero gradient; neither its logits nor its ids are read."""
-    if GRAD:
-        zero = tl.zeros([BLOCK], tl.float32)
-        for off in range(0, V, BLOCK):
-            cols = off + tl.arange(0, BLOCK)
-            tl.store(gs_row + cols, zero.to(gs_row.dtype.element_ty), mask=cols < V)
-    tl.store(loss_ptr, 0.0)
-    if HARD:
-        tl.store(hard_ptr, 0.0)
-    tl.store(bad_ptr, 0)
-
-
-@triton.jit
 def sparse_divergence_kernel(S, IDS, LP, GS, LOSS, HARD_LOSS, BAD, LABELS, SCALES, stride_s, stride_gs, V, k,
                              ignore_index, inv_temp, wp, wq, cp, cq,
                              KIND: tl.constexpr, TAIL_BUCKET: tl.constexpr, GRAD: tl.constexpr,
@@ -125,7 +111,7 @@ def sparse_divergence_kernel(S, IDS, LP, GS, LOSS, HARD_LOSS, BAD, LABELS, SCALE
         _sparse_row(s_row, IDS + row * k, LP + row * k, gs_row, LOSS + row, HARD_LOSS + row, BAD + row, label,
                     soft, hard, V, k, inv_temp, wp, wq, cp, cq, KIND, TAIL_BUCKET, GRAD, HARD, RAW, BLOCK, KBLOCK)
     else:
-        _zero_row(gs_row, LOSS + row, HARD_LOSS + row, BAD + row, V, GRAD, HARD, BLOCK)
+        _zero_row(gs_row, gs_row, LOSS + row, HARD_LOSS + row, BAD + row, V, GRAD, False, HARD, BLOCK)
 
 
 def launch(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, grad: torch.Tensor | None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -54,6 +55,16 @@ def mixture(kind: str, beta: float, alpha: float) -> tuple[float, float, float, 
     return wp, wq, math.log(wp), math.log(wq)
 
 
+def check_loss_args(kind: str, reduction: str, reductions: Sequence[str], beta: float, alpha: float,
+                    temperature: float) -> None:
+    """The checks every divergence loss starts with, in one order (and so with one first complaint)."""
+    check_choice("divergence kind", kind, KINDS)
+    check_choice("reduction", reduction, reductions)
+    check_unit_interval("beta", beta)
+    check_unit_interval("alpha", alpha)
+    check_temperature(temperature)
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
@@ -90,23 +101,36 @@ def divergence_fwd_bwd(student: torch.Tensor, teacher: torch.Tensor, labels: tor
     n, V = student.shape
     if teacher.shape != (n, V):
         raise ValueError(f"student block {tuple(student.shape)} and teacher block {tuple(teacher.shape)} differ")
-    if student.stride(-1) != 1 or teacher.stride(-1) != 1:
-        raise ValueError("divergence_fwd_bwd needs logits with unit column stride")
-    if hard_scale is not None and labels is None:
-        raise ValueError("a hard (cross-entropy) term needs labels")
-    backend = resolve_backend(backend, student.device)
-    if backend == "reference":
-        raise ValueError("divergence_fwd_bwd runs the 'triton' or 'torch' backend; the reference has no fused pass")
+    backend = fused_pass_backend("divergence_fwd_bwd", (student, teacher), labels, hard_scale, backend)
     kind = effective_kind(kind, beta, alpha)
     gs = _grad_buffer(student, want_student_grad, student_grad_out)
     gt = _grad_buffer(teacher, want_teacher_grad, teacher_grad_out)
-    wide = torch.float64 in (student.dtype, teacher.dtype)
-    scales = torch.zeros(2, dtype=torch.float64 if wide else torch.float32, device=student.device)
-    scales[0] = soft_scale
-    scales[1] = 0.0 if hard_scale is None else hard_scale
+    scales = pass_scales(soft_scale, hard_scale, torch.float64 in (student.dtype, teacher.dtype), student.device)
     run = _triton_pass if backend == "triton" else _torch_pass
     return run(student, teacher, labels, gs, gt, scales, kind=kind, mix=mixture(kind, beta, alpha),
                temperature=temperature, ignore_index=ignore_index, hard=hard_scale is not None)
+
+
+def fused_pass_backend(name: str, blocks: tuple[torch.Tensor, ...], labels: torch.Tensor | None,
+                       hard_scale: float | torch.Tensor | None, backend: str) -> str:
+    """The checks of a one-block fused pass (dense or sparse teacher); returns its backend, 'triton' or 'torch'."""
+    if any(x.stride(-1) != 1 for x in blocks):
+        raise ValueError(f"{name} needs logits with unit column stride")
+    if hard_scale is not None and labels is None:
+        raise ValueError("a hard (cross-entropy) term needs labels")
+    backend = resolve_backend(backend, blocks[0].device)
+    if backend == "reference":
+        raise ValueError(f"{name} runs the 'triton' or 'torch' backend; the reference has no fused pass")
+    return backend
+
+
+def pass_scales(soft_scale: float | torch.Tensor, hard_scale: float | torch.Tensor | None, wide: bool,
+                device: torch.device) -> torch.Tensor:
+    """(soft, hard) gradient weights as one device tensor: a tensor scale (the mean's 1/count) needs no host sync."""
+    scales = torch.zeros(2, dtype=torch.float64 if wide else torch.float32, device=device)
+    scales[0] = soft_scale
+    scales[1] = 0.0 if hard_scale is None else hard_scale
+    return scales
 
 
 def _grad_buffer(x: torch.Tensor, want: bool, out: torch.Tensor | None) -> torch.Tensor | None:
@@ -136,20 +160,32 @@ def _triton_pass(student, teacher, labels, gs, gt, scales, *, kind, mix, tempera
 
 
 def _torch_pass(student, teacher, labels, gs, gt, scales, *, kind, mix, temperature, ignore_index, hard):
+    cdtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+
+    def chunk(sl: slice):
+        return _torch_chunk(student[sl], teacher[sl], kind, mix, 1.0 / temperature, cdtype, want_s=gs is not None,
+                            want_t=gt is not None)
+
+    return torch_rows(student, labels, gs, gt, scales, chunk, cdtype=cdtype, chunk_elements=DIVERGENCE_CHUNK_ELEMENTS,
+                      temperature=temperature, ignore_index=ignore_index, hard=hard)
+
+
+def torch_rows(student, labels, gs, gt, scales, chunk, *, cdtype, chunk_elements, temperature, ignore_index,
+               hard) -> DivergenceOut:
+    """The torch pass of a block, row chunk by row chunk: chunk(sl) gives (loss, g, h, q, bad) of rows sl, with
+    the unscaled gradients g = ∂loss/∂(s/T) and h (teacher, or None); here ignored rows are zeroed, the hard term
+    added and the gradients scaled into gs / gt. Shared by the dense and the sparse teacher."""
     n, V = student.shape
-    wide = torch.float64 in (student.dtype, teacher.dtype)
-    cdtype = torch.float64 if wide else torch.float32
     loss = torch.zeros(n, dtype=cdtype, device=student.device)
     hard_loss = torch.zeros_like(loss) if hard else None
     bad = torch.zeros(n, dtype=torch.int32, device=student.device)
     valid = None if labels is None else labels != ignore_index
     soft_x = scales[0].to(cdtype) / temperature
-    rows = max(1, DIVERGENCE_CHUNK_ELEMENTS // V)
+    rows = max(1, chunk_elements // V)
     for i in range(0, n, rows):
         sl = slice(i, min(i + rows, n))
         keep = None if valid is None else valid[sl]
-        f, g, h, q, bad_rows = _torch_chunk(student[sl], teacher[sl], kind, mix, 1.0 / temperature, cdtype,
-                                            want_s=gs is not None, want_t=gt is not None)
+        f, g, h, q, bad_rows = chunk(sl)
         loss[sl] = f if keep is None else f.where(keep, 0.0)
         bad[sl] = bad_rows if keep is None else bad_rows.where(keep, 0)
         if hard:
@@ -182,10 +218,10 @@ def _masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
 
 def _torch_chunk(s, t, kind, mix, inv_temp, cdtype, *, want_s, want_t):
     """One chunk in torch: per-row loss [r], the logit gradients g, h [r, V] (unscaled), q and bad-row flags."""
-    x = _scaled(s, inv_temp, cdtype)
-    y = _scaled(t, inv_temp, cdtype)
+    x = scaled_logits(s, inv_temp, cdtype)
+    y = scaled_logits(t, inv_temp, cdtype)
     # NaN/+inf show in the row max, −inf entries in the chunk min: cheap reductions, no elementwise pass.
-    bad = _nonfinite(x.amax(-1)) * BAD_STUDENT + _nonfinite(y.amax(-1)) * BAD_TEACHER
+    bad = nonfinite_flags(x.amax(-1)) * BAD_STUDENT + nonfinite_flags(y.amax(-1)) * BAD_TEACHER
     lq, lp = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
     q, p = lq.exp(), lp.exp()
     dead = None
@@ -198,7 +234,7 @@ def _torch_chunk(s, t, kind, mix, inv_temp, cdtype, *, want_s, want_t):
         lp.masked_fill_(dead, 0.0)
     ql = q if dead is None else q.masked_fill(dead, 0.0)
     pl = p if dead is None else p.masked_fill(dead, 0.0)
-    f, g, h = _torch_terms(kind, lq, lp, ql, pl, mix)
+    f, g, h = torch_terms(kind, lq, lp, ql, pl, mix)
     if dead is not None:
         g.masked_fill_(dead, 0.0)
         h.masked_fill_(dead, 0.0)
@@ -213,16 +249,16 @@ def _torch_chunk(s, t, kind, mix, inv_temp, cdtype, *, want_s, want_t):
     return loss, g, h, q, bad
 
 
-def _scaled(x: torch.Tensor, inv_temp: float, cdtype: torch.dtype) -> torch.Tensor:
+def scaled_logits(x: torch.Tensor, inv_temp: float, cdtype: torch.dtype) -> torch.Tensor:
     x = x.to(cdtype)
     return x if inv_temp == 1.0 else x * inv_temp
 
 
-def _nonfinite(row_max: torch.Tensor) -> torch.Tensor:
+def nonfinite_flags(row_max: torch.Tensor) -> torch.Tensor:
     return (torch.isnan(row_max) | (row_max == math.inf)).to(torch.int32)
 
 
-def _torch_terms(kind, lq, lp, ql, pl, mix):
+def torch_terms(kind, lq, lp, ql, pl, mix):
     """Row loss Σf (None for jsd, where f = g + h), and per entry g = ∂f/∂log q, h = ∂f/∂log p.
 
     The torch twin of kernels.divergence._terms. In-place ops on fresh temporaries only: on the CPU each pass
@@ -274,23 +310,31 @@ def _loss_and_grads(student: torch.Tensor, teacher: torch.Tensor, labels: torch.
     or None when not wanted). Raises on non-finite logits and on labels outside the vocabulary."""
     check_label_values(labels, spec.vocab, spec.ignore_index)
     lead = student.shape[:-1]
-    s2, t2 = _rows(student), _rows(teacher)
+    s2, t2 = as_rows(student), as_rows(teacher)
     gs2 = None if gs is None else gs.view(s2.shape)
     gt2 = None if gt is None else gt.view(t2.shape)
     flat_labels = None if labels is None else labels.reshape(-1)
-    t2_factor = spec.temperature**2 if spec.scale_by_t2 else 1.0
-    scale = t2_factor * (mean_scale(flat_labels, s2.shape[0], spec.ignore_index) if spec.reduction == "mean"
-                         else 1.0)
     V = spec.vocab
-    out = divergence_fwd_bwd(
+    loss = reduced_loss(spec, flat_labels, lead, lambda scale: divergence_fwd_bwd(
         s2[:, :V], t2[:, :V], flat_labels, kind=spec.kind, beta=spec.beta, alpha=spec.alpha,
         temperature=spec.temperature, ignore_index=spec.ignore_index, soft_scale=scale,
         want_student_grad=gs2 is not None, want_teacher_grad=gt2 is not None, backend=spec.backend,
-        student_grad_out=None if gs2 is None else gs2[:, :V], teacher_grad_out=None if gt2 is None else gt2[:, :V])
-    raise_if_nonfinite(out.bad, BAD_STUDENT, BAD_TEACHER)
+        student_grad_out=None if gs2 is None else gs2[:, :V], teacher_grad_out=None if gt2 is None else gt2[:, :V]))
     for grad in (gs2, gt2):
         if grad is not None and grad.shape[1] > V:
             grad[:, V:].zero_()  # entries outside the common vocabulary take no part in the loss
+    return loss
+
+
+def reduced_loss(spec, labels: torch.Tensor | None, lead: torch.Size,
+                 run: Callable[[float | torch.Tensor], DivergenceOut]) -> torch.Tensor:
+    """The reduced loss of a whole call: run(soft_scale) makes its fused pass over the flattened rows (the
+    gradients it writes are those of the reduced loss); raises on non-finite logits. spec: the op's _Spec
+    (temperature, scale_by_t2, ignore_index, reduction)."""
+    t2_factor = spec.temperature**2 if spec.scale_by_t2 else 1.0
+    scale = t2_factor * (mean_scale(labels, lead.numel(), spec.ignore_index) if spec.reduction == "mean" else 1.0)
+    out = run(scale)
+    raise_if_nonfinite(out.bad, BAD_STUDENT, BAD_TEACHER)
     if spec.reduction == "none":
         return (out.loss * t2_factor).reshape(lead)
     return (out.loss.sum() * scale).to(out.loss.dtype)
@@ -338,7 +382,7 @@ def _backward(ctx, grad_loss, _grad_gs, _grad_gt):
     # The stored gradients belong to this node alone: scaled in place (eager), no [N, V] copy; a second backward
     # through the node fails autograd's version check.
     inplace = not torch.compiler.is_compiling()
-    grads = [_times(g, grad_loss, inplace) if want else None for g, want in zip((gs, gt), ctx.want)]
+    grads = [times_grad_output(g, grad_loss, inplace) if want else None for g, want in zip((gs, gt), ctx.want)]
     return grads[0], grads[1], *([None] * 12)
 
 
@@ -354,7 +398,7 @@ class DistillLossFunction(torch.autograd.Function):
                 want_student_grad: bool, want_teacher_grad: bool) -> torch.Tensor:
         # Detached: the gradient buffers alias the inputs and are written without autograd tracking.
         s, t = student.detach(), teacher.detach()
-        gs = _rows(s).view(s.shape) if want_student_grad else None
+        gs = as_rows(s).view(s.shape) if want_student_grad else None
         gt = torch.empty_like(t) if want_teacher_grad else None
         loss = _loss_and_grads(s, t, labels, spec, gs, gt)
         ctx.save_for_backward(gs, gt)
@@ -363,7 +407,8 @@ class DistillLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         gs, gt = ctx.saved_tensors
-        return _times(gs, grad_output, True), _times(gt, grad_output, False), None, None, None, None
+        grads = times_grad_output(gs, grad_output, True), times_grad_output(gt, grad_output, False)
+        return *grads, None, None, None, None
 
 
 def mean_scale(labels: torch.Tensor | None, n: int, ignore_index: int) -> float | torch.Tensor:
@@ -373,13 +418,13 @@ def mean_scale(labels: torch.Tensor | None, n: int, ignore_index: int) -> float 
     return 1.0 / (labels != ignore_index).sum().clamp_min(1).double()
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
+def as_rows(x: torch.Tensor) -> torch.Tensor:
     """[..., V] -> [N, V] with unit column stride (a view whenever the layout allows, so in-place writes land)."""
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def _times(grad: torch.Tensor | None, grad_output: torch.Tensor, inplace: bool) -> torch.Tensor | None:
+def times_grad_output(grad: torch.Tensor | None, grad_output: torch.Tensor, inplace: bool) -> torch.Tensor | None:
     """grad [..., V] · grad_output ([...] or 0-dim); skipped in eager mode when grad_output is 1 (the usual case),
     in place when the buffer was given up."""
     if grad is None:
@@ -409,11 +454,7 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kin
     multiplies by T² (Hinton).
     Raises ValueError on bad arguments and on NaN/+inf logits in a valid row (naming the first such row).
     """
-    check_choice("divergence kind", kind, KINDS)
-    check_choice("reduction", reduction, REDUCTIONS)
-    check_unit_interval("beta", beta)
-    check_unit_interval("alpha", alpha)
-    check_temperature(temperature)
+    check_loss_args(kind, reduction, REDUCTIONS, beta, alpha, temperature)
     if student_logits.dim() < 2 or student_logits.shape[:-1] != teacher_logits.shape[:-1]:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} must be [N, V] or [B, T, V] with equal leading dims")

@@ -5,41 +5,21 @@ import dataclasses
 
 import torch
 
-from kdfast.ops._checks import (
-    FLOAT_DTYPES,
-    check_choice,
-    check_float,
-    check_label_values,
-    check_labels,
-    check_same_device,
-    check_temperature,
-    check_unit_interval,
-    common_vocab,
-    raise_if_nonfinite,
+from kdfast.ops._checks import check_float, check_labels, check_same_device, common_vocab
+from kdfast.ops._chunks import (
+    REDUCTIONS,
+    check_args,
+    check_targets,
+    chunk_rows,
+    chunked_loss,
+    loss_dtype,
+    pick_chunk_size,
+    scaled_saved,
 )
-from kdfast.ops.divergence import (
-    BAD_STUDENT,
-    BAD_TEACHER,
-    KINDS,
-    _times,
-    divergence_fwd_bwd,
-    mean_scale,
-    resolve_backend,
-)
-from kdfast.runtime import FUSED_LINEAR_CPU_CHUNK_BYTES, FUSED_LINEAR_GPU_CHUNK_BYTES, FUSED_LINEAR_GPU_MIN_CHUNK
+from kdfast.ops.divergence import divergence_fwd_bwd, mean_scale, times_grad_output
 
-REDUCTIONS = ("mean", "sum")
-
-
-def pick_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Tokens per chunk so that the chunk's two [chunk, V] logit blocks fit the memory budget of the device."""
-    per_token = 2 * vocab * dtype.itemsize
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        chunk = max(FUSED_LINEAR_GPU_MIN_CHUNK, min(FUSED_LINEAR_GPU_CHUNK_BYTES, free // 8) // per_token // 256 * 256)
-    else:
-        chunk = max(32, FUSED_LINEAR_CPU_CHUNK_BYTES // per_token // 32 * 32)
-    return max(1, min(chunk, n_tokens))
+# Re-exported: kdfast.losses and the benchmarks name them here.
+__all__ = ["REDUCTIONS", "fused_linear_distill_loss", "pick_chunk_size"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,76 +53,16 @@ class FusedLinearDistillFunction(torch.autograd.Function):
         rows = _kept_rows(lab, spec.ignore_index)
         if rows is not None:  # ignored rows add nothing: no logits for them
             hs2, ht2, lab = hs2[rows], ht2[rows], lab[rows]
-        want_h, want_w, want_b = (spec.grad_enabled and need for need in ctx.needs_input_grad[:3])
-        grads = _Grads(hs2, ws, bs, want_h, want_w, want_b, spec.accum_dtype)
-        # An fp32 master head with bf16/fp16 hidden states: one cast for the GEMMs; its gradient is accumulated in
-        # fp32 and handed back as it is (no low-precision copy of d(weight), no cast back through autograd).
-        ws_c = ws.to(hs.dtype)
-        bs_c = None if bs is None else bs.to(hs.dtype)
-        soft = spec.soft_weight * (spec.temperature**2 if spec.scale_by_t2 else 1.0)
-        hard = spec.hard_weight if spec.hard_weight != 0.0 else None
-        total = torch.zeros((), dtype=_loss_dtype(hs), device=hs.device)
-        bad = torch.zeros(n, dtype=torch.int32, device=hs.device)
-        m = hs2.shape[0]
-        for i in range(0, m, spec.chunk_size):
-            sl = slice(i, min(i + spec.chunk_size, m))
-            logits = _linear(hs2[sl], ws_c[:V], None if bs_c is None else bs_c[:V])
-            with torch.no_grad():
-                teacher_logits = _linear(ht2[sl], wt[:V], None if bt is None else bt[:V])
-            out = divergence_fwd_bwd(
-                logits, teacher_logits, None if lab is None else lab[sl], kind=spec.kind, beta=spec.beta,
-                alpha=spec.alpha, temperature=spec.temperature, ignore_index=spec.ignore_index,
-                soft_scale=soft * scale, hard_scale=None if hard is None else hard * scale,
-                want_student_grad=grads.wanted, student_grad_out=logits, backend=spec.backend)
-            del teacher_logits
-            total += soft * out.loss.sum()
-            if hard is not None:
-                total += hard * out.hard_loss.sum()
-            if rows is None:
-                bad[sl] = out.bad
-            else:
-                bad[rows[sl]] = out.bad
-            if grads.wanted:
-                grads.add_chunk(sl, out.grad_student, hs2[sl], ws_c[:V])
-            del logits, out  # the last chunk's logits must not outlive the loop
-        del ws_c, bs_c
-        raise_if_nonfinite(bad, BAD_STUDENT, BAD_TEACHER)
-        ctx.save_for_backward(*grads.finish(hs, ws, bs, rows))
-        return (total * scale).to(total.dtype)
+        return chunked_loss(ctx, spec, (hs, ws, bs), hs2, lab, rows, V, scale, _dense_pass,
+                            teacher=(ht2, wt[:V], None if bt is None else bt[:V]))
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        scaled = [None if g is None else (g if bool(grad_output == 1) else g * grad_output.to(g.dtype))
-                  for g in ctx.saved_tensors]
-        return scaled[0], scaled[1], scaled[2], None, None, None, None, None
+        return *scaled_saved(ctx, grad_output), None, None, None, None, None
 
 
-class _Grads:
-    """d(hidden) rows per chunk; d(weight), d(bias) accumulated over chunks in accum_dtype."""
-
-    def __init__(self, hs2, ws, bs, want_h, want_w, want_b, accum_dtype):
-        self.h = torch.empty_like(hs2) if want_h else None
-        self.w = torch.zeros(ws.shape, dtype=accum_dtype, device=ws.device) if want_w else None
-        self.b = torch.zeros(bs.shape, dtype=accum_dtype, device=bs.device) if want_b else None
-        self.wanted = want_h or want_w or want_b
-
-    def add_chunk(self, sl: slice, grad_logits: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
-        V = grad_logits.shape[1]
-        if self.h is not None:
-            torch.mm(grad_logits, w, out=self.h[sl])
-        if self.w is not None:
-            _add_product(self.w[:V], grad_logits.t(), h)
-        if self.b is not None:
-            self.b[:V] += grad_logits.sum(0, dtype=self.b.dtype)
-
-    def finish(self, hs, ws, bs, rows: torch.Tensor | None):
-        """Gradients in the inputs' shapes and dtypes (rows: the kept rows; the others get zeros)."""
-        h = self.h
-        if h is not None and rows is not None:
-            h = h.new_zeros(hs.numel() // hs.shape[-1], hs.shape[-1]).index_copy_(0, rows, h)
-        return (None if h is None else h.view(hs.shape),
-                None if self.w is None else self.w.to(ws.dtype),
-                None if self.b is None else self.b.to(bs.dtype))
+def _dense_pass(sl, logits, teacher_logits, labels, **pass_args):
+    return divergence_fwd_bwd(logits, teacher_logits, labels, **pass_args)
 
 
 def _kept_rows(labels: torch.Tensor | None, ignore_index: int) -> torch.Tensor | None:
@@ -151,32 +71,6 @@ def _kept_rows(labels: torch.Tensor | None, ignore_index: int) -> torch.Tensor |
         return None
     keep = labels != ignore_index
     return None if bool(keep.all()) else keep.nonzero().flatten()
-
-
-def _loss_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-_WIDE_ADDMM = True  # addmm(..., out_dtype=fp32) on CUDA (torch >= 2.8); cleared on the first failure
-
-
-def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b, where acc may be wider than a and b (fp32 accumulation of bf16 products)."""
-    global _WIDE_ADDMM
-    if acc.dtype == a.dtype:
-        acc.addmm_(a, b)
-        return
-    if acc.is_cuda and _WIDE_ADDMM:
-        try:  # one GEMM with an fp32 epilogue: no [V, H] temporary in the input dtype
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            return
-        except (RuntimeError, TypeError):
-            _WIDE_ADDMM = False
-    acc += a @ b  # the chunk product is rounded to the input dtype once, then summed in acc's dtype
-
-
-def _linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return h @ w.t() if b is None else torch.addmm(b, h, w.t())
 
 
 def fused_linear_distill_loss(
@@ -201,15 +95,8 @@ def fused_linear_distill_loss(
     accum_dtype: dtype of the d(weight)/d(bias) accumulators (None: fp32, fp64 for fp64 weights). Returns a 0-dim
     fp32 loss (fp64 for fp64 inputs).
     """
-    check_choice("divergence kind", kind, KINDS)
-    check_choice("reduction", reduction, REDUCTIONS)
-    check_unit_interval("beta", beta)
-    check_unit_interval("alpha", alpha)
-    check_temperature(temperature)
-    backend = resolve_backend(backend, student_hidden.device)
-    if backend == "reference":
-        raise ValueError("fused_linear_distill_loss runs the 'triton' or 'torch' backend (or 'auto')")
-    allowed = FLOAT_DTYPES + ((torch.float64,) if backend == "torch" else ())
+    backend, allowed = check_args("fused_linear_distill_loss", kind, reduction, beta, alpha, temperature, backend,
+                                  student_hidden.device)
     lead = _check_shapes(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                          allowed)
     check_labels(labels, lead, what="hidden states")
@@ -217,11 +104,8 @@ def fused_linear_distill_loss(
                       teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
                       labels=labels)
     V = common_vocab(student_weight.shape[0], teacher_weight.shape[0], vocab)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    n = student_hidden.numel() // student_hidden.shape[-1]
-    chunk = chunk_size or pick_chunk_size(n, V, student_hidden.dtype, student_hidden.device)
-    accum = accum_dtype or _loss_dtype(student_weight)
+    chunk = chunk_rows(chunk_size, student_hidden, V)
+    accum = accum_dtype or loss_dtype(student_weight)
     grad_mode = torch.is_grad_enabled()
     want = [grad_mode and x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)]
     loss, *_ = _fused_linear_op(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
@@ -241,7 +125,7 @@ def _fused_linear_op(hs: torch.Tensor, ws: torch.Tensor, bs: torch.Tensor | None
                      backend: str, want_h: bool, want_w: bool, want_b: bool) -> _Out:
     """(loss, d hs, d ws, d bs), an unwanted gradient as an empty [0] tensor: FusedLinearDistillFunction run
     eagerly, as one op torch.compile does not look into (its chunk loop and checks sync with the host)."""
-    _check_targets(labels, ignore_index, vocab, hard_weight)
+    check_targets(labels, ignore_index, vocab, hard_weight)
     spec = _Spec(kind, beta, alpha, temperature, ignore_index, hard_weight, soft_weight, reduction, vocab,
                  chunk_size, accum_dtype, scale_by_t2, backend, True)
     student = [None if x is None else x.detach().requires_grad_(w) for x, w in ((hs, want_h), (ws, want_w),
@@ -260,7 +144,7 @@ def _(hs, ws, bs, ht, wt, bt, labels, kind, beta, alpha, temperature, ignore_ind
       reduction, vocab, chunk_size, accum_dtype, scale_by_t2, backend, want_h, want_w, want_b):
     grads = (x.new_empty(x.shape) if want and x is not None else hs.new_empty(0)
              for x, want in ((hs, want_h), (ws, want_w), (bs, want_b)))
-    return hs.new_empty((), dtype=_loss_dtype(hs)), *grads
+    return hs.new_empty((), dtype=loss_dtype(hs)), *grads
 
 
 def _fused_setup_context(ctx, inputs, output):
@@ -274,7 +158,7 @@ def _fused_backward(ctx, grad_loss, *_):
     # The stored gradients belong to this node alone: scaling them in place (eager) saves a copy of d(weight)
     # [V, H] and d(hidden) [N, H]; a second backward through the node fails autograd's version check, as it should.
     inplace = not torch.compiler.is_compiling()
-    grads = [_times(g, grad_loss, inplace) if want else None for g, want in zip(ctx.saved_tensors, ctx.want)]
+    grads = [times_grad_output(g, grad_loss, inplace) if want else None for g, want in zip(ctx.saved_tensors, ctx.want)]
     return *grads, *([None] * 20)
 
 
@@ -302,9 +186,3 @@ def _check_shapes(hs, ws, bs, ht, wt, bt, allowed) -> torch.Size:
         raise ValueError(f"student hidden {tuple(hs.shape)} and teacher hidden {tuple(ht.shape)} cover different "
                          f"tokens")
     return hs.shape[:-1]
-
-
-def _check_targets(labels: torch.Tensor | None, ignore_index: int, vocab: int, hard_weight: float) -> None:
-    if labels is None and hard_weight != 0.0:
-        raise ValueError("hard_weight != 0 needs labels (the hard loss targets)")
-    check_label_values(labels, vocab, ignore_index)

@@ -6,18 +6,16 @@ import dataclasses
 
 import torch
 
-from kdfast.ops._checks import (
-    FLOAT_DTYPES,
-    check_choice,
-    check_float,
-    check_labels,
-    check_same_device,
-    check_temperature,
-    check_unit_interval,
-    raise_if_nonfinite,
+from kdfast.ops._checks import check_float, check_labels, check_same_device
+from kdfast.ops._chunks import (
+    check_args,
+    check_targets,
+    chunk_rows,
+    chunked_loss,
+    loss_dtype,
+    scaled_saved,
 )
-from kdfast.ops.divergence import BAD_STUDENT, BAD_TEACHER, KINDS, mean_scale, resolve_backend
-from kdfast.ops.fused_linear import REDUCTIONS, _check_targets, _Grads, _linear, _loss_dtype, pick_chunk_size
+from kdfast.ops.divergence import mean_scale
 from kdfast.ops.sparse_divergence import check_sparse_teacher, check_tail, padded_ids, sparse_divergence_fwd_bwd
 
 
@@ -49,37 +47,16 @@ class FusedLinearSparseDistillFunction(torch.autograd.Function):
         k = ids.shape[-1]
         ids2, lp2 = ids.reshape(-1, k), lp.reshape(-1, k)
         lab = None if labels is None else labels.reshape(-1)
-        n = hs2.shape[0]
-        want_h, want_w, want_b = (spec.grad_enabled and need for need in ctx.needs_input_grad[:3])
-        grads = _Grads(hs2, ws, bs, want_h, want_w, want_b, spec.accum_dtype)
-        scale = mean_scale(lab, n, spec.ignore_index) if spec.reduction == "mean" else 1.0
-        soft = spec.soft_weight * (spec.temperature**2 if spec.scale_by_t2 else 1.0)
-        hard = spec.hard_weight if spec.hard_weight != 0.0 else None
-        total = torch.zeros((), dtype=_loss_dtype(hs), device=hs.device)
-        bad = torch.empty(n, dtype=torch.int32, device=hs.device)
-        for i in range(0, n, spec.chunk_size):
-            sl = slice(i, min(i + spec.chunk_size, n))
-            logits = _linear(hs2[sl], ws, bs)
-            out = sparse_divergence_fwd_bwd(
-                logits, ids2[sl], lp2[sl], None if lab is None else lab[sl], kind=spec.kind, tail=spec.tail,
-                beta=spec.beta, alpha=spec.alpha, temperature=spec.temperature, ignore_index=spec.ignore_index,
-                soft_scale=soft * scale, hard_scale=None if hard is None else hard * scale,
-                want_student_grad=grads.wanted, student_grad_out=logits, backend=spec.backend)
-            total += soft * out.loss.sum()
-            if hard is not None:
-                total += hard * out.hard_loss.sum()
-            bad[sl] = out.bad
-            if grads.wanted:
-                grads.add_chunk(sl, out.grad_student, hs2[sl], ws)
-        raise_if_nonfinite(bad, BAD_STUDENT, BAD_TEACHER)
-        ctx.save_for_backward(*grads.finish(hs, ws, bs, None))
-        return (total * scale).to(total.dtype)
+        scale = mean_scale(lab, hs2.shape[0], spec.ignore_index) if spec.reduction == "mean" else 1.0
+
+        def sparse_pass(sl, logits, _, chunk_labels, **pass_args):
+            return sparse_divergence_fwd_bwd(logits, ids2[sl], lp2[sl], chunk_labels, tail=spec.tail, **pass_args)
+
+        return chunked_loss(ctx, spec, (hs, ws, bs), hs2, lab, None, ws.shape[0], scale, sparse_pass)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        scaled = [None if g is None else (g if bool(grad_output == 1) else g * grad_output.to(g.dtype))
-                  for g in ctx.saved_tensors]
-        return scaled[0], scaled[1], scaled[2], None, None, None, None
+        return *scaled_saved(ctx, grad_output), None, None, None, None
 
 
 def fused_linear_sparse_distill_loss(
@@ -99,16 +76,9 @@ def fused_linear_sparse_distill_loss(
     chunk_size, reduction (mean | sum), accum_dtype, scale_by_t2, backend: as kdfast.fused_linear_distill_loss.
     Returns a 0-dim fp32 loss (fp64 for fp64 inputs).
     """
-    check_choice("divergence kind", kind, KINDS)
+    backend, allowed = check_args("fused_linear_sparse_distill_loss", kind, reduction, beta, alpha, temperature,
+                                  backend, student_hidden.device)
     check_tail(kind, tail)
-    check_choice("reduction", reduction, REDUCTIONS)
-    check_unit_interval("beta", beta)
-    check_unit_interval("alpha", alpha)
-    check_temperature(temperature)
-    backend = resolve_backend(backend, student_hidden.device)
-    if backend == "reference":
-        raise ValueError("fused_linear_sparse_distill_loss runs the 'triton' or 'torch' backend (or 'auto')")
-    allowed = FLOAT_DTYPES + ((torch.float64,) if backend == "torch" else ())
     if student_hidden.dim() < 2 or student_weight.dim() != 2 or student_hidden.shape[-1] != student_weight.shape[1]:
         raise ValueError(f"student hidden {tuple(student_hidden.shape)} and weight {tuple(student_weight.shape)} must "
                          f"be [N, H] / [B, T, H] and [V, H] with equal H")
@@ -125,14 +95,10 @@ def fused_linear_sparse_distill_loss(
                       teacher_ids=teacher_ids, teacher_logprobs=teacher_logprobs, labels=labels)
     valid = None if labels is None else labels != ignore_index
     check_sparse_teacher(teacher_ids, teacher_logprobs, lead, V, valid)
-    _check_targets(labels, ignore_index, V, hard_weight)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    n = student_hidden.numel() // student_hidden.shape[-1]
-    chunk = chunk_size or pick_chunk_size(n, V, student_hidden.dtype, student_hidden.device)
+    check_targets(labels, ignore_index, V, hard_weight)
     spec = _Spec(kind, tail, beta, alpha, temperature, ignore_index, hard_weight, soft_weight, reduction,
-                 max(chunk, 1), accum_dtype or _loss_dtype(student_weight), scale_by_t2, backend,
-                 torch.is_grad_enabled())
+                 chunk_rows(chunk_size, student_hidden, V), accum_dtype or loss_dtype(student_weight), scale_by_t2,
+                 backend, torch.is_grad_enabled())
     return FusedLinearSparseDistillFunction.apply(student_hidden, student_weight, student_bias,
                                                   padded_ids(teacher_ids, valid), teacher_logprobs.detach(), labels,
                                                   spec)

@@ -12,32 +12,24 @@ import math
 import torch
 
 from kdfast import reference
-from kdfast.ops._checks import (
-    check_choice,
-    check_float,
-    check_labels,
-    check_same_device,
-    check_temperature,
-    check_unit_interval,
-    raise_if_nonfinite,
-)
+from kdfast.ops._checks import check_choice, check_float, check_labels, check_same_device
 from kdfast.ops.divergence import (
     BAD_STUDENT,
-    BAD_TEACHER,
-    KINDS,
     REDUCTIONS,
     DivergenceOut,
-    _add_hard,
-    _masked,
-    _nonfinite,
-    _rows,
-    _scaled,
-    _times,
-    _torch_terms,
+    as_rows,
+    check_loss_args,
     effective_kind,
-    mean_scale,
+    fused_pass_backend,
     mixture,
+    nonfinite_flags,
+    pass_scales,
+    reduced_loss,
     resolve_backend,
+    scaled_logits,
+    times_grad_output,
+    torch_rows,
+    torch_terms,
 )
 
 TAILS = reference.SPARSE_TAILS
@@ -113,23 +105,13 @@ def sparse_divergence_fwd_bwd(student: torch.Tensor, teacher_ids: torch.Tensor, 
     n, V = student.shape
     if teacher_ids.shape != teacher_logprobs.shape or teacher_ids.shape[0] != n:
         raise ValueError(f"sparse teacher {tuple(teacher_ids.shape)} does not cover the {n} student rows")
-    if student.stride(-1) != 1:
-        raise ValueError("sparse_divergence_fwd_bwd needs logits with unit column stride")
-    if hard_scale is not None and labels is None:
-        raise ValueError("a hard (cross-entropy) term needs labels")
+    backend = fused_pass_backend("sparse_divergence_fwd_bwd", (student,), labels, hard_scale, backend)
     check_tail(kind, tail)
-    backend = resolve_backend(backend, student.device)
-    if backend == "reference":
-        raise ValueError("sparse_divergence_fwd_bwd runs the 'triton' or 'torch' backend; the reference has no "
-                         "fused pass")
     kind = effective_kind(kind, beta, alpha)
     gs = None
     if want_student_grad:
         gs = torch.empty_like(student) if student_grad_out is None else student_grad_out
-    wide = student.dtype == torch.float64
-    scales = torch.zeros(2, dtype=torch.float64 if wide else torch.float32, device=student.device)
-    scales[0] = soft_scale
-    scales[1] = 0.0 if hard_scale is None else hard_scale
+    scales = pass_scales(soft_scale, hard_scale, student.dtype == torch.float64, student.device)
     run = _triton_pass if backend == "triton" else _torch_pass
     return run(student, teacher_ids, teacher_logprobs, labels, gs, scales, kind=kind, tail=tail,
                mix=mixture(kind, beta, alpha), temperature=temperature, ignore_index=ignore_index,
@@ -159,35 +141,21 @@ def _triton_pass(student, ids, lp, labels, gs, scales, *, kind, tail, mix, tempe
 
 
 def _torch_pass(student, ids, lp, labels, gs, scales, *, kind, tail, mix, temperature, ignore_index, hard):
-    n, V = student.shape
     cdtype = torch.float64 if student.dtype == torch.float64 else torch.float32
-    loss = torch.zeros(n, dtype=cdtype, device=student.device)
-    hard_loss = torch.zeros_like(loss) if hard else None
-    bad = torch.zeros(n, dtype=torch.int32, device=student.device)
-    valid = None if labels is None else labels != ignore_index
-    soft_x = scales[0].to(cdtype) / temperature
-    rows = max(1, TORCH_CHUNK_ELEMENTS // V)
-    for i in range(0, n, rows):
-        sl = slice(i, min(i + rows, n))
-        keep = None if valid is None else valid[sl]
-        f, g, q, bad_rows = _torch_chunk(student[sl], ids[sl].long(), lp[sl], kind, tail, mix, 1.0 / temperature,
-                                         cdtype, want=gs is not None)
-        loss[sl] = f if keep is None else f.where(keep, 0.0)
-        bad[sl] = bad_rows if keep is None else bad_rows.where(keep, 0)
-        if hard:
-            g = _add_hard(g, q, student[sl].to(cdtype), labels[sl], keep, hard_loss, sl, soft_x,
-                          scales[1].to(cdtype), temperature, want=gs is not None)
-        elif gs is not None:
-            g = g.mul_(soft_x)
-        if gs is not None:
-            gs[sl] = _masked(g, keep)
-    return DivergenceOut(loss, hard_loss, gs, None, bad)
+
+    def chunk(sl: slice):
+        return _torch_chunk(student[sl], ids[sl].long(), lp[sl], kind, tail, mix, 1.0 / temperature, cdtype,
+                            want=gs is not None)
+
+    return torch_rows(student, labels, gs, None, scales, chunk, cdtype=cdtype, chunk_elements=TORCH_CHUNK_ELEMENTS,
+                      temperature=temperature, ignore_index=ignore_index, hard=hard)
 
 
 def _torch_chunk(s, ids, lp, kind, tail, mix, inv_temp, cdtype, *, want):
-    """One chunk: per-row loss [r], ∂loss/∂x [r, V] (x = s/T, unscaled; None unless wanted), q and bad flags."""
-    x = _scaled(s, inv_temp, cdtype)
-    bad = _nonfinite(x.amax(-1)) * BAD_STUDENT
+    """One chunk: per-row loss [r], ∂loss/∂x [r, V] (x = s/T, unscaled; None unless wanted), no teacher
+    gradient (None), q and bad flags."""
+    x = scaled_logits(s, inv_temp, cdtype)
+    bad = nonfinite_flags(x.amax(-1)) * BAD_STUDENT
     lse = _finite_or_zero(torch.logsumexp(x, -1, keepdim=True))
     lq = x.gather(1, ids) - lse
     lp = lp.to(cdtype)
@@ -204,18 +172,18 @@ def _torch_chunk(s, ids, lp, kind, tail, mix, inv_temp, cdtype, *, want):
     dead = (lq == -math.inf) | (lp == -math.inf) | torch.isnan(lq)
     lq, lp = lq.masked_fill(dead, 0.0), lp.masked_fill(dead, 0.0)
     ql, pl = lq.exp().masked_fill_(dead, 0.0), lp.exp().masked_fill_(dead, 0.0)
-    f, g, h = _torch_terms(kind, lq, lp, ql, pl, mix)
+    f, g, h = torch_terms(kind, lq, lp, ql, pl, mix)
     g.masked_fill_(dead, 0.0)
     loss = h.masked_fill_(dead, 0.0).add_(g).sum(-1) if f is None else f
     q = (x - lse).exp_()
     if not want:
-        return loss, None, q, bad
+        return loss, None, None, q, bad
     k = ids.shape[1]
     # ∂f/∂x_v = g_v·[v∈S] + g_rest·q_v/q_rest·[v∉S] − q_v·Σg  (log q_rest = logsumexp_{v∉S} x_v − lse)
     grad = q * -g.sum(-1, keepdim=True)
     if rest is not None:
         grad.add_((rest - lse_rest).exp_().mul_(g[:, k:]))
-    return loss, grad.scatter_add_(1, ids, g[:, :k]), q, bad
+    return loss, grad.scatter_add_(1, ids, g[:, :k]), None, q, bad
 
 
 def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
@@ -245,31 +213,25 @@ class SparseDistillLossFunction(torch.autograd.Function):
     def forward(ctx, student: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, labels: torch.Tensor | None,
                 spec: _Spec) -> torch.Tensor:
         lead = student.shape[:-1]
-        s2 = _rows(student.detach())
+        s2 = as_rows(student.detach())
         k = ids.shape[-1]
         flat_labels = None if labels is None else labels.reshape(-1)
         want = spec.grad_enabled and ctx.needs_input_grad[0]
         gs = (s2 if spec.inplace_grad else torch.empty_like(s2)) if want else None
-        t2_factor = spec.temperature**2 if spec.scale_by_t2 else 1.0
-        scale = t2_factor * (mean_scale(flat_labels, s2.shape[0], spec.ignore_index) if spec.reduction == "mean"
-                             else 1.0)
-        out = sparse_divergence_fwd_bwd(
+        loss = reduced_loss(spec, flat_labels, lead, lambda scale: sparse_divergence_fwd_bwd(
             s2, ids.reshape(-1, k), lp.detach().reshape(-1, k), flat_labels, kind=spec.kind, tail=spec.tail,
             beta=spec.beta, alpha=spec.alpha, temperature=spec.temperature, ignore_index=spec.ignore_index,
-            soft_scale=scale, want_student_grad=want, student_grad_out=gs, backend=spec.backend)
-        raise_if_nonfinite(out.bad, BAD_STUDENT, BAD_TEACHER)
+            soft_scale=scale, want_student_grad=want, student_grad_out=gs, backend=spec.backend))
         ctx.save_for_backward(gs)
         ctx.shape = student.shape
         ctx.in_place = spec.inplace_grad
-        if spec.reduction == "none":
-            return (out.loss * t2_factor).reshape(lead)
-        return (out.loss.sum() * scale).to(out.loss.dtype)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (gs,) = ctx.saved_tensors
         go = grad_output.reshape(-1) if grad_output.dim() else grad_output
-        grad = None if gs is None else _times(gs, go, ctx.in_place).view(ctx.shape)
+        grad = None if gs is None else times_grad_output(gs, go, ctx.in_place).view(ctx.shape)
         return grad, None, None, None, None
 
 
@@ -289,12 +251,8 @@ def sparse_distill_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
     Returns fp32 (fp64 for fp64 logits). Raises ValueError on bad arguments, on duplicate or out-of-range ids, on
     NaN/+inf log-probs and on NaN/+inf student logits in a valid token.
     """
-    check_choice("divergence kind", kind, KINDS)
+    check_loss_args(kind, reduction, REDUCTIONS, beta, alpha, temperature)
     check_tail(kind, tail)
-    check_choice("reduction", reduction, REDUCTIONS)
-    check_unit_interval("beta", beta)
-    check_unit_interval("alpha", alpha)
-    check_temperature(temperature)
     if student_logits.dim() < 2:
         raise ValueError(f"student logits {tuple(student_logits.shape)} must be [N, V] or [B, T, V]")
     lead = student_logits.shape[:-1]

@@ -113,6 +113,8 @@ def test_cache_mismatches_are_named(tmp_path):
         DistillConfig(technique="gkd", teacher_cache="c")
     with pytest.raises(DistillError, match="student_gen_fraction=0"):
         DistillConfig(technique="distillm", teacher_cache="c")
+    with pytest.raises(DistillError, match="seqkd.*cannot train from teacher_cache: .*teacher's own samples"):
+        DistillConfig(technique="seqkd", teacher_cache="c")
     with pytest.raises(DistillError, match="minillm.*cannot train from teacher_cache"):
         DistillConfig(technique="minillm", teacher_cache="c", lm_kd_ratio=0.0)
     with pytest.raises(DistillError, match="renorm"):

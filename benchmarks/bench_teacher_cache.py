@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks.bench_distill_step import llama_config, long_records, random_model  # noqa: E402
-from benchmarks.common import median_ms, write_table  # noqa: E402
+from benchmarks.common import write_table  # noqa: E402
 from kdfast import fused_linear_distill_loss, fused_linear_sparse_distill_loss  # noqa: E402
 from kdfast.data import IGNORE_INDEX  # noqa: E402
 from kdfast.distill import DistillConfig, Distiller, make_student  # noqa: E402
@@ -66,21 +66,27 @@ def capture_rows(name: str, teacher, tok, records: list[dict], few: int, max_len
     return folder / f"k{STEP_K}"
 
 
-def step_figures(distiller: Distiller, records: list[dict], steps: int) -> tuple[int, float]:
-    """(whole-step peak bytes, median seconds of `steps` steps), the peak as kdfast.distill.plan.measure_step takes
-    it: bytes resident after a warm-up step (teacher, student, optimizer state) + the next step's peak above them."""
+def started_peak(distiller: Distiller, records: list[dict]):
+    """(run, whole-step peak bytes) as kdfast.distill.plan.measure_step takes the peak: bytes resident after a
+    warm-up step (teacher, student, optimizer state) + the next step's peak above them."""
     run = distiller._start(records, None, None)
     distiller._step(run, 0)
     resident = resident_bytes(distiller.teacher, distiller.student, run.optimizer)
-    peak = peak_bytes(lambda: distiller._step(run, 1), distiller.device)
-    times = []
-    for step in range(2, 2 + steps):
-        _sync(distiller.device)
-        t0 = time.perf_counter()
-        distiller._step(run, step)
-        _sync(distiller.device)
-        times.append(time.perf_counter() - t0)
-    return resident + peak, statistics.median(times)
+    return run, resident + peak_bytes(lambda: distiller._step(run, 1), distiller.device)
+
+
+def alternating_medians(fns: list, device: torch.device, reps: int) -> list[float]:
+    """Median seconds of each fn(i) over `reps` rounds that call them in turn: load from other work on a shared
+    machine falls on every side alike."""
+    times: list[list[float]] = [[] for _ in fns]
+    for i in range(reps):
+        for fn, out in zip(fns, times):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn(i)
+            _sync(device)
+            out.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def _sync(device: torch.device) -> None:
@@ -90,21 +96,20 @@ def _sync(device: torch.device) -> None:
 
 def step_rows(name: str, teacher, make, tok, records: list[dict], cache: Path, batch: int, max_len: int,
               device: torch.device, steps: int, rows: list) -> None:
-    """One KD step from the cache (no teacher loaded) and one with the live teacher: median time and peak."""
-    figures = {}
-    for label, kw in (("cached", dict(teacher_cache=str(cache))), ("live", {})):
+    """A KD step from the cache (no teacher loaded) and one with the live teacher: peak, and the median time of
+    `steps` steps taken in turn."""
+    runs = []
+    for kw in (dict(teacher_cache=str(cache)), {}):
         cfg = DistillConfig(technique="kd", batch_size=batch, max_len=max_len, max_prompt_len=max_len // 2,
                             max_steps=10**6, lr=1e-5, warmup_steps=0, progress=False, device=str(device),
                             teacher_dtype=None, **kw)
-        student = make()
-        figures[label] = step_figures(Distiller(None if kw else teacher, student, tok, cfg), records, steps)
-        del student
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    (peak_c, s_c), (peak_l, s_l) = figures["cached"], figures["live"]
+        distiller = Distiller(None if kw else teacher, make(), tok, cfg)
+        runs.append((distiller, *started_peak(distiller, records)))
+    (cached, run_c, peak_c), (live, run_l, peak_l) = runs
+    s_c, s_l = alternating_medians([lambda i: cached._step(run_c, 2 + i), lambda i: live._step(run_l, 2 + i)],
+                                   device, steps)
     shape = f"{name}, {batch}x{max_len}"
-    rows.append([shape, f"KD step s (median of {steps}), k={STEP_K}", s_c, s_l, s_c / s_l])
+    rows.append([shape, f"KD step s (median of {steps}, taken in turn), k={STEP_K}", s_c, s_l, s_c / s_l])
     rows.append([shape, "KD step peak GiB (resident + step)", peak_c / 2**30, peak_l / 2**30, peak_c / peak_l])
 
 
@@ -124,15 +129,16 @@ def loss_rows(name: str, teacher, student, tok, records: list[dict], max_len: in
         ws = ws.detach().clone().requires_grad_()
         ids, lps = topk_logprobs(ht, wt, bt, STEP_K, 1.0)
 
-    def sparse():
+    def sparse(_):
         fused_linear_sparse_distill_loss(hs, ws, ids, lps, targets, "fkl").backward()
 
-    def dense():
+    def dense(_):
         fused_linear_distill_loss(hs, ws, ht, wt, targets, kind="fkl", teacher_bias=bt).backward()
 
-    ms_s, ms_d = median_ms(sparse, device, warmup=1, reps=5), median_ms(dense, device, warmup=1, reps=5)
-    rows.append([f"{name}, {hs.shape[0]} tokens", f"fkl loss fwd+bwd ms, sparse k={STEP_K} vs dense fused", ms_s,
-                 ms_d, ms_s / ms_d])
+    alternating_medians([sparse, dense], device, 1)  # warm-up
+    s_s, s_d = alternating_medians([sparse, dense], device, 5)
+    rows.append([f"{name}, {hs.shape[0]} tokens", f"fkl loss fwd+bwd ms (median of 5, in turn), sparse k={STEP_K} "
+                 "vs dense fused", 1e3 * s_s, 1e3 * s_d, s_s / s_d])
 
 
 def main() -> None:
@@ -150,13 +156,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kdfast-cache-bench-") as tmp:
         cache = capture_rows(name, teacher, tok, records, 2 * batch, max_len, Path(tmp), rows)
         step_rows(name, teacher, make, tok, records, cache, batch, max_len, device, args.steps, rows)
+    gc.collect()  # the two runs' students and optimizers, before the loss's student
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     loss_rows(name, teacher, make(), tok, records[:batch], max_len, device, rows)
     notes = [
         f"capture: kdfast.distill.cache_teacher (k={STEP_K}: the step's {len(records)} records, the other k: the "
         f"first {2 * batch}; one teacher forward per 8192-token batch, "
         "top-k from the hidden states a token chunk at a time, fp16 log-probs + int32 ids: 6 bytes per id); "
         "tokens/s counts response tokens",
-        f"KD step: kd, fkl, fused-linear loss, fp32 AdamW; cached = teacher_cache (top-{STEP_K}, bucket tail), no "
+        f"KD step: kd, fkl, fused-linear loss, fp32 AdamW, the two runs' steps taken in turn; cached = teacher_cache "
+        f"(top-{STEP_K}, bucket tail), no "
         "teacher loaded; live = the teacher's forward in every step; peak as kdfast.distill.plan.measure_step "
         "(resident after a warm-up step + the next step's peak: CPU the profiler's allocation stream, CUDA "
         "max_memory_allocated)",

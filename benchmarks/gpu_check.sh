@@ -27,6 +27,7 @@ step bench-token-stats 40 python3 benchmarks/bench_token_stats.py --device cuda 
 step bench-memorization 40 python3 benchmarks/bench_memorization.py --device cuda
 step bench-distill-step 70 python3 benchmarks/bench_distill_step.py --device cuda
 step bench-distill-memory 100 python3 benchmarks/bench_distill_memory.py --device cuda --max-seconds 75
+step bench-teacher-cache 120 python3 benchmarks/bench_teacher_cache.py --device cuda
 step bench-attacks 50 python3 benchmarks/bench_attacks.py --device cuda
 step bench-uld 40 python3 benchmarks/bench_uld.py --device cuda --n 4096
 step bench-attacks-calibrated 60 python3 benchmarks/bench_attacks.py --device cuda --calibrated

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 SCRIPTS = ["bench_divergence.py", "bench_fused_linear.py", "bench_token_stats.py", "bench_attacks.py",
-           "bench_memorization.py", "bench_distill_step.py", "bench_distill_memory.py"]
+           "bench_memorization.py", "bench_distill_step.py", "bench_distill_memory.py", "bench_teacher_cache.py"]
 
 
 def main() -> int:

@@ -106,6 +106,28 @@ def test_every_artifact_and_every_auc(run):
     assert "Report:" in run["stdout"] and "Teacher" in run["stdout"]
 
 
+def test_teacher_topk_ablation_one_student_per_k_from_its_cache(run):
+    """ablations.teacher_topk (tiny: [1, 8]): one KD student per k, trained from a cache captured once per k, its
+    leakage and utility in results.json, summary.md and the report beside the full-logit KD student's."""
+    results = json.loads((run["out"] / "results.json").read_text())
+    entries = results["ablations"]["teacher_topk"]
+    assert [e["value"] for e in entries] == [1, 8]
+    by_id = {m["id"]: m for m in results["models"]}
+    for e in entries:
+        model = by_id[e["model_id"]]
+        assert model["role"] == "ablation" and model["technique"] == "kd" and model["size"] == "small"
+        assert e["auc"] == model["auc"] and 0 <= e["auc"]["loss"] <= 1 and 0 <= e["rouge_l"] <= 1
+        assert e["tpr_at_1pct_fpr"]["loss"] == model["tpr_at_fpr"]["loss"]["0.01"]
+        cache = next(run["out"].glob(f"stages/teacher-cache-k{e['value']}-*/cache/manifest.json"))
+        assert json.loads(cache.read_text())["k"] == e["value"]
+    stages = results["stages"]["ran"] + results["stages"]["reused"]
+    assert stages.count("teacher-cache-k1") == stages.count("teacher-cache-k8") == 1
+    summary = (run["out"] / "summary.md").read_text()
+    assert "Ablations: leakage and utility" in summary and "all logits" in summary
+    assert all(by_id[e["model_id"]]["label"] in summary for e in entries)
+    assert (run["out"] / "ablations.png").stat().st_size > 0
+
+
 def test_html_parses_shows_the_aucs_and_escapes_records(run):
     page = (run["out"] / "report.html").read_text()
     parser = _Cells()

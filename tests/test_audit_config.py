@@ -37,6 +37,11 @@ def test_paper_presets_follow_the_study():
                                          r"students.techniques=\[kd\]"),
     ({"attacks": {"attacks": ["los"]}}, r"attacks.attacks: unknown value 'los'"),
     ({"ablations": {"divergence": ["kl"]}}, r"ablations.divergence: unknown value 'kl'"),
+    ({"ablations": {"teacher_topk": [8, 0]}}, r"^ablations.teacher_topk: 0 is out of range; give a number >= 1$"),
+    ({"ablations": {"teacher_topk": [-1]}}, r"^ablations.teacher_topk: -1 is out of range; give a number >= 1$"),
+    ({"ablations": {"teacher_topk": [2.5]}}, r"^ablations.teacher_topk: expected an integer, got 2.5$"),
+    ({"ablations": {"teacher_topk": [8]}, "students": {"per_technique": {"kd": {"student_gen_fraction": 0.5}}}},
+     r"ablations.teacher_topk: the KD settings .* cannot train from a teacher cache: .*student_gen_fraction=0"),
     ({"students": {"sizes": {}}}, r"students.sizes is empty"),
     ({"students": {"sizes": {"s": "x", "t": [0.5]}}}, r"students.sizes.t: give a list of teacher layer indices"),
     ({"students": {"techniques": [], "control": False}}, r"nothing to audit"),
@@ -50,30 +55,32 @@ def test_mistakes_are_named(overrides, message):
         load_config(overrides=overrides)
 
 
-def _int_keys(cls=AuditConfig, path: str = "") -> list[str]:
-    """Dotted keys of every integer setting (counts, sizes, the seed) of the audit's config."""
+def _int_keys(cls=AuditConfig, path: str = "") -> list[tuple[str, object]]:
+    """(dotted key, -5 as that key takes it) of every integer setting (counts, sizes, the seed, lists of k)."""
     keys = []
     for f in dataclasses.fields(cls):
         hint = typing.get_type_hints(cls)[f.name]
         if dataclasses.is_dataclass(hint):
             keys += _int_keys(hint, f"{f.name}.")
         elif int in (hint, *typing.get_args(hint)):
-            keys.append(path + f.name)
+            keys.append((path + f.name, [-5] if typing.get_origin(hint) is list else -5))
     return keys
 
 
-@pytest.mark.parametrize("key", _int_keys())
-def test_negative_counts_are_refused(key):
+@pytest.mark.parametrize("key,value", _int_keys())
+def test_negative_counts_are_refused(key, value):
     """Every integer setting has a range: -5 (attacks.n_records=-5 once attacked private[:-5]) stops at the key."""
     section, _, leaf = key.rpartition(".")
     with pytest.raises(ConfigError, match=rf"^{key}: -5 is out of range; give a number >= \d"):
-        load_config(preset_name="tiny", overrides={section: {leaf: -5}} if section else {leaf: -5})
+        load_config(preset_name="tiny", overrides={section: {leaf: value}} if section else {leaf: value})
 
 
 @pytest.mark.parametrize("setting,message", [
     ("attacks.n_records=-5", "attacks.n_records: -5 is out of range; give a number >= 1"),
     ("students.techniques=[kd, gdk]", "students.techniques: unknown value 'gdk' (did you mean 'gkd'?); choose from "
                                       "kd, seqkd, imitkd, gkd, minillm, distillm"),
+    ("ablations.teacher_topk=[8, 0]", "ablations.teacher_topk: 0 is out of range; give a number >= 1"),
+    ("ablations.teacher_topk=[8, 100000]", "ablations.teacher_topk: k=100000 exceeds the teacher's vocabulary"),
 ])
 def test_mistakes_from_the_cli(capsys, setting, message):
     assert main(["audit", "--preset", "tiny", "--check", "--set", setting]) == 2

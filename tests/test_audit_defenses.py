@@ -26,7 +26,7 @@ class _Images(HTMLParser):
 def _tiny(**defenses):
     return load_config(preset_name="tiny", overrides={"students": {"techniques": ["kd"]},
                                                       "attacks": {"attacks": ["loss", "zlib", "mope"]},
-                                                      "defenses": defenses})
+                                                      "ablations": {"teacher_topk": []}, "defenses": defenses})
 
 
 @pytest.fixture(scope="module")

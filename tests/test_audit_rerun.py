@@ -7,7 +7,7 @@ from kdfast.audit.pipeline import run_audit
 SMALL = {"students": {"techniques": ["kd"], "control": False, "epochs": 1},
          "data": {"limit": 160, "n_members": 32, "n_public": 32}, "teacher": {"epochs": 2},
          "attacks": {"attacks": ["loss"], "mope_block": False, "bootstrap": 0, "n_records": 24},
-         "memorization": {"n_records": 16}}
+         "memorization": {"n_records": 16}, "ablations": {"teacher_topk": []}}
 
 
 def _run(out, lr):

@@ -114,6 +114,8 @@ def test_cache_mismatches_are_named(tmp_path):
         DistillConfig(technique="gkd", teacher_cache="c")
     with pytest.raises(DistillError, match="student_gen_fraction=0"):
         DistillConfig(technique="distillm", teacher_cache="c")
+    with pytest.raises(DistillError, match="seqkd.*cannot train from teacher_cache: .*teacher's own samples"):
+        DistillConfig(technique="seqkd", teacher_cache="c")
     with pytest.raises(DistillError, match="minillm.*cannot train from teacher_cache"):
         DistillConfig(technique="minillm", teacher_cache="c", lm_kd_ratio=0.0)
     with pytest.raises(DistillError, match="renorm"):
@@ -155,5 +157,8 @@ def test_cli_capture_then_distill_without_teacher(tmp_path, capsys, monkeypatch)
                  "--data", str(data), "--out", str(tmp_path / "run"), "--max-len", "112", "--max-prompt-len", "100",
                  "--max-steps", "2", "--batch-size", "4", "--no-progress"]) == 0
     assert loaded == ["tiny:opt"]  # the student only
-    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    student, tok = real(str(tmp_path / "run" / "final"))  # the saved student loads and runs
+    with torch.no_grad():
+        logits = student(torch.tensor([tok("a word")["input_ids"]])).logits
+    assert logits.shape[-1] >= len(tok) and torch.isfinite(logits).all()
     assert len(load_records(data)) == 8

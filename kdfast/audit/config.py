@@ -119,6 +119,8 @@ class AblationsConfig:
 
     divergence: list[str] = field(default_factory=list)  # KD with these losses, e.g. [fkl, rkl]
     student_gen_fraction: list[Fraction] = field(default_factory=list)  # e.g. [0.0, 0.5, 1.0]
+    # KD of the first size from a top-k teacher cache (kdfast cache-teacher) per k, e.g. [8, 64]
+    teacher_topk: list[PositiveInt] = field(default_factory=list)
 
 
 @dataclass
@@ -207,6 +209,7 @@ def validate(cfg: AuditConfig) -> AuditConfig:
         raise ConfigError(f"data.max_prompt_len ({cfg.data.max_prompt_len}) must be below "
                           f"data.max_len ({cfg.data.max_len})")
     _check_student_settings(cfg)
+    _check_teacher_topk(cfg)
     from kdfast.audit.defenses import check_defenses
 
     check_defenses(cfg)
@@ -233,6 +236,27 @@ def _check_student_settings(cfg: AuditConfig) -> None:
             DistillConfig.from_dict(student_settings(cfg, tech))
         except DistillError as e:
             raise ConfigError(f"{key} (or students.lr/epochs/batch_size) for {tech}: {e}") from None
+
+
+def _check_teacher_topk(cfg: AuditConfig) -> None:
+    """The cached-teacher KD students' settings train from a cache (kd's own settings may not, e.g. lm_records)."""
+    from kdfast.distill.config import DistillConfig, DistillError
+
+    if not cfg.ablations.teacher_topk:
+        return
+    try:
+        DistillConfig.from_dict(student_settings(cfg, "kd", {"teacher_cache": "cache"}))
+    except DistillError as e:
+        raise ConfigError(f"ablations.teacher_topk: the KD settings (students.distill / per_technique.kd) cannot "
+                          f"train from a teacher cache: {e}") from None
+
+
+def check_teacher_topk_vocab(cfg: AuditConfig, vocab: int) -> None:
+    """Every k of ablations.teacher_topk fits the teacher's vocabulary (known once its tokenizer is loaded)."""
+    too_big = [k for k in cfg.ablations.teacher_topk if k > vocab]
+    if too_big:
+        raise ConfigError(f"ablations.teacher_topk: k={too_big[0]} exceeds the teacher's vocabulary ({vocab} "
+                          f"tokens); give each k from 1 to {vocab}")
 
 
 def preset(name: str) -> AuditConfig:

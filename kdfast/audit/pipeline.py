@@ -14,7 +14,7 @@ import torch
 from kdfast import attacks, memorization
 from kdfast.audit import defenses
 from kdfast.audit.calibrated import CalibratedReferences
-from kdfast.audit.config import AuditConfig, ConfigError, student_settings
+from kdfast.audit.config import AuditConfig, ConfigError, check_teacher_topk_vocab, student_settings
 from kdfast.audit.degeneracy import DegeneracyRule, degeneracy_metrics, degeneracy_reasons
 from kdfast.audit.frontier import frontier_points
 from kdfast.audit.report import auc_table, text_table, write_report
@@ -22,6 +22,7 @@ from kdfast.audit.utility import greedy_responses, mean_rouge_l
 from kdfast.data import RecordError, bundled_records, encode_all, load_hub_dataset, load_records, study_split
 from kdfast.distill import DistillConfig, Distiller, make_student
 from kdfast.distill.cross import across_tokenizers
+from kdfast.distill.teacher_cache import cache_teacher
 from kdfast.io import atomic_write_json, claim_folder
 from kdfast.models import ModelError, context_len, load_model, load_tokenizer, local_path, resolve_device
 from kdfast.store import Store, digest, file_digest
@@ -94,8 +95,10 @@ def prepare(cfg: AuditConfig) -> dict:
     except (RecordError, ValueError) as e:
         raise ConfigError(f"data: {e}") from None
     records = split.private + split.public + split.nonmembers
+    tokenizer = base_tokenizer(cfg)
+    check_teacher_topk_vocab(cfg, len(tokenizer))
     try:
-        encoded, kept = encode_all(base_tokenizer(cfg), records, d.max_len, d.max_prompt_len, d.long_prompts)
+        encoded, kept = encode_all(tokenizer, records, d.max_len, d.max_prompt_len, d.long_prompts)
     except RecordError as e:
         raise ConfigError(str(e)) from None
     return {"private": len(split.private), "public": len(split.public), "nonmembers": len(split.nonmembers),
@@ -228,11 +231,16 @@ class Audit:
                     plan.append((f"{size}/kd-gen{frac:g}", "ablation", f"KD gen {frac:g} ({size})", size,
                                  {"technique": "kd", "student_gen_fraction": frac,
                                   "_ablation": ("student_gen_fraction", frac)}))
+                for k in self.cfg.ablations.teacher_topk:
+                    plan.append((f"{size}/kd-top{k}", "ablation", f"KD top-{k} cache ({size})", size,
+                                 {"technique": "kd", "_teacher_topk": k, "_ablation": ("teacher_topk", k)}))
         return plan + defenses.defense_plan(self.cfg)
 
     def student(self, teacher: ModelEntry, sid: str, role: str, label: str, size: str, spec: dict) -> ModelEntry:
         overrides = {k: v for k, v in spec.items() if not k.startswith("_")}
         settings = student_settings(self.cfg, overrides.pop("technique"), overrides)
+        if "_teacher_topk" in spec:
+            settings["teacher_cache"] = self.teacher_cache(teacher, spec["_teacher_topk"], settings)
         init = defenses.student_blocks(self, size, spec.get("_init", self.cfg.students.init), self.risk)
         self.blocks_of[sid] = init
         inputs = {"teacher": teacher.key, "base": self.base_key, "data": self.digest["public"], "init": init,
@@ -254,6 +262,23 @@ class Audit:
 
         result, folder = self.stages.run(f"student-{sid.replace('/', '-')}", inputs, run)
         return ModelEntry(sid, role, label, str(folder / result["final"]), folder.name, settings["technique"], size)
+
+    def teacher_cache(self, teacher: ModelEntry, k: int, settings: dict) -> str:
+        """The folder of the teacher's top-k log-probs on the public half (ablations.teacher_topk), captured once
+        per k with the temperature and lengths of the student that trains from it."""
+        cfg = DistillConfig(**settings)
+        inputs = {"teacher": teacher.key, "data": self.digest["public"], "k": k, "temperature": cfg.temperature,
+                  "max_len": cfg.max_len, "max_prompt_len": cfg.max_prompt_len, "long_prompts": cfg.long_prompts}
+
+        def run(work: Path) -> dict:
+            model, tok = self.model(teacher.path)
+            summary = cache_teacher(model, tok, self.split["public"], k=k, out=work / "cache",
+                                    temperature=cfg.temperature, max_len=cfg.max_len,
+                                    max_prompt_len=cfg.max_prompt_len, long_prompts=cfg.long_prompts,
+                                    batch_tokens=self.cfg.attacks.batch_tokens, progress=self.progress)
+            return {"tokens": summary.tokens, "bytes": summary.bytes}
+
+        return str(self.stages.run(f"teacher-cache-k{k}", inputs, run)[1] / "cache")
 
     def reference(self, name: str, spec: str) -> tuple[np.ndarray, str]:
         """A reference model's mean log-likelihood per attack record, computed once and shared by every target."""
@@ -453,7 +478,7 @@ class Audit:
             "stages": {"ran": self.stages.ran, "reused": self.stages.reused},
             "teacher_conditioned": self._conditioned(entries, mem_frames),
             "agreement": self._agreement(entries, [r["scores"] for r in rows], mem_frames),
-            "ablations": self._ablations(),
+            "ablations": self._ablations(models),
             "frontier": frontier_points(models), "teacher_risk": self.risk,
             "degeneracy_rule": asdict(rule),
             "redacted": self.cfg.redact,
@@ -480,12 +505,17 @@ class Audit:
             out[e.id] = agr.to_dict()
         return out
 
-    def _ablations(self) -> dict:
-        out: dict[str, list] = {"divergence": [], "student_gen_fraction": []}
+    def _ablations(self, models: list[dict]) -> dict:
+        """Each ablation's students in plan order, with their leakage (AUC, TPR at 1% FPR per attack) and utility."""
+        out: dict[str, list] = {"divergence": [], "student_gen_fraction": [], "teacher_topk": []}
+        by_id = {m["id"]: m for m in models}
         for sid, _, _, _, spec in self.student_plan():
             if "_ablation" in spec:
                 name, value = spec["_ablation"]
-                out[name].append({"value": value, "model_id": sid})
+                m = by_id[sid]
+                out[name].append({"value": value, "model_id": sid, "auc": m["auc"],
+                                  "tpr_at_1pct_fpr": {a: t.get("0.01") for a, t in m["tpr_at_fpr"].items()},
+                                  "rouge_l": m["utility"]["rouge_l"]})
         return out
 
     def _examples(self, entries, frames, n: int = 5) -> list[dict]:

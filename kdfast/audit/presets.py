@@ -48,6 +48,7 @@ def tiny() -> AuditConfig:
         attacks=AttacksConfig(ref_second="tiny:gpt2", n_records=48, mope_n=2, mope_block_n=2, bootstrap=50,
                               batch_tokens=4096),
         memorization=MemorizationConfig(n_tokens=8, n_records=24),
+        ablations=AblationsConfig(teacher_topk=[1, 8]),
     )
 
 

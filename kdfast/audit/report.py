@@ -192,6 +192,12 @@ def plot_sizes(results: dict, attack: str, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _plain_kd(results: dict, model: dict) -> dict | None:
+    """The plain KD student of an ablation student's size (full teacher logits, default settings), if audited."""
+    return next((m for m in results["models"] if m["role"] == "student" and m["technique"] == "kd"
+                 and m["size"] == model["size"]), None)
+
+
 def plot_ablations(results: dict, attack: str, path: Path) -> Path | None:
     abl = results.get("ablations") or {}
     panels = [(k, v) for k, v in abl.items() if v]
@@ -204,8 +210,31 @@ def plot_ablations(results: dict, attack: str, path: Path) -> Path | None:
         values = [by_id[e["model_id"]]["auc"].get(attack, np.nan) for e in entries]
         ax.bar(labels, values, color="tab:purple")
         ax.axhline(0.5, color="k", ls=":", lw=0.8)
+        if kd := _plain_kd(results, by_id[entries[0]["model_id"]]):
+            ax.axhline(kd["auc"].get(attack, np.nan), color="tab:green", ls="--", lw=1, label=kd["label"])
+            ax.legend(fontsize=7)
         ax.set(xlabel=name.replace("_", " "), ylabel=f"{attack} AUC", title=f"Ablation: {name.replace('_', ' ')}")
     return _save(fig, path)
+
+
+def _ablation_rows(results: dict, attack: str) -> tuple[list[str], list[list[str]]]:
+    """Each ablation student's leakage (AUC and TPR at 1% FPR of `attack`) and utility, after the plain KD student
+    of its size (teacher_topk: its value is k, the plain KD student's is the full logits)."""
+    header = ["ablation", "value", "model", f"{attack} AUC", f"{attack} TPR@1%FPR", "ROUGE-L"]
+    by_id, rows = {m["id"]: m for m in results["models"]}, []
+
+    def row(name: str, value, m: dict) -> list[str]:
+        tpr = m.get("tpr_at_fpr", {}).get(attack, {}).get("0.01")
+        return [name.replace("_", " "), str(value), m["label"], _fmt(m["auc"].get(attack)), _fmt(tpr, 3),
+                _fmt(m.get("utility", {}).get("rouge_l"), 3)]
+
+    for name, entries in (results.get("ablations") or {}).items():
+        if not entries:
+            continue
+        if kd := _plain_kd(results, by_id[entries[0]["model_id"]]):
+            rows.append(row(name, "all logits" if name == "teacher_topk" else "plain KD", kd))
+        rows += [row(name, e["value"], by_id[e["model_id"]]) for e in entries]
+    return header, rows
 
 
 def _finite(obj):
@@ -378,6 +407,9 @@ def _summary_md(results: dict, main_attack: str) -> str:
         ("Are the models working language models?", markdown_table(*_health_rows(results))),
         ("Memorization and utility", markdown_table(*_memorization_rows(results))),
     ]
+    ablations = _ablation_rows(results, main_attack)
+    if ablations[1]:
+        sections.append(("Ablations: leakage and utility", markdown_table(*ablations)))
     head = (f"# kdfast audit: {md_escape(results['name'])}\n\n{split['private']} members, {split['public']} public, "
             f"{split['nonmembers']} non-members; {md_escape(results['machine'])}; "
             f"{results['time_seconds'] / 60:.1f} min.\n")
@@ -405,6 +437,7 @@ def write_report(results: dict, out: str | Path, main_attack: str = "loss") -> d
     grey = [degenerate(m) for m in results["models"]]
     note = no_finding_note(results)
     note_html = f"<p class='note'>{html.escape(note)}</p>" if note else ""
+    ablation_table = _ablation_rows(results, main_attack)
     sections = [
         ("Membership inference: AUC by model and attack",
          note_html + _html_table(auc_header, auc_rows, grey) + _img(figures["heatmap"])),
@@ -422,6 +455,7 @@ def write_report(results: dict, out: str | Path, main_attack: str = "loss") -> d
         ("Privacy–utility frontier", _frontier_html(results, _img(figures["frontier"]))),
         ("Per-block MoPe", _img(figures["per_block"]) or "<p class='note'>not run</p>"),
         ("Student size and ablations", (_img(figures["sizes"]) + _img(figures["ablations"]))
+         + (_html_table(*ablation_table) if ablation_table[1] else "")
          or "<p class='note'>one student size and no ablations configured</p>"),
     ]
     if not redacted:

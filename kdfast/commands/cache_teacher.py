@@ -5,7 +5,7 @@
 
 Per response token: the top-k ids (int32) and their log-probs under the teacher's full softmax at the temperature
 (float16, or float32 with --logprob-dtype float32). A rerun with the same settings resumes after the last finished
-shard. Use the --max-len / --max-prompt-len the training run will use.
+shard. Use the --max-len / --max-prompt-len / --long-prompts the training run will use.
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the log-probs")
     parser.add_argument("--max-len", type=int, default=512, help="as the training run's max_len (default 512)")
     parser.add_argument("--max-prompt-len", type=int, help="as the training run's (default max_len // 2)")
-    parser.add_argument("--drop-long", action="store_true", help="drop records whose prompt is too long")
+    parser.add_argument("--long-prompts", choices=("truncate", "drop", "error"), default="truncate",
+                        help="a prompt over --max-prompt-len, as the training run's --long-prompts (default truncate)")
     parser.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per teacher forward pass")
     parser.add_argument("--shard-records", type=int, default=1024, help="records per shard file")
     parser.add_argument("--logprob-dtype", choices=tuple(LOGPROB_DTYPES), default="float16")
@@ -47,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
     teacher, tokenizer = load_model(args.teacher, dtype=torch.bfloat16 if args.bf16 else None, device=args.device,
                                     trust_remote_code=args.trust_remote_code)
     summary = cache_teacher(teacher, tokenizer, records, k=args.k, out=args.out, temperature=args.temperature,
-                            max_len=args.max_len, max_prompt_len=args.max_prompt_len, drop_long=args.drop_long,
+                            max_len=args.max_len, max_prompt_len=args.max_prompt_len, long_prompts=args.long_prompts,
                             batch_tokens=args.batch_tokens, shard_records=args.shard_records,
                             logprob_dtype=args.logprob_dtype, progress=args.progress)
     print(summary)

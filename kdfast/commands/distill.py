@@ -126,7 +126,8 @@ def _train(args: argparse.Namespace, cfg: DistillConfig, train, evals, lm) -> in
         student = make_student(teacher, layers, num_layers=args.student_num_layers)
         tokenizer = teacher_tok
     student = student.float()
-    distiller = Distiller(teacher if cfg.needs_teacher else None, student, tokenizer, cfg,
+    teacher = teacher if cfg.needs_teacher else None  # one that only gave the student its blocks is let go
+    distiller = Distiller(teacher, student, tokenizer, cfg,
                           teacher_tokenizer=teacher_tok if cfg.needs_teacher else None)
     sources = {"train": args.data, "eval": args.eval_data, "lm": args.lm_data}
     summary = distiller.train(train, evals, lm, sources={k: v for k, v in sources.items() if v})

@@ -155,7 +155,7 @@ class DistillConfig:
                                 "are lost)", default="fp32")
     # training from cached teacher logits (kdfast cache-teacher; kdfast/distill/teacher_cache.py)
     teacher_cache: str | None = _help("folder of cached top-k teacher log-probs (kdfast cache-teacher): train with "
-                                      "no teacher loaded (kd, seqkd; gkd/distillm with student_gen_fraction=0)",
+                                      "no teacher loaded (kd; gkd/distillm with student_gen_fraction=0)",
                                       default=None)
     teacher_cache_tail: str = _help("how the cached top-k meets the student's softmax: bucket (top-k + the rest, "
                                     "every loss) or renorm (teacher renormalized over its top-k, fkl only)",
@@ -285,11 +285,11 @@ def _check_teacher_cache(cfg: DistillConfig) -> None:
     if cfg.teacher_cache_tail == "renorm" and cfg.loss != "fkl":
         raise DistillError(f"teacher_cache_tail='renorm' supports loss='fkl' only (got {cfg.loss!r}); use "
                            "--teacher-cache-tail bucket")
-    if cfg.technique in ("sft", "imitkd", "minillm"):
+    if cfg.technique in ("sft", "seqkd", "imitkd", "minillm"):
+        why = {"sft": "sft uses no teacher", "seqkd": "it trains on the teacher's own samples, not the records'"}
         raise DistillError(f"technique {cfg.technique!r} cannot train from teacher_cache: "
-                           + ("sft uses no teacher" if cfg.technique == "sft" else
-                              "it needs the teacher on student-generated sequences")
-                           + "; cached training supports kd, seqkd, gkd and distillm")
+                           + why.get(cfg.technique, "it needs the teacher on student-generated sequences")
+                           + "; cached training supports kd, gkd and distillm")
     if cfg.student_gen_fraction != 0:
         shown = "adaptive (None)" if cfg.student_gen_fraction is None else cfg.student_gen_fraction
         raise DistillError(f"teacher_cache holds the teacher on the records' responses only, but "

@@ -103,13 +103,13 @@ def _settings(teacher, tokenizer, k, temperature, max_len, max_prompt_len, logpr
 
 def cache_teacher(teacher: nn.Module, tokenizer, records: list[dict], k: int = 64, out: str | Path = "cache/",
                   temperature: float = 1.0, *, max_len: int = 512, max_prompt_len: int | None = None,
-                  drop_long: bool = False, batch_tokens: int = 8192, shard_records: int = 1024,
+                  long_prompts: str = "truncate", batch_tokens: int = 8192, shard_records: int = 1024,
                   logprob_dtype: str = "float16", progress: bool = True) -> CacheSummary:
     """Run the teacher once over the records' responses and store each token's top-k ids and log-probs.
 
-    records: instruction records (encoded as the trainer encodes them: template, EOS, max_len, max_prompt_len —
-    give the values the training run will use; max_prompt_len None means max_len // 2). One forward pass per
-    token-budget batch (batch_tokens padded tokens); top-k from the hidden states, chunked over tokens.
+    records: instruction records (encoded as the trainer encodes them: template, EOS, max_len, max_prompt_len,
+    long_prompts — give the values the training run will use; max_prompt_len None means max_len // 2). One forward
+    pass per token-budget batch (batch_tokens padded tokens); top-k from the hidden states, chunked over tokens.
     Shards of shard_records records are written atomically and listed in <out>/manifest.json as they finish: a
     rerun with the same settings resumes, one with other settings raises naming what differs.
     """
@@ -123,7 +123,7 @@ def cache_teacher(teacher: nn.Module, tokenizer, records: list[dict], k: int = 6
     if k > vocab:
         raise DistillError(f"k={k} exceeds the vocabulary ({vocab} tokens)")
     max_prompt_len = max_len // 2 if max_prompt_len is None else max_prompt_len
-    items = encode_records(tokenizer, records, max_len, max_prompt_len, "drop" if drop_long else "error", "cache")
+    items = encode_records(tokenizer, records, max_len, max_prompt_len, long_prompts, "cache")
     out = Path(out)
     settings = _settings(teacher, tokenizer, k, temperature, max_len, max_prompt_len, logprob_dtype, shard_records)
     manifest = _start_manifest(out, settings, [sequence_key(it) for it in items], [n_targets(it) for it in items])

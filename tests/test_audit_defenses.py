@@ -99,3 +99,4 @@ def test_defense_settings_are_checked_before_any_work():
         load_config(preset_name="tiny", overrides={"teacher": {"model": "tiny:opt"}, "defenses": {"dp": {}}})
     cfg = preset("defenses")
     assert cfg.students.techniques == ["kd"] and cfg.defenses.dp["epsilon"] == 8.0 and cfg.teacher.model == "smollm2"
+    assert cfg.ablations.teacher_topk == [1, 8, 64]  # logit release: top-k on the same frontier

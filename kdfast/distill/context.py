@@ -16,6 +16,17 @@ from kdfast.models import output_head
 from kdfast.store import seed_from
 
 
+def run_seed(seed: int, rank: int, *key) -> int:
+    """The trainer's seed named by key on process `rank` (RunContext.seed; also SeqKD's capture outside a run)."""
+    return seed_from(seed, rank, *key, bits=56)  # 56 bits: the width the trainer first drew
+
+
+def new_token_limit(prompts: list[list[int]], max_len: int, max_new_tokens: int | None) -> int:
+    """New tokens a generation over `prompts` may take: the room under max_len, capped by max_new_tokens."""
+    room = max_len - max(len(p) for p in prompts)
+    return max(1, min(room, max_new_tokens or room))
+
+
 class RunContext:
     """Shared state of one training run; techniques read it and call its helpers, the loop owns it.
 
@@ -56,7 +67,7 @@ class RunContext:
 
     # randomness: derived from (seed, key) so a resumed run draws exactly what an uninterrupted one draws
     def seed(self, *key) -> int:
-        return seed_from(self.cfg.seed, self.rank, *key, bits=56)  # 56 bits: the width the trainer first drew
+        return run_seed(self.cfg.seed, self.rank, *key)
 
     def rng(self, *key) -> random.Random:
         return random.Random(self.seed(*key))
@@ -93,8 +104,7 @@ class RunContext:
             yield self.student
 
     def max_new_tokens(self, prompts: list[list[int]]) -> int:
-        room = self.cfg.max_len - max(len(p) for p in prompts)
-        return max(1, min(room, self.cfg.max_new_tokens or room))
+        return new_token_limit(prompts, self.cfg.max_len, self.cfg.max_new_tokens)
 
     def generate_student(self, examples: list[Encoded], seed: int) -> list[Encoded]:
         """The examples' prompts with responses sampled from the student (labels = the sampled tokens)."""

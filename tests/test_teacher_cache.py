@@ -1,6 +1,7 @@
 """kdfast.distill.cache_teacher, TeacherCache and training from the cache: the cached rows are the teacher's, captures
 resume, a cache of the whole vocabulary trains exactly as the live teacher, mismatches are named."""
 import json
+import math
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from kdfast.data import bundled_records, load_records
 from kdfast.distill import DistillConfig, Distiller, DistillError
 from kdfast.distill import teacher_cache as tc
 from kdfast.distill.data import encode_records
+from kdfast.distill.techniques.seqkd import Sampling
 from kdfast.store import tokenizer_fingerprint
 
 LEN = dict(max_len=112, max_prompt_len=100)
@@ -114,8 +116,7 @@ def test_cache_mismatches_are_named(tmp_path):
         DistillConfig(technique="gkd", teacher_cache="c")
     with pytest.raises(DistillError, match="student_gen_fraction=0"):
         DistillConfig(technique="distillm", teacher_cache="c")
-    with pytest.raises(DistillError, match="seqkd.*cannot train from teacher_cache: .*teacher's own samples"):
-        DistillConfig(technique="seqkd", teacher_cache="c")
+    assert not DistillConfig(technique="seqkd", teacher_cache="c").needs_teacher  # from a --seqkd capture
     with pytest.raises(DistillError, match="minillm.*cannot train from teacher_cache"):
         DistillConfig(technique="minillm", teacher_cache="c", lm_kd_ratio=0.0)
     with pytest.raises(DistillError, match="renorm"):
@@ -162,3 +163,84 @@ def test_cli_capture_then_distill_without_teacher(tmp_path, capsys, monkeypatch)
         logits = student(torch.tensor([tok("a word")["input_ids"]])).logits
     assert logits.shape[-1] >= len(tok) and torch.isfinite(logits).all()
     assert len(load_records(data)) == 8
+
+
+# SeqKD from a --seqkd capture (tiny LLaMA pair): the samples are the live run's, and no teacher is loaded.
+SEQKD = dict(max_new_tokens=12, gen_batch_size=4)
+
+
+def llama_teacher():
+    return models.tiny_model("llama", seed=1, hidden=32, initializer_range=0.2)
+
+
+def seqkd_capture(out, records, sampling=Sampling(**SEQKD), **kw):
+    return tc.cache_teacher(llama_teacher(), models.tiny_tokenizer(), records, out=out, progress=False, seqkd=True,
+                            sampling=sampling, **{**LEN, **kw})
+
+
+def _seqkd_train(records, cache=None, out=None, **kw):
+    student = models.tiny_model("llama", seed=2, hidden=32)
+    cfg = DistillConfig(**{"technique": "seqkd", "lr": 1e-3, "max_steps": 4, "teacher_cache": cache, "out": out,
+                           "max_new_tokens": SEQKD["max_new_tokens"], **SMALL, **kw})
+    losses = []
+    summary = Distiller(None if cache else llama_teacher(), student, models.tiny_tokenizer(), cfg).train(
+        records, on_step=lambda step, metrics: losses.append(metrics["loss"]))
+    return summary, losses
+
+
+def test_seqkd_from_cache_samples_and_trains_as_the_live_teacher(tmp_path):
+    records = bundled_records()[:8]
+    seqkd_capture(tmp_path / "c", records, k=len(models.tiny_tokenizer()), temperature=1.5, logprob_dtype="float32")
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["seqkd"]["gen_temperature"] == 1.0 and manifest["seqkd"]["max_new_tokens"] == 12
+    kw = dict(temperature=1.5, kd_ratio=0.7)
+    s_live, live = _seqkd_train(records, out=str(tmp_path / "live"), **kw)
+    s_cached, cached = _seqkd_train(records, str(tmp_path / "c"), **kw)
+    drawn = json.loads(next((tmp_path / "live" / "seqkd-cache").glob("teacher-*.json")).read_text())["responses"]
+    captured = json.loads((tmp_path / "c" / "seqkd.json").read_text())["responses"]
+    assert captured == drawn and len(captured) == 8 and all(0 < len(r) <= 12 for r in captured)
+    assert cached == pytest.approx(live, rel=1e-4)  # the KD term read from the cache on the sampled sequences
+    assert all(map(math.isfinite, cached)) and cached[-1] < cached[0]
+    _, ce_only = _seqkd_train(records, str(tmp_path / "c"), temperature=1.5, kd_ratio=0.0, max_steps=2)  # classic SeqKD
+    assert all(map(math.isfinite, ce_only))
+
+
+def test_seqkd_cache_mismatches_are_named(tmp_path):
+    records = bundled_records()[:8]
+    capture(tmp_path / "plain", records, k=4)
+    with pytest.raises(DistillError, match="records' own responses.*--seqkd"):
+        _seqkd_train(records, str(tmp_path / "plain"))
+    seqkd_capture(tmp_path / "s", records, k=4)
+    with pytest.raises(DistillError, match=r"gen_temperature: sampled with 1.0, the run uses 0.7.*same --gen-temp"):
+        _seqkd_train(records, str(tmp_path / "s"), gen_temperature=0.7)
+    with pytest.raises(DistillError, match=r"seed: sampled with 0, the run uses 3.*--seed"):
+        _seqkd_train(records, str(tmp_path / "s"), seed=3)
+    with pytest.raises(DistillError, match="prompts: the cache's samples answer 8 prompts, the run has 12"):
+        _seqkd_train(bundled_records()[:12], str(tmp_path / "s"))
+    with pytest.raises(DistillError, match="own samples.*--technique seqkd"):
+        _train(records, str(tmp_path / "s"))
+    with pytest.raises(DistillError, match="seqkd"):  # the capture refuses another capture's folder
+        seqkd_capture(tmp_path / "s", records, sampling=Sampling(**{**SEQKD, "gen_temperature": 0.5}), k=4)
+
+
+def test_cli_seqkd_capture_then_distill_without_teacher(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in bundled_records()[:8]))
+    lengths = ["--max-len", "112", "--max-prompt-len", "100", "--max-new-tokens", "8", "--no-progress"]
+    assert main(["cache-teacher", "--teacher", "tiny:llama", "--data", str(data), "--k", "8", "--seqkd",
+                 "--gen-batch-size", "4", "--out", str(tmp_path / "c"), *lengths]) == 0
+    assert "bytes/token" in capsys.readouterr().out
+    loaded = []
+    real = models.load_model
+
+    def spy(spec, **kw):
+        loaded.append(spec)
+        return real(spec, **kw)
+
+    monkeypatch.setattr("kdfast.commands.distill.load_model", spy)
+    assert main(["distill", "--student", "tiny:llama", "--technique", "seqkd", "--teacher-cache", str(tmp_path / "c"),
+                 "--data", str(data), "--out", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "4",
+                 *lengths]) == 0
+    assert loaded == ["tiny:llama"]  # the student only
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 and math.isfinite(summary["loss"])

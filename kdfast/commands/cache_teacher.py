@@ -2,10 +2,14 @@
 
   kdfast cache-teacher --teacher MODEL --data train.jsonl --k 64 --temperature 1.0 --out cache/ [--bf16]
   kdfast distill --teacher-cache cache/ --student-layers ... --teacher MODEL --data train.jsonl --out runs/kd
+  kdfast cache-teacher --seqkd ... --out seqkd-cache/    then    kdfast distill --technique seqkd --teacher-cache ...
 
 Per response token: the top-k ids (int32) and their log-probs under the teacher's full softmax at the temperature
 (float16, or float32 with --logprob-dtype float32). A rerun with the same settings resumes after the last finished
-shard. Use the --max-len / --max-prompt-len / --long-prompts the training run will use.
+shard. Use the --max-len / --max-prompt-len / --long-prompts the training run will use. With --seqkd the teacher
+first samples each record's response as `kdfast distill --technique seqkd` does (give the run's --max-new-tokens,
+--gen-temperature, --gen-top-k, --gen-top-p, --seed and --gen-batch-size or --batch-size), and the log-probs are
+captured on those samples.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch
 from kdfast.commands._common import add_fields_argument, add_model_argument, ranged
 from kdfast.data import bundled_records, load_records
 from kdfast.distill.teacher_cache import LOGPROB_DTYPES, cache_teacher
+from kdfast.distill.techniques.seqkd import Sampling
 from kdfast.models import load_model
 from kdfast.validation import PositiveInt
 
@@ -37,9 +42,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-records", type=int, default=1024, help="records per shard file")
     parser.add_argument("--logprob-dtype", choices=tuple(LOGPROB_DTYPES), default="float16")
     parser.add_argument("--bf16", action="store_true", help="run the teacher in bfloat16")
+    _add_sampling_arguments(parser.add_argument_group("seqkd (the training run's values; defaults as distill's)"))
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _add_sampling_arguments(group) -> None:
+    group.add_argument("--seqkd", action="store_true",
+                       help="capture on the teacher's own samples (one per record), for --technique seqkd")
+    group.add_argument("--max-new-tokens", type=int, default=Sampling.max_new_tokens,
+                       help="longest sampled response (default: up to --max-len)")
+    group.add_argument("--gen-temperature", type=float, default=Sampling.gen_temperature)
+    group.add_argument("--gen-top-k", type=int, default=Sampling.gen_top_k, help="0: off")
+    group.add_argument("--gen-top-p", type=float, default=Sampling.gen_top_p, help="1: off")
+    group.add_argument("--seed", type=int, default=Sampling.seed)
+    group.add_argument("--gen-batch-size", type=int, default=Sampling.gen_batch_size,
+                       help="the run's --gen-batch-size, else its --batch-size (default 8): the seeded draws depend "
+                            "on the batches")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -50,6 +70,14 @@ def main(args: argparse.Namespace) -> int:
     summary = cache_teacher(teacher, tokenizer, records, k=args.k, out=args.out, temperature=args.temperature,
                             max_len=args.max_len, max_prompt_len=args.max_prompt_len, long_prompts=args.long_prompts,
                             batch_tokens=args.batch_tokens, shard_records=args.shard_records,
-                            logprob_dtype=args.logprob_dtype, progress=args.progress)
+                            logprob_dtype=args.logprob_dtype, seqkd=args.seqkd, sampling=_sampling(args),
+                            progress=args.progress)
     print(summary)
     return 0
+
+
+def _sampling(args: argparse.Namespace) -> Sampling | None:
+    if not args.seqkd:
+        return None
+    return Sampling(args.max_new_tokens, args.gen_temperature, args.gen_top_k, args.gen_top_p, args.seed,
+                    args.gen_batch_size)

@@ -155,7 +155,8 @@ class DistillConfig:
                                 "are lost)", default="fp32")
     # training from cached teacher logits (kdfast cache-teacher; kdfast/distill/teacher_cache.py)
     teacher_cache: str | None = _help("folder of cached top-k teacher log-probs (kdfast cache-teacher): train with "
-                                      "no teacher loaded (kd; gkd/distillm with student_gen_fraction=0)",
+                                      "no teacher loaded (kd; gkd/distillm with student_gen_fraction=0; seqkd "
+                                      "from a --seqkd capture)",
                                       default=None)
     teacher_cache_tail: str = _help("how the cached top-k meets the student's softmax: bucket (top-k + the rest, "
                                     "every loss) or renorm (teacher renormalized over its top-k, fkl only)",
@@ -278,18 +279,18 @@ def _unit(name: str, value: float) -> None:
 
 
 def _check_teacher_cache(cfg: DistillConfig) -> None:
-    """A cache holds the teacher on the records' own responses: no technique may ask it about other sequences."""
+    """A cache holds the teacher on the records' own responses (seqkd: on its samples, a --seqkd capture, checked
+    where the cache is opened): no technique may ask it about other sequences."""
     _choice("teacher_cache_tail", cfg.teacher_cache_tail, ("bucket", "renorm"))
     if cfg.teacher_cache is None:
         return
     if cfg.teacher_cache_tail == "renorm" and cfg.loss != "fkl":
         raise DistillError(f"teacher_cache_tail='renorm' supports loss='fkl' only (got {cfg.loss!r}); use "
                            "--teacher-cache-tail bucket")
-    if cfg.technique in ("sft", "seqkd", "imitkd", "minillm"):
-        why = {"sft": "sft uses no teacher", "seqkd": "it trains on the teacher's own samples, not the records'"}
-        raise DistillError(f"technique {cfg.technique!r} cannot train from teacher_cache: "
-                           + why.get(cfg.technique, "it needs the teacher on student-generated sequences")
-                           + "; cached training supports kd, gkd and distillm")
+    if cfg.technique in ("sft", "imitkd", "minillm"):
+        why = "sft uses no teacher" if cfg.technique == "sft" else "it needs the teacher on student-generated sequences"
+        raise DistillError(f"technique {cfg.technique!r} cannot train from teacher_cache: {why}; cached training "
+                           "supports kd, gkd, distillm and seqkd (from a `kdfast cache-teacher --seqkd` capture)")
     if cfg.student_gen_fraction != 0:
         shown = "adaptive (None)" if cfg.student_gen_fraction is None else cfg.student_gen_fraction
         raise DistillError(f"teacher_cache holds the teacher on the records' responses only, but "

@@ -2,13 +2,14 @@
 memory-mapped, and train from them with no teacher loaded (kdfast cache-teacher, DistillConfig.teacher_cache).
 
 Per response token the cache holds the top-k ids (int32) and their log-probs under the teacher's full softmax at
-the temperature (float16 by default, or float32): k·6 (k·8) bytes a token.
+the temperature (float16 by default, or float32): k·6 (k·8) bytes a token. A `--seqkd` capture first has the
+teacher sample each record's response as SeqKD does (kept in seqkd.json) and holds the top-k on those.
 """
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +23,19 @@ from tqdm.auto import tqdm
 from kdfast.data import IGNORE_INDEX, Encoded, next_token_targets, pad_batch, token_budget_batches
 from kdfast.data import template as template_module
 from kdfast.distill.config import DistillError
-from kdfast.distill.data import encode_records
-from kdfast.io import atomic_path, atomic_write_json
+from kdfast.distill.data import encode_records, prompt_of, with_response
+from kdfast.distill.techniques.seqkd import Sampling, sample_responses
+from kdfast.generation import eval_mode
+from kdfast.io import atomic_path, atomic_write_json, atomic_write_text
 from kdfast.models import ModelError, hidden_and_head, inference_context, model_device, output_head
-from kdfast.store import digest_bytes, model_fingerprint, tokenizer_fingerprint
+from kdfast.store import digest, digest_bytes, model_fingerprint, tokenizer_fingerprint
 
 FORMAT = "kdfast-teacher-cache/1"
 MANIFEST = "manifest.json"
+SEQKD = "seqkd.json"  # a --seqkd capture's sampled responses (token ids), in record order
+# Sampling settings a seqkd run must share with its cache, and the flag of each (gen_batch_size only reorders draws).
+SAMPLING_FLAGS = {"max_new_tokens": "--max-new-tokens", "gen_temperature": "--gen-temperature",
+                  "gen_top_k": "--gen-top-k", "gen_top_p": "--gen-top-p", "seed": "--seed"}
 LOGPROB_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 # Logit elements of one top-k chunk: the [chunk, V] fp32 logits are the only vocabulary-wide temporary.
 TOPK_CHUNK_ELEMENTS = 1 << 25
@@ -95,16 +102,19 @@ def _topk_of_logits(logits: torch.Tensor, k: int, temperature: float) -> tuple[t
     return ids.to(torch.int32), values - torch.logsumexp(z, dim=-1, keepdim=True)
 
 
-def _settings(teacher, tokenizer, k, temperature, max_len, max_prompt_len, logprob_dtype, shard_records) -> dict:
+def _settings(teacher, tokenizer, k, temperature, max_len, max_prompt_len, logprob_dtype, shard_records,
+              seqkd: dict | None) -> dict:
     return {"format": FORMAT, "teacher": model_fingerprint(teacher), "tokenizer": tokenizer_fingerprint(tokenizer),
             "template": template_hash(), "k": k, "temperature": temperature, "max_len": max_len,
-            "max_prompt_len": max_prompt_len, "logprob_dtype": logprob_dtype, "shard_records": shard_records}
+            "max_prompt_len": max_prompt_len, "logprob_dtype": logprob_dtype, "shard_records": shard_records,
+            "seqkd": seqkd}
 
 
 def cache_teacher(teacher: nn.Module, tokenizer, records: list[dict], k: int = 64, out: str | Path = "cache/",
                   temperature: float = 1.0, *, max_len: int = 512, max_prompt_len: int | None = None,
                   long_prompts: str = "truncate", batch_tokens: int = 8192, shard_records: int = 1024,
-                  logprob_dtype: str = "float16", progress: bool = True) -> CacheSummary:
+                  logprob_dtype: str = "float16", seqkd: bool = False, sampling: Sampling | None = None,
+                  progress: bool = True) -> CacheSummary:
     """Run the teacher once over the records' responses and store each token's top-k ids and log-probs.
 
     records: instruction records (encoded as the trainer encodes them: template, EOS, max_len, max_prompt_len,
@@ -112,6 +122,10 @@ def cache_teacher(teacher: nn.Module, tokenizer, records: list[dict], k: int = 6
     pass per token-budget batch (batch_tokens padded tokens); top-k from the hidden states, chunked over tokens.
     Shards of shard_records records are written atomically and listed in <out>/manifest.json as they finish: a
     rerun with the same settings resumes, one with other settings raises naming what differs.
+
+    seqkd=True: the teacher first samples one response per record exactly as SeqKD does (`sampling`, default
+    DistillConfig's settings; give the training run's), the samples replace the records' responses and are kept in
+    <out>/seqkd.json, and the top-k is captured on them; the manifest's "seqkd" entry records the settings.
     """
     if not (isinstance(k, int) and k >= 1):
         raise DistillError(f"k must be a positive int, got {k!r}")
@@ -122,12 +136,23 @@ def cache_teacher(teacher: nn.Module, tokenizer, records: list[dict], k: int = 6
     vocab = len(tokenizer)
     if k > vocab:
         raise DistillError(f"k={k} exceeds the vocabulary ({vocab} tokens)")
+    if sampling is not None and not seqkd:
+        raise DistillError("sampling settings apply to a seqkd capture only: pass seqkd=True (--seqkd)")
+    sampling = sampling or Sampling()
     max_prompt_len = max_len // 2 if max_prompt_len is None else max_prompt_len
     items = encode_records(tokenizer, records, max_len, max_prompt_len, long_prompts, "cache")
     out = Path(out)
-    settings = _settings(teacher, tokenizer, k, temperature, max_len, max_prompt_len, logprob_dtype, shard_records)
-    manifest = _start_manifest(out, settings, [sequence_key(it) for it in items], [n_targets(it) for it in items])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompts = [prompt_of(it) for it in items]
+    sampled = {**asdict(sampling), "prompts": digest(prompts)} if seqkd else None
+    settings = _settings(teacher, tokenizer, k, temperature, max_len, max_prompt_len, logprob_dtype, shard_records,
+                         sampled)
+    if seqkd:
+        _old_manifest(out, settings)  # another capture's folder is refused before sampling over its seqkd.json
+        responses = _teacher_samples(teacher, prompts, sampling, max_len, pad_id, tokenizer.eos_token_id,
+                                     out / SEQKD, progress)
+        items = [with_response(it, r, max_len) for it, r in zip(items, responses)]
+    manifest = _start_manifest(out, settings, [sequence_key(it) for it in items], [n_targets(it) for it in items])
     started, written = time.perf_counter(), 0
     total_tokens = sum(manifest["tokens"])
     bar = tqdm(total=total_tokens, desc=f"cache-teacher k={k}", unit="tok", disable=not progress, dynamic_ncols=True)
@@ -156,21 +181,48 @@ def cache_teacher(teacher: nn.Module, tokenizer, records: list[dict], k: int = 6
                         time.perf_counter() - started, written)
 
 
-def _start_manifest(out: Path, settings: dict, keys: list[str], tokens: list[int]) -> dict:
-    """The manifest of a fresh cache, or of the partial/finished one in `out` when its settings match."""
-    path = out / MANIFEST
+def _teacher_samples(teacher, prompts: list[list[int]], sampling: Sampling, max_len: int, pad_id: int,
+                     eos_id: int | None, path: Path, progress: bool) -> list[list[int]]:
+    """SeqKD's teacher samples of the prompts, drawn once: a rerun of the capture reads them from `path`."""
+    drawn = {"teacher": model_fingerprint(teacher), "prompts": digest(prompts), "sampling": asdict(sampling),
+             "max_len": max_len, "eos": eos_id}
     if path.exists():
         old = json.loads(path.read_text())
-        differ = [f"{name}: cached {old.get(name)!r}, now {value!r}" for name, value in settings.items()
-                  if old.get(name) != value]
+        if all(old.get(name) == value for name, value in drawn.items()):
+            return old["responses"]
+    with eval_mode(teacher):  # as the trainer's teacher: no dropout
+        responses = sample_responses(teacher, prompts, sampling, max_len, pad_id=pad_id, eos_id=eos_id,
+                                     autocast=lambda: inference_context(model_device(teacher)), progress=progress)
+    atomic_write_text(path, json.dumps({**drawn, "responses": responses}))
+    return responses
+
+
+def _old_manifest(out: Path, settings: dict) -> dict | None:
+    """The manifest of the cache already in `out` (None: none), raising when it was made with other settings."""
+    path = out / MANIFEST
+    if not path.exists():
+        return None
+    old = json.loads(path.read_text())
+    # .get: a cache from before --seqkd existed has no "seqkd" entry, which means None (the records' responses)
+    differ = [f"{name}: cached {old.get(name)!r}, now {value!r}" for name, value in settings.items()
+              if old.get(name) != value]
+    if differ:
+        raise DistillError(f"{out} holds a teacher cache made with other settings ({'; '.join(differ)}); "
+                           f"choose another --out or delete that folder")
+    return old
+
+
+def _start_manifest(out: Path, settings: dict, keys: list[str], tokens: list[int]) -> dict:
+    """The manifest of a fresh cache, or of the partial/finished one in `out` when its settings match."""
+    old = _old_manifest(out, settings)
+    if old is not None:
         if old.get("keys") != keys:
-            differ.append(f"records: {len(old.get('keys', []))} cached, {len(keys)} now, or their text differs")
-        if differ:
-            raise DistillError(f"{out} holds a teacher cache made with other settings ({'; '.join(differ)}); "
+            raise DistillError(f"{out} holds a teacher cache made with other settings (records: "
+                               f"{len(old.get('keys', []))} cached, {len(keys)} now, or their text differs); "
                                f"choose another --out or delete that folder")
         return old
     manifest = {**settings, "keys": keys, "tokens": tokens, "shards": [], "complete": False}
-    atomic_write_json(path, manifest)
+    atomic_write_json(out / MANIFEST, manifest)
     return manifest
 
 
@@ -279,12 +331,49 @@ def open_for_training(ctx) -> TeacherCache:
     """The run's teacher cache (DistillConfig.teacher_cache), checked against its tokenizer, settings and records."""
     cfg = ctx.cfg
     cache = TeacherCache(cfg.teacher_cache)
+    _check_responses(cache, cfg.technique)
     cache.check(ctx.tokenizer, ctx.train, temperature=cfg.temperature, max_len=cfg.max_len,
                 max_prompt_len=cfg.max_prompt_len)
     vocab = _vocab_rows(ctx.student)
     if cache.k > vocab:
         raise DistillError(f"teacher_cache has k={cache.k} but the student's vocabulary only {vocab} entries")
     return cache
+
+
+def _check_responses(cache: TeacherCache, technique: str) -> None:
+    """seqkd trains on the teacher's samples, every other technique on the records' responses: the cache must hold
+    the teacher on the same ones."""
+    sampled = cache.manifest.get("seqkd") is not None
+    if technique == "seqkd" and not sampled:
+        raise DistillError(f"teacher_cache={str(cache.path)!r} holds the teacher on the records' own responses, but "
+                           "seqkd trains on the teacher's samples: capture them with `kdfast cache-teacher --seqkd` "
+                           "(cache_teacher(..., seqkd=True))")
+    if sampled and technique != "seqkd":
+        raise DistillError(f"teacher_cache={str(cache.path)!r} holds the teacher on its own samples (captured with "
+                           f"--seqkd), not on the records' responses: train it with --technique seqkd, or capture "
+                           f"without --seqkd for {technique}")
+
+
+def seqkd_responses(path: str | Path, sampling: Sampling, prompts: list[list[int]]) -> list[list[int]]:
+    """The teacher samples of a `--seqkd` cache, one per prompt, once its sampling settings and prompts are
+    checked against the seqkd run's (a difference raises naming it and the capture flag that fixes it)."""
+    cache = TeacherCache(path)
+    _check_responses(cache, "seqkd")
+    cached, run = cache.manifest["seqkd"], asdict(sampling)
+    differ = [f"{name}: sampled with {cached[name]!r}, the run uses {run[name]!r}" for name in SAMPLING_FLAGS
+              if cached[name] != run[name]]
+    flags = [SAMPLING_FLAGS[name] for name in SAMPLING_FLAGS if cached[name] != run[name]]
+    if cached["prompts"] != digest(prompts):
+        differ.append(f"prompts: the cache's samples answer {len(cache.manifest['keys'])} prompts, the run has "
+                      f"{len(prompts)} or their text differs")
+        flags.append("records, --max-prompt-len and --long-prompts")
+    if differ:
+        raise DistillError(f"teacher_cache={str(path)!r} holds teacher samples that do not match this seqkd run ("
+                           + "; ".join(differ) + "): capture with `kdfast cache-teacher --seqkd` and the same "
+                           + ", ".join(flags) + " as the run, or train with the cached values")
+    if not (cache.path / SEQKD).exists():
+        raise DistillError(f"{cache.path / SEQKD} is missing: rerun the same `kdfast cache-teacher --seqkd` command")
+    return json.loads((cache.path / SEQKD).read_text())["responses"]
 
 
 def _vocab_rows(model: nn.Module) -> int:

@@ -80,15 +80,23 @@ class SeqKD(DivergenceTechnique):
     The loss on them is the KD loss (kd_ratio = 1, as the study's code did); kd_ratio = 0 gives classic SeqKD
     (cross-entropy on the teacher's outputs, no teacher forward during training). The samples are cached in
     `seqkd_cache` (default <out>/seqkd-cache) under a hash of the teacher's weights, the prompts and the sampling
-    settings, so a rerun or a resumed run reuses them.
+    settings, so a rerun or a resumed run reuses them. With `teacher_cache` (captured by `kdfast cache-teacher
+    --seqkd`) the samples and the KD term's top-k come from that cache, and no teacher is loaded.
     """
 
     name = "seqkd"
 
     def prepare(self) -> None:
         ctx, cfg = self.ctx, self.cfg
-        responses = self._live_responses([prompt_of(e) for e in ctx.train])
+        prompts = [prompt_of(e) for e in ctx.train]
+        if cfg.teacher_cache:
+            from kdfast.distill.teacher_cache import seqkd_responses
+
+            responses = seqkd_responses(cfg.teacher_cache, Sampling.of(cfg), prompts)
+        else:
+            responses = self._live_responses(prompts)
         ctx.train = [with_response(e, r, cfg.max_len) for e, r in zip(ctx.train, responses)]
+        super().prepare()  # opens the teacher cache, checked against the sampled sequences
 
     def _live_responses(self, prompts: list[list[int]]) -> list[list[int]]:
         """The live teacher's samples, from `seqkd_cache` when an earlier run drew them."""

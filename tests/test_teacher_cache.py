@@ -140,12 +140,8 @@ def test_gkd_ground_truth_batches_and_resume_from_cache(tmp_path):
     assert again.loss == summary.loss
 
 
-def test_cli_capture_then_distill_without_teacher(tmp_path, capsys, monkeypatch):
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in bundled_records()[:8]))
-    assert main(["cache-teacher", "--teacher", "tiny:opt", "--data", str(data), "--k", "8", "--out",
-                 str(tmp_path / "c"), "--max-len", "112", "--max-prompt-len", "100", "--no-progress"]) == 0
-    assert "bytes/token" in capsys.readouterr().out
+def _spy_on_loads(monkeypatch) -> list[str]:
+    """The model specs `kdfast distill` loads, in order."""
     loaded = []
     real = models.load_model
 
@@ -154,6 +150,16 @@ def test_cli_capture_then_distill_without_teacher(tmp_path, capsys, monkeypatch)
         return real(spec, **kw)
 
     monkeypatch.setattr("kdfast.commands.distill.load_model", spy)
+    return loaded
+
+
+def test_cli_capture_then_distill_without_teacher(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in bundled_records()[:8]))
+    assert main(["cache-teacher", "--teacher", "tiny:opt", "--data", str(data), "--k", "8", "--out",
+                 str(tmp_path / "c"), "--max-len", "112", "--max-prompt-len", "100", "--no-progress"]) == 0
+    assert "bytes/token" in capsys.readouterr().out
+    real, loaded = models.load_model, _spy_on_loads(monkeypatch)
     assert main(["distill", "--student", "tiny:opt", "--technique", "kd", "--teacher-cache", str(tmp_path / "c"),
                  "--data", str(data), "--out", str(tmp_path / "run"), "--max-len", "112", "--max-prompt-len", "100",
                  "--max-steps", "2", "--batch-size", "4", "--no-progress"]) == 0
@@ -230,14 +236,7 @@ def test_cli_seqkd_capture_then_distill_without_teacher(tmp_path, capsys, monkey
     assert main(["cache-teacher", "--teacher", "tiny:llama", "--data", str(data), "--k", "8", "--seqkd",
                  "--gen-batch-size", "4", "--out", str(tmp_path / "c"), *lengths]) == 0
     assert "bytes/token" in capsys.readouterr().out
-    loaded = []
-    real = models.load_model
-
-    def spy(spec, **kw):
-        loaded.append(spec)
-        return real(spec, **kw)
-
-    monkeypatch.setattr("kdfast.commands.distill.load_model", spy)
+    loaded = _spy_on_loads(monkeypatch)
     assert main(["distill", "--student", "tiny:llama", "--technique", "seqkd", "--teacher-cache", str(tmp_path / "c"),
                  "--data", str(data), "--out", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "4",
                  *lengths]) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -124,6 +125,33 @@ def check_quantize(quantize: str | None) -> None:
         raise ModelError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)} (or none)")
 
 
+def import_bitsandbytes():
+    """bitsandbytes, imported so that it fetches nothing from the Hub.
+
+    On a CPU with AVX512-BF16 its import asks the Hub for a CPU kernel (a network request, then remote code to
+    run); kdfast runs no remote code, so the import sees the Hub as offline and bitsandbytes keeps its built-in CPU
+    path, without the warning it logs when the kernel is missing. Every kdfast use of bitsandbytes comes here first.
+    """
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    import logging
+
+    from huggingface_hub import constants
+
+    logs = [logging.getLogger(name) for name in ("bitsandbytes", "kernels")]
+    offline, levels = constants.HF_HUB_OFFLINE, [log.level for log in logs]
+    constants.HF_HUB_OFFLINE = True
+    for log in logs:
+        log.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
+    return bitsandbytes
+
+
 def bnb_config(quantize: str, device: torch.device | str = "cuda"):
     """transformers.BitsAndBytesConfig for "nf4" (double quantization, bf16 compute where bf16 is native on `device`,
     else fp32) or "int8" (LLM.int8()).
@@ -133,6 +161,7 @@ def bnb_config(quantize: str, device: torch.device | str = "cuda"):
     from transformers import BitsAndBytesConfig
 
     check_quantize(quantize)
+    import_bitsandbytes()  # before transformers' quantizer imports it
     skip = ["lm_head"]
     if quantize == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

@@ -28,8 +28,9 @@ def build_optimizer(name: str, groups: list[dict], *, lr: float, betas: tuple[fl
         fused = device.type == "cuda"
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
     if name in ("adamw_8bit", "paged_adamw_8bit"):
-        import bitsandbytes as bnb
+        from kdfast.models import import_bitsandbytes
 
+        bnb = import_bitsandbytes()
         cls = bnb.optim.AdamW8bit if name == "adamw_8bit" else bnb.optim.PagedAdamW8bit
         return cls(groups, lr=lr, betas=betas, eps=eps)
     if name == "adafactor":

@@ -1,0 +1,57 @@
+"""Issue 13's search: KD and SFT students of the default preset at other sizes and epochs, judged by the audit's own
+memorization (ROUGE-L) and health stages, reusing the teacher of a finished `make audit` run folder.
+
+python scripts/student_health_search.py [CANDIDATE ...] [--out runs/default]
+  -> one JSON line per student (ROUGE-L, empty answers, repeated 4-grams, distinct-2, held-out cross-entropy)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from kdfast.audit.config import load_config
+from kdfast.audit.pipeline import Audit
+
+CANDIDATES = {
+    "small": dict(layers=[0, 10, 20, 29]),
+    "b8": dict(layers=[0, 4, 8, 12, 16, 20, 24, 29]),
+    "b15": dict(layers=list(range(0, 30, 2))),
+    "small-e6": dict(layers=[0, 10, 20, 29], epochs=6.0),
+}
+HEALTH = ("empty_rate", "repeated_4gram", "distinct_2", "cross_entropy")
+
+
+def search(name: str, out: str) -> None:
+    candidate = CANDIDATES[name]
+    cfg = load_config(preset_name="default")  # as `make audit` resolves it, so its teacher stage is reused
+    cfg.students.sizes = {name: candidate["layers"]}
+    cfg.students.epochs = candidate.get("epochs", cfg.students.epochs)
+    audit = Audit(cfg, out, progress=False)
+    audit.data()
+    audit.base()
+    teacher = audit.teacher()
+    started = time.time()
+    for technique in ("kd", "sft"):
+        entry = audit.student(teacher, f"{name}/{technique}", "student", f"{technique} ({name})", name,
+                              {"technique": technique})
+        mem = audit.memorize(entry)
+        health = audit.health(entry, mem)
+        print(json.dumps({"candidate": name, "technique": technique, "seconds": round(time.time() - started),
+                          "rouge_l": mem["rouge_l"], **{k: health[k] for k in HEALTH}}), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("candidates", nargs="*", help=f"of {', '.join(CANDIDATES)} (default: all)")
+    parser.add_argument("--out", default="runs/default", help="a finished default audit's run folder")
+    args = parser.parse_args()
+    unknown = sorted(set(args.candidates) - set(CANDIDATES))
+    if unknown:
+        parser.error(f"unknown candidate {', '.join(unknown)}; choose from {', '.join(CANDIDATES)}")
+    for name in args.candidates or CANDIDATES:
+        search(name, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -18,6 +18,7 @@ CANDIDATES = {
     "b8": dict(layers=[0, 4, 8, 12, 16, 20, 24, 29]),
     "b15": dict(layers=list(range(0, 30, 2))),
     "small-e6": dict(layers=[0, 10, 20, 29], epochs=6.0),
+    "small-e12": dict(layers=[0, 10, 20, 29], epochs=12.0),
 }
 HEALTH = ("empty_rate", "repeated_4gram", "distinct_2", "cross_entropy")
 

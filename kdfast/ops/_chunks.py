@@ -8,7 +8,14 @@ from collections.abc import Callable
 import torch
 
 from kdfast.ops._checks import FLOAT_DTYPES, check_label_values, raise_if_nonfinite
-from kdfast.ops.divergence import BAD_STUDENT, BAD_TEACHER, DivergenceOut, check_loss_args, resolve_backend
+from kdfast.ops.divergence import (
+    BAD_STUDENT,
+    BAD_TEACHER,
+    DivergenceOut,
+    check_loss_args,
+    resolve_backend,
+    times_grad_output,
+)
 from kdfast.runtime import FUSED_LINEAR_CPU_CHUNK_BYTES, FUSED_LINEAR_GPU_CHUNK_BYTES, FUSED_LINEAR_GPU_MIN_CHUNK
 
 REDUCTIONS = ("mean", "sum")
@@ -114,8 +121,7 @@ def _sum_chunks(spec, head, hs2, labels, rows, n, scale, grads, divergence, teac
 
 def scaled_saved(ctx, grad_output: torch.Tensor) -> list[torch.Tensor | None]:
     """The backward of the fused-linear Functions: the gradients the forward saved, times grad_output."""
-    return [None if g is None else (g if bool(grad_output == 1) else g * grad_output.to(g.dtype))
-            for g in ctx.saved_tensors]
+    return [times_grad_output(g, grad_output, False) for g in ctx.saved_tensors]
 
 
 class Grads:

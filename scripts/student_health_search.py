@@ -36,8 +36,8 @@ def search(name: str, out: str) -> None:
     for technique in ("kd", "sft"):
         entry = audit.student(teacher, f"{name}/{technique}", "student", f"{technique} ({name})", name,
                               {"technique": technique})
-        mem = audit.memorize(entry)
-        health = audit.health(entry, mem)
+        mem, mem_folder = audit.memorize(entry)
+        health = audit.health(entry, mem_folder)
         print(json.dumps({"candidate": name, "technique": technique, "seconds": round(time.time() - started),
                           "rouge_l": mem["rouge_l"], **{k: health[k] for k in HEALTH}}), flush=True)
 

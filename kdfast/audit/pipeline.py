@@ -1,23 +1,28 @@
-"""The audit: data → teacher → students → attacks, memorization, per-block MoPe → report (docs/design.md §5–§7)."""
+"""The audit's stages: data → teacher → students → attacks, memorization, per-block MoPe (docs/design.md §5–§7);
+kdfast.audit.results assembles what they wrote into results.json."""
 from __future__ import annotations
 
 import json
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import torch
 
 from kdfast import attacks, memorization
 from kdfast.audit import defenses
 from kdfast.audit.calibrated import CalibratedReferences
 from kdfast.audit.config import AuditConfig, ConfigError, check_teacher_topk_vocab, student_settings
-from kdfast.audit.degeneracy import DegeneracyRule, degeneracy_metrics, degeneracy_reasons
-from kdfast.audit.frontier import frontier_points
+from kdfast.audit.degeneracy import degeneracy_metrics
 from kdfast.audit.report import auc_table, text_table, write_report
+from kdfast.audit.results import (
+    MEMORIZATION_FILE,
+    SCORES_FILE,
+    Evaluation,
+    assemble,
+    machine_name,
+    memorization_table,
+)
 from kdfast.audit.utility import greedy_responses, mean_rouge_l
 from kdfast.data import RecordError, bundled_records, encode_all, load_hub_dataset, load_records, study_split
 from kdfast.distill import DistillConfig, Distiller, make_student
@@ -323,7 +328,7 @@ class Audit:
             if "loss" not in a.attacks:
                 table = table.drop(columns="loss")
             table = attacks.with_percentiles(table)
-            table.to_parquet(work / "scores.parquet")
+            table.to_parquet(work / SCORES_FILE)
             return {"metrics": attacks.evaluate(table, n_bootstrap=a.bootstrap, seed=self.cfg.seed,
                                                 calibration=a.calibration), "records_cut_to_max_len": n_cut}
 
@@ -354,7 +359,8 @@ class Audit:
 
         return self.stages.run(f"blocks-{entry.id.replace('/', '-')}", inputs, run)[0]["auc"]
 
-    def memorize(self, entry: ModelEntry) -> dict:
+    def memorize(self, entry: ModelEntry) -> tuple[dict, Path]:
+        """(result, folder) of the memorization stage for `entry`: consumers read this folder's per-record table."""
         m = self.cfg.memorization
         records = self.members[: self.n_mem] + self.nonmembers[: self.n_mem]
         inputs = {"model": entry.key, "data": self.digest["attack"], "memorization": asdict(m)}
@@ -368,7 +374,7 @@ class Audit:
                                               progress=self.progress)
             frame = res.to_frame()
             frame["member"] = [1] * self.n_mem + [0] * self.n_mem
-            frame.to_parquet(work / "records.parquet")
+            frame.to_parquet(work / MEMORIZATION_FILE)
             held_out = self.nonmembers[: self.n_mem]
             texts = (res.generated[self.n_mem:] if m.utility_tokens in (None, m.n_tokens) else
                      greedy_responses(model, tok, held_out, m.utility_tokens, m.batch_size, self.progress))
@@ -383,10 +389,9 @@ class Audit:
 
         result, folder = self.stages.run(f"memorization-{entry.id.replace('/', '-')}", inputs, run)
         self.cut.setdefault(entry.id, {})["memorization"] = result.pop("records_cut_to_max_len", None)
-        result["records"] = str(folder / "records.parquet")
-        return result
+        return result, folder
 
-    def health(self, entry: ModelEntry, mem: dict) -> dict:
+    def health(self, entry: ModelEntry, mem_folder: Path) -> dict:
         """degeneracy_metrics of a model: its greedy answers to the memorization's non-member prompts and its
         cross-entropy on those records' responses (mean over records of nats per response token)."""
         a = self.cfg.attacks
@@ -394,7 +399,7 @@ class Audit:
                   "batch_tokens": a.batch_tokens, "autocast": a.autocast}
 
         def run(work: Path) -> dict:
-            generations = pd.read_parquet(mem["records"])["generated"].astype(str).tolist()[self.n_mem:]
+            generations = memorization_table(mem_folder)["generated"].astype(str).tolist()[self.n_mem:]
             model, tok = self.model(entry.path)
             table = attacks.score(model, tok, self.nonmembers[: self.n_mem], ["loss"], batch_tokens=a.batch_tokens,
                                   autocast=a.autocast, progress=self.progress)
@@ -429,108 +434,28 @@ class Audit:
         for spec in wanted.values():
             self.forget(spec)
         calibrated = CalibratedReferences(self, teacher) if self.cfg.attacks.calibrated else None
-        rows = []
+        evaluations = []
         for entry in entries:
-            rows.append(self._evaluate(entry, refs, calibrated))
+            evaluations.append(self._evaluate(entry, refs, calibrated))
             self.forget(entry.path)
-        results = self._results(entries, rows, time.time() - started)
+        results = assemble(self.cfg, entries, evaluations, plan=self.student_plan(), members=self.members,
+                           n_mem=self.n_mem, split=self.split_counts, blocks_of=self.blocks_of, privacy=self.privacy,
+                           cut=self.cut, risk=self.risk,
+                           stages={"ran": self.stages.ran, "reused": self.stages.reused},
+                           machine=machine_name(self.device), seconds=time.time() - started)
         paths = write_report(results, self.out)
         self.log("\n" + text_table(*auc_table(results)))
-        for entry, row in zip(entries, rows):
-            if left_out := attacks.left_out_text(row["metrics"]):
+        for entry, evaluation in zip(entries, evaluations):
+            if left_out := attacks.left_out_text(evaluation.metrics):
                 self.log(f"{entry.label}: left out of its figures (non-finite scores): {left_out}")
         self.log(f"\nReport: {paths['report']}\nResults: {paths['results']}  Summary: {paths['summary']}")
         return results
 
-    def _evaluate(self, entry: ModelEntry, refs: dict, calibrated: CalibratedReferences | None = None) -> dict:
-        metrics, folder = self.attack(entry, refs, calibrated)
-        mem = self.memorize(entry)
+    def _evaluate(self, entry: ModelEntry, refs: dict, calibrated: CalibratedReferences | None = None) -> Evaluation:
+        metrics, attack_folder = self.attack(entry, refs, calibrated)
+        mem, mem_folder = self.memorize(entry)
         blocks = self.blocks(entry) if self.cfg.attacks.mope_block and entry.role != "teacher" else None
-        return {"metrics": metrics, "scores": folder / "scores.parquet", "memorization": mem, "mope_block": blocks,
-                "health": self.health(entry, mem)}
-
-    def _results(self, entries: list[ModelEntry], rows: list[dict], seconds: float) -> dict:
-        columns = list(dict.fromkeys(c for r in rows for c in r["metrics"]))
-        models, mem_frames, rule = [], {}, DegeneracyRule()
-        teacher_ce = next((r["health"]["cross_entropy"] for e, r in zip(entries, rows) if e.role == "teacher"), None)
-        for entry, row in zip(entries, rows):
-            reasons = degeneracy_reasons(row["health"], teacher_ce if entry.role != "teacher" else None, rule)
-            metrics = row["metrics"]
-            mem = {k: v for k, v in row["memorization"].items() if k not in ("records", "_seconds", "rouge_l")}
-            models.append({
-                "id": entry.id, "role": entry.role, "label": entry.label, "technique": entry.technique,
-                "size": entry.size,
-                "auc": {c: m["auc"] for c, m in metrics.items()},
-                "auc_ci95": {c: m["auc_ci95"] for c, m in metrics.items()},
-                "tpr_at_fpr": {c: m["tpr_at_fpr"] for c, m in metrics.items()},
-                "calibrated": {c: m.get("calibrated") for c, m in metrics.items()},
-                "roc": {c: m["roc"] for c, m in metrics.items()},
-                "left_out": {c: m.get("left_out") for c, m in metrics.items()},  # NaN / ±inf scores per column
-                "memorization": mem, "utility": {"rouge_l": row["memorization"]["rouge_l"]},
-                "mope_block": row["mope_block"], "blocks": self.blocks_of.get(entry.id),
-                "dp": self.privacy.get(entry.id), "records_cut_to_max_len": self.cut.get(entry.id),
-                "health": {**row["health"], "degenerate": bool(reasons), "reasons": reasons},
-            })
-            mem_frames[entry.id] = pd.read_parquet(row["memorization"]["records"])
-        results = {
-            "name": self.cfg.name, "config": self.cfg.to_dict(), "split": self.split_counts, "attacks": columns,
-            "models": models, "machine": _machine(self.device), "time_seconds": seconds,
-            "stages": {"ran": self.stages.ran, "reused": self.stages.reused},
-            "teacher_conditioned": self._conditioned(entries, mem_frames),
-            "agreement": self._agreement(entries, [r["scores"] for r in rows], mem_frames),
-            "ablations": self._ablations(models),
-            "frontier": frontier_points(models), "teacher_risk": self.risk,
-            "degeneracy_rule": asdict(rule),
-            "redacted": self.cfg.redact,
-        }
-        results["defenses"] = defenses.defense_table(self.cfg, results["frontier"], self.privacy)
-        if not self.cfg.redact:
-            results["examples"] = self._examples(entries, mem_frames)
-        return results
-
-    def _conditioned(self, entries, frames) -> dict:
-        teacher = frames["teacher"]["accuracy"].to_numpy()[: self.n_mem]
-        return {e.id: [c.to_dict() for c in memorization.teacher_conditioned(
-                    teacher, frames[e.id]["accuracy"].to_numpy()[: self.n_mem], self.cfg.memorization.taus)]
-                for e in entries if e.role != "teacher"}
-
-    def _agreement(self, entries, score_files: list[Path], frames) -> dict:
-        out = {}
-        for e, path in zip(entries, score_files):
-            scores = pd.read_parquet(path)
-            mia = scores["loss"].to_numpy()
-            mia = np.concatenate([mia[: self.n_mem], mia[len(self.members): len(self.members) + self.n_mem]])
-            agr = memorization.agreement(mia, frames[e.id]["accuracy"].to_numpy(),
-                                         flag_rate=self.cfg.memorization.agreement_flag_rate)
-            out[e.id] = agr.to_dict()
-        return out
-
-    def _ablations(self, models: list[dict]) -> dict:
-        """Each ablation's students in plan order, with their leakage (AUC, TPR at 1% FPR per attack) and utility."""
-        out: dict[str, list] = {"divergence": [], "student_gen_fraction": [], "teacher_topk": []}
-        by_id = {m["id"]: m for m in models}
-        for sid, _, _, _, spec in self.student_plan():
-            if "_ablation" in spec:
-                name, value = spec["_ablation"]
-                m = by_id[sid]
-                out[name].append({"value": value, "model_id": sid, "auc": m["auc"],
-                                  "tpr_at_1pct_fpr": {a: t.get("0.01") for a, t in m["tpr_at_fpr"].items()},
-                                  "rouge_l": m["utility"]["rouge_l"]})
-        return out
-
-    def _examples(self, entries, frames, n: int = 5) -> list[dict]:
-        examples = []
-        for i in range(min(n, self.n_mem)):
-            record = self.members[i]
-            outputs = {e.label: str(frames[e.id]["generated"].iloc[i]) for e in entries}
-            examples.append({"instruction": record["instruction"], "response": record["response"], "outputs": outputs})
-        return examples
-
-
-def _machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+        return Evaluation(metrics, attack_folder, mem, mem_folder, blocks, self.health(entry, mem_folder))
 
 
 def run_audit(cfg: AuditConfig, out: str | Path | None = None, progress: bool = True) -> dict:

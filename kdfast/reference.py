@@ -223,14 +223,14 @@ def sparse_outcomes(student_logits: torch.Tensor, teacher_ids: torch.Tensor, tea
     s = _float(student_logits) / temperature
     log_q = torch.log_softmax(s, dim=-1)
     ids = teacher_ids.long()
-    lq_s = log_q.gather(-1, ids)
-    lp_s = teacher_logprobs.to(log_q.dtype)
+    log_q_s = log_q.gather(-1, ids)
+    log_p_s = teacher_logprobs.to(log_q.dtype)
     if tail == "renorm":
-        return lq_s, lp_s - torch.logsumexp(lp_s, dim=-1, keepdim=True)
+        return log_q_s, log_p_s - torch.logsumexp(log_p_s, dim=-1, keepdim=True)
     outside = log_q.scatter(-1, ids, -math.inf)
-    lq_rest = torch.logsumexp(outside, dim=-1, keepdim=True)
-    lp_rest = (1 - lp_s.exp().sum(-1, keepdim=True)).clamp_min(0).log()
-    return torch.cat([lq_s, lq_rest], -1), torch.cat([lp_s, lp_rest], -1)
+    log_q_rest = torch.logsumexp(outside, dim=-1, keepdim=True)
+    log_p_rest = (1 - log_p_s.exp().sum(-1, keepdim=True)).clamp_min(0).log()
+    return torch.cat([log_q_s, log_q_rest], -1), torch.cat([log_p_s, log_p_rest], -1)
 
 
 def sparse_distill_loss(
@@ -257,8 +257,8 @@ def sparse_distill_loss(
     log_q, log_p = sparse_outcomes(student_logits, teacher_ids, teacher_logprobs, tail, temperature)
     if tail == "renorm":
         live = torch.isfinite(log_q) & torch.isfinite(log_p)
-        lq, lp = torch.where(live, log_q, 0.0), torch.where(live, log_p, 0.0)
-        per_token = _kl_terms(lp.exp(), lp, lq, live)
+        log_q_live, log_p_live = torch.where(live, log_q, 0.0), torch.where(live, log_p, 0.0)
+        per_token = _kl_terms(log_p_live.exp(), log_p_live, log_q_live, live)
     else:
         per_token = divergence(log_q, log_p, kind, beta, alpha)
     out = _reduce_labelled(per_token, labels, ignore_index, reduction)

@@ -45,47 +45,47 @@ def _logaddexp(a, b):
 
 
 @triton.jit
-def _terms(x, y, lse_x, lse_y, live, wp, wq, cp, cq, KIND: tl.constexpr):
+def _terms(x, y, lse_x, lse_y, live, wp, wq, log_wp, log_wq, KIND: tl.constexpr):
     """Per entry: loss f, g = ∂f/∂log q, h = ∂f/∂log p (0 where dead), and the full q, p.
 
-    The mixture is m = wp·p + wq·q with log weights cp, cq (jsd: β, 1−β; skl: α, 1−α; srkl: 1−α, α).
+    The mixture is m = wp·p + wq·q with log weights log_wp, log_wq (jsd: β, 1−β; skl: α, 1−α; srkl: 1−α, α).
     """
     q = tl.exp(x - lse_x)
     p = tl.exp(y - lse_y)
     # Dead entries get log-probabilities 0 so that no −inf − (−inf) is ever formed; their terms are masked.
-    lq = tl.where(live, x - lse_x, 0.0)
-    lp = tl.where(live, y - lse_y, 0.0)
-    ql = tl.where(live, q, 0.0)
-    pl = tl.where(live, p, 0.0)
+    log_q = tl.where(live, x - lse_x, 0.0)
+    log_p = tl.where(live, y - lse_y, 0.0)
+    q_live = tl.where(live, q, 0.0)
+    p_live = tl.where(live, p, 0.0)
     if KIND == FKL:
-        f = pl * (lp - lq)
-        g = -pl
-        h = f + pl
+        f = p_live * (log_p - log_q)
+        g = -p_live
+        h = f + p_live
     elif KIND == RKL:
-        f = ql * (lq - lp)
-        g = f + ql
-        h = -ql
+        f = q_live * (log_q - log_p)
+        g = f + q_live
+        h = -q_live
     elif KIND == JSD:
-        lm = _logaddexp(lp + cp, lq + cq)
-        g = wq * ql * (lq - lm)
-        h = wp * pl * (lp - lm)
+        log_m = _logaddexp(log_p + log_wp, log_q + log_wq)
+        g = wq * q_live * (log_q - log_m)
+        h = wp * p_live * (log_p - log_m)
         f = g + h
     elif KIND == SKL:
-        lm = _logaddexp(lp + cp, lq + cq)
-        f = pl * (lp - lm)
-        g = tl.where(live, -wq * tl.exp(lp + lq - lm), 0.0)
-        h = f + pl - tl.where(live, wp * tl.exp(2.0 * lp - lm), 0.0)
+        log_m = _logaddexp(log_p + log_wp, log_q + log_wq)
+        f = p_live * (log_p - log_m)
+        g = tl.where(live, -wq * tl.exp(log_p + log_q - log_m), 0.0)
+        h = f + p_live - tl.where(live, wp * tl.exp(2.0 * log_p - log_m), 0.0)
     elif KIND == SRKL:
-        lm = _logaddexp(lp + cp, lq + cq)
-        f = ql * (lq - lm)
-        g = f + ql - tl.where(live, wq * tl.exp(2.0 * lq - lm), 0.0)
-        h = tl.where(live, -wp * tl.exp(lp + lq - lm), 0.0)
+        log_m = _logaddexp(log_p + log_wp, log_q + log_wq)
+        f = q_live * (log_q - log_m)
+        g = f + q_live - tl.where(live, wq * tl.exp(2.0 * log_q - log_m), 0.0)
+        h = tl.where(live, -wp * tl.exp(log_p + log_q - log_m), 0.0)
     elif KIND == TVD:
-        d = pl - ql
+        d = p_live - q_live
         f = 0.5 * tl.abs(d)
         half_sign = tl.where(d > 0, 0.5, tl.where(d < 0, -0.5, 0.0))  # no gradient where p == q
-        g = -half_sign * ql
-        h = half_sign * pl
+        g = -half_sign * q_live
+        h = half_sign * p_live
     else:
         f = tl.zeros_like(x)
         g = f
@@ -100,11 +100,11 @@ def _stats(s_row, t_row, V, inv_temp, KIND: tl.constexpr, GRAD_T: tl.constexpr, 
     gradient row sums Σg, Σh (0 for the kinds that need pass 2)."""
     m_x = float("-inf")
     z_x = 0.0
-    zl_x = 0.0
+    z_live_x = 0.0
     a_x = 0.0
     m_y = float("-inf")
     z_y = 0.0
-    zl_y = 0.0
+    z_live_y = 0.0
     a_y = 0.0
     m_r = float("-inf")
     z_r = 0.0
@@ -122,10 +122,10 @@ def _stats(s_row, t_row, V, inv_temp, KIND: tl.constexpr, GRAD_T: tl.constexpr, 
         z_y = z_y * d_y + tl.sum(e_y, 0)
         # fkl/rkl: the live mass and Σ_live e·(y − x) give the gradient row sums without another pass.
         if KIND == RKL:
-            zl_x = zl_x * d_x + tl.sum(tl.where(live, e_x, 0.0), 0)
+            z_live_x = z_live_x * d_x + tl.sum(tl.where(live, e_x, 0.0), 0)
             a_x = a_x * d_x + tl.sum(tl.where(live, e_x * (x - y), 0.0), 0)
         if KIND == FKL:
-            zl_y = zl_y * d_y + tl.sum(tl.where(live, e_y, 0.0), 0)
+            z_live_y = z_live_y * d_y + tl.sum(tl.where(live, e_y, 0.0), 0)
             if GRAD_T:
                 a_y = a_y * d_y + tl.sum(tl.where(live, e_y * (y - x), 0.0), 0)
         if RAW:
@@ -140,18 +140,19 @@ def _stats(s_row, t_row, V, inv_temp, KIND: tl.constexpr, GRAD_T: tl.constexpr, 
     sum_g = lse_x * 0.0
     sum_h = sum_g
     if KIND == FKL:
-        p_live = tl.where(z_y > 0, zl_y / z_y, 0.0)
-        sum_g = -p_live
-        sum_h = tl.where(z_y > 0, a_y / z_y, 0.0) - (lse_y - lse_x) * p_live + p_live
+        p_live_mass = tl.where(z_y > 0, z_live_y / z_y, 0.0)
+        sum_g = -p_live_mass
+        sum_h = tl.where(z_y > 0, a_y / z_y, 0.0) - (lse_y - lse_x) * p_live_mass + p_live_mass
     if KIND == RKL:
-        q_live = tl.where(z_x > 0, zl_x / z_x, 0.0)
-        sum_g = tl.where(z_x > 0, a_x / z_x, 0.0) - (lse_x - lse_y) * q_live + q_live
-        sum_h = -q_live
+        q_live_mass = tl.where(z_x > 0, z_live_x / z_x, 0.0)
+        sum_g = tl.where(z_x > 0, a_x / z_x, 0.0) - (lse_x - lse_y) * q_live_mass + q_live_mass
+        sum_h = -q_live_mass
     return lse_x, lse_y, lse_r, bad, sum_g, sum_h
 
 
 @triton.jit
-def _grad_sums(s_row, t_row, V, lse_x, lse_y, inv_temp, wp, wq, cp, cq, KIND: tl.constexpr, BLOCK: tl.constexpr):
+def _grad_sums(s_row, t_row, V, lse_x, lse_y, inv_temp, wp, wq, log_wp, log_wq, KIND: tl.constexpr,
+               BLOCK: tl.constexpr):
     """Pass 2 (jsd, skl, srkl, tvd): Σ_live g and Σ_live h need both log-normalizers, hence a second read."""
     acc_g = tl.zeros([BLOCK], tl.float32)
     acc_h = tl.zeros([BLOCK], tl.float32)
@@ -161,15 +162,15 @@ def _grad_sums(s_row, t_row, V, lse_x, lse_y, inv_temp, wp, wq, cp, cq, KIND: tl
         x = tl.load(s_row + cols, mask=inb, other=float("-inf")).to(tl.float32) * inv_temp
         y = tl.load(t_row + cols, mask=inb, other=float("-inf")).to(tl.float32) * inv_temp
         live = (x > float("-inf")) & (y > float("-inf"))
-        f, g, h, q, p = _terms(x, y, lse_x, lse_y, live, wp, wq, cp, cq, KIND)
+        f, g, h, q, p = _terms(x, y, lse_x, lse_y, live, wp, wq, log_wp, log_wq, KIND)
         acc_g += g
         acc_h += h
     return tl.sum(acc_g, 0), tl.sum(acc_h, 0)
 
 
 @triton.jit
-def _row(s_row, t_row, gs_row, gt_row, loss_ptr, hard_ptr, bad_ptr, label, soft, hard, V,
-         inv_temp, wp, wq, cp, cq,
+def _row(s_row, t_row, gs_row, gt_row, loss_ptr, hard_ptr, bad_ptr, label, soft_scale, hard_scale, V,
+         inv_temp, wp, wq, log_wp, log_wq,
          KIND: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, HARD: tl.constexpr,
          RAW: tl.constexpr, BLOCK: tl.constexpr):
     """One valid token: statistics, (row sums,) then loss and gradients written in the input dtype."""
@@ -178,10 +179,10 @@ def _row(s_row, t_row, gs_row, gt_row, loss_ptr, hard_ptr, bad_ptr, label, soft,
         target = tl.load(s_row + label).to(tl.float32)  # before the last pass may overwrite the row
         tl.store(hard_ptr, lse_r - target)
     if KIND != FKL and KIND != RKL and KIND != ZERO and (GRAD_S or GRAD_T):
-        sum_g, sum_h = _grad_sums(s_row, t_row, V, lse_x, lse_y, inv_temp, wp, wq, cp, cq, KIND, BLOCK)
+        sum_g, sum_h = _grad_sums(s_row, t_row, V, lse_x, lse_y, inv_temp, wp, wq, log_wp, log_wq, KIND, BLOCK)
     # The softmax Jacobian turns ∂f/∂log q into ∂f/∂x_j = g_j − q_j·Σg (and likewise for the teacher).
     acc_f = tl.zeros([BLOCK], tl.float32)
-    soft_x = soft * inv_temp
+    soft_scale_x = soft_scale * inv_temp
     for off in range(0, V, BLOCK):
         cols = off + tl.arange(0, BLOCK)
         inb = cols < V
@@ -189,16 +190,16 @@ def _row(s_row, t_row, gs_row, gt_row, loss_ptr, hard_ptr, bad_ptr, label, soft,
         x = s * inv_temp
         y = tl.load(t_row + cols, mask=inb, other=float("-inf")).to(tl.float32) * inv_temp
         live = (x > float("-inf")) & (y > float("-inf"))
-        f, g, h, q, p = _terms(x, y, lse_x, lse_y, live, wp, wq, cp, cq, KIND)
+        f, g, h, q, p = _terms(x, y, lse_x, lse_y, live, wp, wq, log_wp, log_wq, KIND)
         acc_f += f
         if GRAD_S:
-            gs = (g - q * sum_g) * soft_x
+            gs = (g - q * sum_g) * soft_scale_x
             if HARD:
                 q_raw = tl.exp(s - lse_r) if RAW else q
-                gs += hard * (q_raw - tl.where(cols == label, 1.0, 0.0))
+                gs += hard_scale * (q_raw - tl.where(cols == label, 1.0, 0.0))
             tl.store(gs_row + cols, gs.to(gs_row.dtype.element_ty), mask=inb)
         if GRAD_T:
-            gt = (h - p * sum_h) * soft_x
+            gt = (h - p * sum_h) * soft_scale_x
             tl.store(gt_row + cols, gt.to(gt_row.dtype.element_ty), mask=inb)
     tl.store(loss_ptr, tl.sum(acc_f, 0))
     tl.store(bad_ptr, bad)
@@ -228,30 +229,30 @@ def _zero_row(gs_row, gt_row, loss_ptr, hard_ptr, bad_ptr, V,
 @triton.jit
 def divergence_kernel(S, T, GS, GT, LOSS, HARD_LOSS, BAD, LABELS, SCALES,
                       stride_s, stride_t, stride_gs, stride_gt, V, ignore_index,
-                      inv_temp, wp, wq, cp, cq,
+                      inv_temp, wp, wq, log_wp, log_wq,
                       KIND: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
                       HAS_LABELS: tl.constexpr, HARD: tl.constexpr, RAW: tl.constexpr, BLOCK: tl.constexpr):
     """One token row: S, T [N, V] logits (any float dtype) -> LOSS [N] fp32, GS/GT [N, V] gradients.
 
-    SCALES holds (soft, hard): the gradient weights of the divergence and of the cross-entropy on LABELS.
+    SCALES holds (soft_scale, hard_scale): the gradient weights of the divergence and of the cross-entropy on LABELS.
     """
     row = tl.program_id(0).to(tl.int64)
     s_row = S + row * stride_s
     t_row = T + row * stride_t
     gs_row = GS + row * stride_gs
     gt_row = GT + row * stride_gt
-    soft = tl.load(SCALES)
-    hard = tl.load(SCALES + 1)
+    soft_scale = tl.load(SCALES)
+    hard_scale = tl.load(SCALES + 1)
     if HAS_LABELS:
         label = tl.load(LABELS + row)
         if label != ignore_index:
-            _row(s_row, t_row, gs_row, gt_row, LOSS + row, HARD_LOSS + row, BAD + row, label, soft, hard, V,
-                 inv_temp, wp, wq, cp, cq, KIND, GRAD_S, GRAD_T, HARD, RAW, BLOCK)
+            _row(s_row, t_row, gs_row, gt_row, LOSS + row, HARD_LOSS + row, BAD + row, label, soft_scale, hard_scale, V,
+                 inv_temp, wp, wq, log_wp, log_wq, KIND, GRAD_S, GRAD_T, HARD, RAW, BLOCK)
         else:
             _zero_row(gs_row, gt_row, LOSS + row, HARD_LOSS + row, BAD + row, V, GRAD_S, GRAD_T, HARD, BLOCK)
     else:
-        _row(s_row, t_row, gs_row, gt_row, LOSS + row, HARD_LOSS + row, BAD + row, 0, soft, hard, V,
-             inv_temp, wp, wq, cp, cq, KIND, GRAD_S, GRAD_T, HARD, RAW, BLOCK)
+        _row(s_row, t_row, gs_row, gt_row, LOSS + row, HARD_LOSS + row, BAD + row, 0, soft_scale, hard_scale, V,
+             inv_temp, wp, wq, log_wp, log_wq, KIND, GRAD_S, GRAD_T, HARD, RAW, BLOCK)
 
 
 def launch_config(V: int) -> tuple[int, int]:
@@ -278,14 +279,14 @@ def launch(student: torch.Tensor, teacher: torch.Tensor, grad_s: torch.Tensor | 
     if n == 0:
         return
     block, num_warps = launch_config(V)
-    wp, wq, cp, cq = mix
+    wp, wq, log_wp, log_wq = mix
     # Unused pointers still need a tensor; the constexpr flags keep them untouched.
     divergence_kernel[(n,)](
         student, teacher, student if grad_s is None else grad_s, teacher if grad_t is None else grad_t,
         loss, loss if hard_loss is None else hard_loss, bad, loss if labels is None else labels, scales,
         student.stride(0), teacher.stride(0), 0 if grad_s is None else grad_s.stride(0),
         0 if grad_t is None else grad_t.stride(0), V, ignore_index,
-        1.0 / temperature, wp, wq, cp, cq,
+        1.0 / temperature, wp, wq, log_wp, log_wq,
         KIND=KIND_CODES[kind], GRAD_S=grad_s is not None, GRAD_T=grad_t is not None,
         HAS_LABELS=labels is not None, HARD=hard_loss is not None, RAW=raw_stats, BLOCK=block,
         num_warps=num_warps,

@@ -70,11 +70,11 @@ def check_label_values(labels: torch.Tensor | None, vocab: int, ignore_index: in
 
 def raise_if_nonfinite(bad: torch.Tensor, student_bit: int, teacher_bit: int) -> None:
     """bad [N] int flags from a divergence pass; one host sync. Names the first bad row and which model."""
-    rows = torch.nonzero(bad).flatten()
-    if rows.numel() == 0:
+    bad_rows = torch.nonzero(bad).flatten()
+    if bad_rows.numel() == 0:
         return
-    row = int(rows[0])
+    row = int(bad_rows[0])
     flags = int(bad[row])
     who = " and ".join(n for n, bit in (("student", student_bit), ("teacher", teacher_bit)) if flags & bit)
     raise ValueError(f"non-finite logits (NaN or +inf) in the {who} at row {row} of the flattened [N, V] input "
-                     f"({rows.numel()} bad rows in all); −inf is allowed, NaN and +inf are not")
+                     f"({bad_rows.numel()} bad rows in all); −inf is allowed, NaN and +inf are not")

@@ -65,14 +65,15 @@ def loss_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def chunked_loss(ctx, spec, student: tuple, hs2: torch.Tensor, labels: torch.Tensor | None,
-                 rows: torch.Tensor | None, vocab: int, scale: float | torch.Tensor, divergence: ChunkPass,
+                 kept: torch.Tensor | None, vocab: int, scale: float | torch.Tensor, divergence: ChunkPass,
                  teacher: tuple | None = None) -> torch.Tensor:
-    """The forward of a fused-linear autograd.Function once the rows are chosen.
+    """The forward of a fused-linear autograd.Function once the tokens that count are chosen.
 
-    student: its (hidden, weight, bias) as given; hs2 [m, H] and labels [m]: the rows that count, rows their
+    student: its (hidden, weight, bias) as given; hs2 [m, H] and labels [m]: the tokens that count, kept their
     indices among the call's tokens (None: all). teacher: dense (hidden rows [m, H'], weight [V, H'], bias), whose
     logits are made per chunk without grad, or None (divergence holds the sparse teacher). scale: the reduction's
-    1/count. spec: the op's _Spec (weights, chunk size, divergence arguments). Saves the gradients on ctx.
+    1/count. spec: the op's arguments (_FusedLinearArgs, _SparseFusedLinearArgs: weights, chunk size, divergence
+    arguments). Saves the gradients on ctx.
     """
     hs, ws, bs = student
     want_h, want_w, want_b = (spec.grad_enabled and need for need in ctx.needs_input_grad[:3])
@@ -80,21 +81,21 @@ def chunked_loss(ctx, spec, student: tuple, hs2: torch.Tensor, labels: torch.Ten
     # An fp32 master head with bf16/fp16 hidden states: one cast for the GEMMs; its gradient is accumulated in
     # fp32 and handed back as it is (no low-precision copy of d(weight), no cast back through autograd).
     head = (ws.to(hs.dtype)[:vocab], None if bs is None else bs.to(hs.dtype)[:vocab])
-    total, bad = _sum_chunks(spec, head, hs2, labels, rows, hs.numel() // hs.shape[-1], scale, grads, divergence,
+    total, bad = _sum_chunks(spec, head, hs2, labels, kept, hs.numel() // hs.shape[-1], scale, grads, divergence,
                              teacher)
     del head
     raise_if_nonfinite(bad, BAD_STUDENT, BAD_TEACHER)
-    ctx.save_for_backward(*grads.finish(hs, ws, bs, rows))
+    ctx.save_for_backward(*grads.finish(hs, ws, bs, kept))
     return (total * scale).to(total.dtype)
 
 
-def _sum_chunks(spec, head, hs2, labels, rows, n, scale, grads, divergence, teacher):
-    """Σ soft·divergence + hard·CE over the chunks, and the [n] bad-row flags."""
-    soft = spec.soft_weight * (spec.temperature**2 if spec.scale_by_t2 else 1.0)
-    hard = spec.hard_weight if spec.hard_weight != 0.0 else None
+def _sum_chunks(spec, head, hs2, labels, kept, n, scale, grads, divergence, teacher):
+    """Σ soft_weight·divergence + hard_weight·CE over the chunks, and the [n] bad-row flags."""
+    soft_weight = spec.soft_weight * (spec.temperature**2 if spec.scale_by_t2 else 1.0)
+    hard_weight = spec.hard_weight if spec.hard_weight != 0.0 else None
     pass_args = dict(kind=spec.kind, beta=spec.beta, alpha=spec.alpha, temperature=spec.temperature,
-                     ignore_index=spec.ignore_index, soft_scale=soft * scale,
-                     hard_scale=None if hard is None else hard * scale, want_student_grad=grads.wanted,
+                     ignore_index=spec.ignore_index, soft_scale=soft_weight * scale,
+                     hard_scale=None if hard_weight is None else hard_weight * scale, want_student_grad=grads.wanted,
                      backend=spec.backend)
     total = torch.zeros((), dtype=loss_dtype(hs2), device=hs2.device)
     bad = torch.zeros(n, dtype=torch.int32, device=hs2.device)
@@ -109,10 +110,10 @@ def _sum_chunks(spec, head, hs2, labels, rows, n, scale, grads, divergence, teac
         out = divergence(sl, logits, teacher_logits, None if labels is None else labels[sl],
                          student_grad_out=logits, **pass_args)
         del teacher_logits
-        total += soft * out.loss.sum()
-        if hard is not None:
-            total += hard * out.hard_loss.sum()
-        bad[sl if rows is None else rows[sl]] = out.bad
+        total += soft_weight * out.loss.sum()
+        if hard_weight is not None:
+            total += hard_weight * out.hard_loss.sum()
+        bad[sl if kept is None else kept[sl]] = out.bad
         if grads.wanted:
             grads.add_chunk(sl, out.grad_student, hs2[sl], head[0])
         del logits, out  # the last chunk's logits must not outlive the loop
@@ -142,11 +143,11 @@ class Grads:
         if self.b is not None:
             self.b[:V] += grad_logits.sum(0, dtype=self.b.dtype)
 
-    def finish(self, hs, ws, bs, rows: torch.Tensor | None):
-        """Gradients in the inputs' shapes and dtypes (rows: the kept rows; the others get zeros)."""
+    def finish(self, hs, ws, bs, kept: torch.Tensor | None):
+        """Gradients in the inputs' shapes and dtypes (kept: the tokens that count; the others get zeros)."""
         h = self.h
-        if h is not None and rows is not None:
-            h = h.new_zeros(hs.numel() // hs.shape[-1], hs.shape[-1]).index_copy_(0, rows, h)
+        if h is not None and kept is not None:
+            h = h.new_zeros(hs.numel() // hs.shape[-1], hs.shape[-1]).index_copy_(0, kept, h)
         return (None if h is None else h.view(hs.shape),
                 None if self.w is None else self.w.to(ws.dtype),
                 None if self.b is None else self.b.to(bs.dtype))

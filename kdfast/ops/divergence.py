@@ -222,19 +222,19 @@ def _torch_chunk(s, t, kind, mix, inv_temp, cdtype, *, want_s, want_t):
     y = scaled_logits(t, inv_temp, cdtype)
     # NaN/+inf show in the row max, −inf entries in the chunk min: cheap reductions, no elementwise pass.
     bad = nonfinite_flags(x.amax(-1)) * BAD_STUDENT + nonfinite_flags(y.amax(-1)) * BAD_TEACHER
-    lq, lp = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
-    q, p = lq.exp(), lp.exp()
+    log_q, log_p = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
+    q, p = log_q.exp(), log_p.exp()
     dead = None
     if bool((x.amin() == -math.inf) | (y.amin() == -math.inf)):
         s_dead, t_dead = x == -math.inf, y == -math.inf
         q.masked_fill_(s_dead, 0.0)  # also clears the NaN of a row with no finite entry
         p.masked_fill_(t_dead, 0.0)
         dead = s_dead | t_dead
-        lq.masked_fill_(dead, 0.0)
-        lp.masked_fill_(dead, 0.0)
-    ql = q if dead is None else q.masked_fill(dead, 0.0)
-    pl = p if dead is None else p.masked_fill(dead, 0.0)
-    f, g, h = torch_terms(kind, lq, lp, ql, pl, mix)
+        log_q.masked_fill_(dead, 0.0)
+        log_p.masked_fill_(dead, 0.0)
+    q_live = q if dead is None else q.masked_fill(dead, 0.0)
+    p_live = p if dead is None else p.masked_fill(dead, 0.0)
+    f, g, h = torch_terms(kind, log_q, log_p, q_live, p_live, mix)
     if dead is not None:
         g.masked_fill_(dead, 0.0)
         h.masked_fill_(dead, 0.0)
@@ -258,41 +258,43 @@ def nonfinite_flags(row_max: torch.Tensor) -> torch.Tensor:
     return (torch.isnan(row_max) | (row_max == math.inf)).to(torch.int32)
 
 
-def torch_terms(kind, lq, lp, ql, pl, mix):
+def torch_terms(kind, log_q, log_p, q_live, p_live, mix):
     """Row loss Σf (None for jsd, where f = g + h), and per entry g = ∂f/∂log q, h = ∂f/∂log p.
 
     The torch twin of kernels.divergence._terms. In-place ops on fresh temporaries only: on the CPU each pass
     over the chunk costs memory traffic.
     """
-    wp, wq, cp, cq = mix
+    wp, wq, log_wp, log_wq = mix
     if kind == "fkl":
-        f = (lp - lq).mul_(pl)
-        return f.sum(-1), -pl, f.add_(pl)
+        f = (log_p - log_q).mul_(p_live)
+        return f.sum(-1), -p_live, f.add_(p_live)
     if kind == "rkl":
-        f = (lq - lp).mul_(ql)
-        return f.sum(-1), f.add_(ql), -ql
+        f = (log_q - log_p).mul_(q_live)
+        return f.sum(-1), f.add_(q_live), -q_live
     if kind == "tvd":
-        d = pl - ql
+        d = p_live - q_live
         loss = d.abs().sum(-1).mul_(0.5)
         half_sign = d.sign_().mul_(0.5)  # no gradient where p == q
-        return loss, torch.mul(half_sign, ql).neg_(), half_sign.mul_(pl)
+        return loss, torch.mul(half_sign, q_live).neg_(), half_sign.mul_(p_live)
     if kind == "zero":
-        return torch.zeros_like(lq[:, 0]), torch.zeros_like(lq), torch.zeros_like(lq)
-    lm = torch.logaddexp(lp + cp, lq + cq)
+        return torch.zeros_like(log_q[:, 0]), torch.zeros_like(log_q), torch.zeros_like(log_q)
+    log_m = torch.logaddexp(log_p + log_wp, log_q + log_wq)
     if kind == "jsd":
-        return None, (lq - lm).mul_(ql).mul_(wq), (lp - lm).mul_(pl).mul_(wp)
-    cross = (lp + lq).sub_(lm).exp_()
+        return None, (log_q - log_m).mul_(q_live).mul_(wq), (log_p - log_m).mul_(p_live).mul_(wp)
+    cross = (log_p + log_q).sub_(log_m).exp_()
     if kind == "skl":
-        f = (lp - lm).mul_(pl)
+        f = (log_p - log_m).mul_(p_live)
         loss = f.sum(-1)
-        return loss, cross.mul_(-wq), f.add_(pl).sub_((2 * lp).sub_(lm).exp_().mul_(wp))
-    f = (lq - lm).mul_(ql)  # srkl
+        return loss, cross.mul_(-wq), f.add_(p_live).sub_((2 * log_p).sub_(log_m).exp_().mul_(wp))
+    f = (log_q - log_m).mul_(q_live)  # srkl
     loss = f.sum(-1)
-    return loss, f.add_(ql).sub_((2 * lq).sub_(lm).exp_().mul_(wq)), cross.mul_(-wp)
+    return loss, f.add_(q_live).sub_((2 * log_q).sub_(log_m).exp_().mul_(wq)), cross.mul_(-wp)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Spec:
+class _DivergenceArgs:
+    """The non-tensor arguments of one distill_loss call."""
+
     kind: str
     beta: float
     alpha: float
@@ -304,7 +306,8 @@ class _Spec:
     scale_by_t2: bool
 
 
-def _loss_and_grads(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, spec: _Spec,
+def _loss_and_grads(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
+                    spec: _DivergenceArgs,
                     gs: torch.Tensor | None, gt: torch.Tensor | None) -> torch.Tensor:
     """The loss of a distill_loss call; its gradient d(loss)/d(logits) goes into gs / gt (shaped like the inputs,
     or None when not wanted). Raises on non-finite logits and on labels outside the vocabulary."""
@@ -329,7 +332,7 @@ def _loss_and_grads(student: torch.Tensor, teacher: torch.Tensor, labels: torch.
 def reduced_loss(spec, labels: torch.Tensor | None, lead: torch.Size,
                  run: Callable[[float | torch.Tensor], DivergenceOut]) -> torch.Tensor:
     """The reduced loss of a whole call: run(soft_scale) makes its fused pass over the flattened rows (the
-    gradients it writes are those of the reduced loss); raises on non-finite logits. spec: the op's _Spec
+    gradients it writes are those of the reduced loss); raises on non-finite logits. spec: the op's arguments
     (temperature, scale_by_t2, ignore_index, reduction)."""
     t2_factor = spec.temperature**2 if spec.scale_by_t2 else 1.0
     scale = t2_factor * (mean_scale(labels, lead.numel(), spec.ignore_index) if spec.reduction == "mean" else 1.0)
@@ -349,7 +352,7 @@ def _distill_loss_op(student: torch.Tensor, teacher: torch.Tensor, labels: torch
 
     One opaque op to torch.compile: its host syncs (the non-finite check, the kernel launch) stay inside.
     """
-    spec = _Spec(kind, beta, alpha, temperature, ignore_index, reduction, backend, vocab, scale_by_t2)
+    spec = _DivergenceArgs(kind, beta, alpha, temperature, ignore_index, reduction, backend, vocab, scale_by_t2)
     gs, gt = (_grad_out(x, want) for x, want in ((student, want_student_grad), (teacher, want_teacher_grad)))
     loss = _loss_and_grads(student, teacher, labels, spec, gs if want_student_grad else None,
                            gt if want_teacher_grad else None)
@@ -394,7 +397,7 @@ class DistillLossFunction(torch.autograd.Function):
     never alias its inputs) cannot do; torch.compile traces distill_loss through the op instead."""
 
     @staticmethod
-    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, spec: _Spec,
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, spec: _DivergenceArgs,
                 want_student_grad: bool, want_teacher_grad: bool) -> torch.Tensor:
         # Detached: the gradient buffers alias the inputs and are written without autograd tracking.
         s, t = student.detach(), teacher.detach()
@@ -470,7 +473,7 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kin
     allowed = (torch.float32, torch.bfloat16, torch.float16) + ((torch.float64,) if backend == "torch" else ())
     check_float("student logits", student_logits, allowed)
     check_float("teacher logits", teacher_logits, allowed)
-    spec = _Spec(kind, beta, alpha, temperature, ignore_index, reduction, backend, V, scale_by_t2)
+    spec = _DivergenceArgs(kind, beta, alpha, temperature, ignore_index, reduction, backend, V, scale_by_t2)
     grad_mode = torch.is_grad_enabled()
     want_s = grad_mode and student_logits.requires_grad
     want_t = grad_mode and teacher_grad and teacher_logits.requires_grad

@@ -23,7 +23,9 @@ __all__ = ["REDUCTIONS", "fused_linear_distill_loss", "pick_chunk_size"]
 
 
 @dataclasses.dataclass(frozen=True)
-class _Spec:
+class _FusedLinearArgs:
+    """The non-tensor arguments of one fused_linear_distill_loss call."""
+
     kind: str
     beta: float
     alpha: float
@@ -45,15 +47,16 @@ class FusedLinearDistillFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hs: torch.Tensor, ws: torch.Tensor, bs: torch.Tensor | None, ht: torch.Tensor,
-                wt: torch.Tensor, bt: torch.Tensor | None, labels: torch.Tensor | None, spec: _Spec) -> torch.Tensor:
+                wt: torch.Tensor, bt: torch.Tensor | None, labels: torch.Tensor | None,
+                spec: _FusedLinearArgs) -> torch.Tensor:
         hs2, ht2 = hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1])
         lab = None if labels is None else labels.reshape(-1)
         n, V = hs2.shape[0], spec.vocab
         scale = mean_scale(lab, n, spec.ignore_index) if spec.reduction == "mean" else 1.0
-        rows = _kept_rows(lab, spec.ignore_index)
-        if rows is not None:  # ignored rows add nothing: no logits for them
-            hs2, ht2, lab = hs2[rows], ht2[rows], lab[rows]
-        return chunked_loss(ctx, spec, (hs, ws, bs), hs2, lab, rows, V, scale, _dense_pass,
+        kept = _kept_tokens(lab, spec.ignore_index)
+        if kept is not None:  # ignored tokens add nothing: no logits for them
+            hs2, ht2, lab = hs2[kept], ht2[kept], lab[kept]
+        return chunked_loss(ctx, spec, (hs, ws, bs), hs2, lab, kept, V, scale, _dense_pass,
                             teacher=(ht2, wt[:V], None if bt is None else bt[:V]))
 
     @staticmethod
@@ -65,8 +68,8 @@ def _dense_pass(sl, logits, teacher_logits, labels, **pass_args):
     return divergence_fwd_bwd(logits, teacher_logits, labels, **pass_args)
 
 
-def _kept_rows(labels: torch.Tensor | None, ignore_index: int) -> torch.Tensor | None:
-    """Indices of the rows whose label is not ignore_index; None when every row counts (one host sync)."""
+def _kept_tokens(labels: torch.Tensor | None, ignore_index: int) -> torch.Tensor | None:
+    """Indices of the tokens whose label is not ignore_index; None when every token counts (one host sync)."""
     if labels is None:
         return None
     keep = labels != ignore_index
@@ -126,8 +129,8 @@ def _fused_linear_op(hs: torch.Tensor, ws: torch.Tensor, bs: torch.Tensor | None
     """(loss, d hs, d ws, d bs), an unwanted gradient as an empty [0] tensor: FusedLinearDistillFunction run
     eagerly, as one op torch.compile does not look into (its chunk loop and checks sync with the host)."""
     check_targets(labels, ignore_index, vocab, hard_weight)
-    spec = _Spec(kind, beta, alpha, temperature, ignore_index, hard_weight, soft_weight, reduction, vocab,
-                 chunk_size, accum_dtype, scale_by_t2, backend, True)
+    spec = _FusedLinearArgs(kind, beta, alpha, temperature, ignore_index, hard_weight, soft_weight, reduction, vocab,
+                            chunk_size, accum_dtype, scale_by_t2, backend, True)
     student = [None if x is None else x.detach().requires_grad_(w) for x, w in ((hs, want_h), (ws, want_w),
                                                                                   (bs, want_b))]
     with torch.enable_grad():

@@ -20,7 +20,9 @@ from kdfast.ops.sparse_divergence import check_sparse_teacher, check_tail, padde
 
 
 @dataclasses.dataclass(frozen=True)
-class _Spec:
+class _SparseFusedLinearArgs:
+    """The non-tensor arguments of one fused_linear_sparse_distill_loss call."""
+
     kind: str
     tail: str
     beta: float
@@ -42,15 +44,15 @@ class FusedLinearSparseDistillFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hs: torch.Tensor, ws: torch.Tensor, bs: torch.Tensor | None, ids: torch.Tensor,
-                lp: torch.Tensor, labels: torch.Tensor | None, spec: _Spec) -> torch.Tensor:
+                log_p: torch.Tensor, labels: torch.Tensor | None, spec: _SparseFusedLinearArgs) -> torch.Tensor:
         hs2 = hs.reshape(-1, hs.shape[-1])
         k = ids.shape[-1]
-        ids2, lp2 = ids.reshape(-1, k), lp.reshape(-1, k)
+        ids2, log_p2 = ids.reshape(-1, k), log_p.reshape(-1, k)
         lab = None if labels is None else labels.reshape(-1)
         scale = mean_scale(lab, hs2.shape[0], spec.ignore_index) if spec.reduction == "mean" else 1.0
 
         def sparse_pass(sl, logits, _, chunk_labels, **pass_args):
-            return sparse_divergence_fwd_bwd(logits, ids2[sl], lp2[sl], chunk_labels, tail=spec.tail, **pass_args)
+            return sparse_divergence_fwd_bwd(logits, ids2[sl], log_p2[sl], chunk_labels, tail=spec.tail, **pass_args)
 
         return chunked_loss(ctx, spec, (hs, ws, bs), hs2, lab, None, ws.shape[0], scale, sparse_pass)
 
@@ -96,9 +98,10 @@ def fused_linear_sparse_distill_loss(
     valid = None if labels is None else labels != ignore_index
     check_sparse_teacher(teacher_ids, teacher_logprobs, lead, V, valid)
     check_targets(labels, ignore_index, V, hard_weight)
-    spec = _Spec(kind, tail, beta, alpha, temperature, ignore_index, hard_weight, soft_weight, reduction,
-                 chunk_rows(chunk_size, student_hidden, V), accum_dtype or loss_dtype(student_weight), scale_by_t2,
-                 backend, torch.is_grad_enabled())
+    spec = _SparseFusedLinearArgs(kind, tail, beta, alpha, temperature, ignore_index, hard_weight, soft_weight,
+                                  reduction, chunk_rows(chunk_size, student_hidden, V),
+                                  accum_dtype or loss_dtype(student_weight), scale_by_t2, backend,
+                                  torch.is_grad_enabled())
     return FusedLinearSparseDistillFunction.apply(student_hidden, student_weight, student_bias,
                                                   padded_ids(teacher_ids, valid), teacher_logprobs.detach(), labels,
                                                   spec)

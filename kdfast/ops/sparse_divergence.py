@@ -55,10 +55,10 @@ def check_sparse_teacher(teacher_ids: torch.Tensor, teacher_logprobs: torch.Tens
     if k < 1 or k > vocab:
         raise ValueError(f"teacher top-k has k={k}; it must lie in [1, V={vocab}]")
     ids = teacher_ids.reshape(-1, k)
-    lp = teacher_logprobs.reshape(-1, k)
+    log_p = teacher_logprobs.reshape(-1, k)
     if valid is not None:
         keep = valid.reshape(-1)
-        ids, lp = ids[keep], lp[keep]
+        ids, log_p = ids[keep], log_p[keep]
     if ids.numel() == 0:
         return
     out_of_range = (ids < 0) | (ids >= vocab)
@@ -71,12 +71,12 @@ def check_sparse_teacher(teacher_ids: torch.Tensor, teacher_logprobs: torch.Tens
     if bool(dup.any()):
         raise ValueError(f"teacher_ids repeat an id within a token (first in valid token {int(dup.nonzero()[0])}); "
                          f"each token's k ids must be distinct")
-    lp = lp.double()
-    bad = torch.isnan(lp) | (lp == math.inf)
+    log_p = log_p.double()
+    bad = torch.isnan(log_p) | (log_p == math.inf)
     if bool(bad.any()):
         raise ValueError(f"teacher_logprobs hold NaN or +inf (first in valid token {int(bad.any(-1).nonzero()[0])}); "
                          f"−inf (probability 0) is allowed")
-    mass = lp.exp().sum(-1)
+    mass = log_p.exp().sum(-1)
     if bool((mass > 1 + MASS_SLACK).any()):
         raise ValueError(f"teacher probabilities sum to {float(mass.max()):.4g} > 1 in a token: teacher_logprobs must "
                          f"be log-probabilities under the teacher's full softmax (not logits)")
@@ -126,7 +126,7 @@ def check_tail(kind: str, tail: str) -> None:
                          f"other kind scores q there (rkl would be infinite); use tail='bucket'")
 
 
-def _triton_pass(student, ids, lp, labels, gs, scales, *, kind, tail, mix, temperature, ignore_index, hard):
+def _triton_pass(student, ids, log_p, labels, gs, scales, *, kind, tail, mix, temperature, ignore_index, hard):
     from kdfast.kernels import sparse_divergence as kernels
 
     check_float("student logits", student)
@@ -134,45 +134,45 @@ def _triton_pass(student, ids, lp, labels, gs, scales, *, kind, tail, mix, tempe
     loss = torch.empty(n, dtype=torch.float32, device=student.device)
     hard_loss = torch.empty_like(loss) if hard else None
     bad = torch.empty(n, dtype=torch.int32, device=student.device)
-    kernels.launch(student, ids.to(torch.int32).contiguous(), lp.float().contiguous(), gs, loss, hard_loss, bad,
+    kernels.launch(student, ids.to(torch.int32).contiguous(), log_p.float().contiguous(), gs, loss, hard_loss, bad,
                    None if labels is None else labels.contiguous(), scales, kind=kind, tail=tail,
                    ignore_index=ignore_index, temperature=temperature, mix=mix)
     return DivergenceOut(loss, hard_loss, gs, None, bad)
 
 
-def _torch_pass(student, ids, lp, labels, gs, scales, *, kind, tail, mix, temperature, ignore_index, hard):
+def _torch_pass(student, ids, log_p, labels, gs, scales, *, kind, tail, mix, temperature, ignore_index, hard):
     cdtype = torch.float64 if student.dtype == torch.float64 else torch.float32
 
     def chunk(sl: slice):
-        return _torch_chunk(student[sl], ids[sl].long(), lp[sl], kind, tail, mix, 1.0 / temperature, cdtype,
+        return _torch_chunk(student[sl], ids[sl].long(), log_p[sl], kind, tail, mix, 1.0 / temperature, cdtype,
                             want=gs is not None)
 
     return torch_rows(student, labels, gs, None, scales, chunk, cdtype=cdtype, chunk_elements=TORCH_CHUNK_ELEMENTS,
                       temperature=temperature, ignore_index=ignore_index, hard=hard)
 
 
-def _torch_chunk(s, ids, lp, kind, tail, mix, inv_temp, cdtype, *, want):
+def _torch_chunk(s, ids, log_p, kind, tail, mix, inv_temp, cdtype, *, want):
     """One chunk: per-row loss [r], ∂loss/∂x [r, V] (x = s/T, unscaled; None unless wanted), no teacher
     gradient (None), q and bad flags."""
     x = scaled_logits(s, inv_temp, cdtype)
     bad = nonfinite_flags(x.amax(-1)) * BAD_STUDENT
     lse = _finite_or_zero(torch.logsumexp(x, -1, keepdim=True))
-    lq = x.gather(1, ids) - lse
-    lp = lp.to(cdtype)
+    log_q = x.gather(1, ids) - lse
+    log_p = log_p.to(cdtype)
     rest = None
     if tail == "bucket":
         rest = x.scatter(1, ids, -math.inf)  # the student's logits outside S, exact (no 1 − Σq cancellation)
         lse_rest = _finite_or_zero(torch.logsumexp(rest, -1, keepdim=True))
-        lq_rest = torch.where(rest.amax(-1, keepdim=True) == -math.inf, -math.inf, lse_rest - lse)
-        lp_rest = (1 - lp.exp().sum(-1, keepdim=True)).clamp_min(0).log()
-        lq, lp = torch.cat([lq, lq_rest], 1), torch.cat([lp, lp_rest], 1)
+        log_q_rest = torch.where(rest.amax(-1, keepdim=True) == -math.inf, -math.inf, lse_rest - lse)
+        log_p_rest = (1 - log_p.exp().sum(-1, keepdim=True)).clamp_min(0).log()
+        log_q, log_p = torch.cat([log_q, log_q_rest], 1), torch.cat([log_p, log_p_rest], 1)
     else:
-        lp = lp - torch.logsumexp(lp, -1, keepdim=True)
+        log_p = log_p - torch.logsumexp(log_p, -1, keepdim=True)
     # An outcome with probability 0 under either model contributes 0, as a −inf logit does in the dense op.
-    dead = (lq == -math.inf) | (lp == -math.inf) | torch.isnan(lq)
-    lq, lp = lq.masked_fill(dead, 0.0), lp.masked_fill(dead, 0.0)
-    ql, pl = lq.exp().masked_fill_(dead, 0.0), lp.exp().masked_fill_(dead, 0.0)
-    f, g, h = torch_terms(kind, lq, lp, ql, pl, mix)
+    dead = (log_q == -math.inf) | (log_p == -math.inf) | torch.isnan(log_q)
+    log_q, log_p = log_q.masked_fill(dead, 0.0), log_p.masked_fill(dead, 0.0)
+    q_live, p_live = log_q.exp().masked_fill_(dead, 0.0), log_p.exp().masked_fill_(dead, 0.0)
+    f, g, h = torch_terms(kind, log_q, log_p, q_live, p_live, mix)
     g.masked_fill_(dead, 0.0)
     loss = h.masked_fill_(dead, 0.0).add_(g).sum(-1) if f is None else f
     q = (x - lse).exp_()
@@ -192,7 +192,9 @@ def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Spec:
+class _SparseDivergenceArgs:
+    """The non-tensor arguments of one sparse_distill_loss call."""
+
     kind: str
     tail: str
     beta: float
@@ -210,8 +212,8 @@ class SparseDistillLossFunction(torch.autograd.Function):
     """Loss and student gradient computed together in the forward; the backward only scales the stored gradient."""
 
     @staticmethod
-    def forward(ctx, student: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, labels: torch.Tensor | None,
-                spec: _Spec) -> torch.Tensor:
+    def forward(ctx, student: torch.Tensor, ids: torch.Tensor, log_p: torch.Tensor, labels: torch.Tensor | None,
+                spec: _SparseDivergenceArgs) -> torch.Tensor:
         lead = student.shape[:-1]
         s2 = as_rows(student.detach())
         k = ids.shape[-1]
@@ -219,7 +221,7 @@ class SparseDistillLossFunction(torch.autograd.Function):
         want = spec.grad_enabled and ctx.needs_input_grad[0]
         gs = (s2 if spec.inplace_grad else torch.empty_like(s2)) if want else None
         loss = reduced_loss(spec, flat_labels, lead, lambda scale: sparse_divergence_fwd_bwd(
-            s2, ids.reshape(-1, k), lp.detach().reshape(-1, k), flat_labels, kind=spec.kind, tail=spec.tail,
+            s2, ids.reshape(-1, k), log_p.detach().reshape(-1, k), flat_labels, kind=spec.kind, tail=spec.tail,
             beta=spec.beta, alpha=spec.alpha, temperature=spec.temperature, ignore_index=spec.ignore_index,
             soft_scale=scale, want_student_grad=want, student_grad_out=gs, backend=spec.backend))
         ctx.save_for_backward(gs)
@@ -268,6 +270,6 @@ def sparse_distill_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
                                              alpha, temperature, labels, ignore_index, reduction, scale_by_t2)
     allowed = (torch.float32, torch.bfloat16, torch.float16) + ((torch.float64,) if backend == "torch" else ())
     check_float("student logits", student_logits, allowed)
-    spec = _Spec(kind, tail, beta, alpha, temperature, ignore_index, reduction, backend, inplace_grad, scale_by_t2,
-                 torch.is_grad_enabled())
+    spec = _SparseDivergenceArgs(kind, tail, beta, alpha, temperature, ignore_index, reduction, backend, inplace_grad,
+                                 scale_by_t2, torch.is_grad_enabled())
     return SparseDistillLossFunction.apply(student_logits, teacher_ids, teacher_logprobs, labels, spec)

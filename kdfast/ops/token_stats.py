@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kdfast import _ext, reference
-from kdfast.ops._checks import check_label_values
+from kdfast.ops._checks import check_choice, check_label_values
 from kdfast.runtime import HIDDEN_STATS_LOGIT_BYTES, TOKEN_STATS_CPU_CHUNK_BYTES, TOKEN_STATS_GPU_CHUNK_BYTES
 
 BACKENDS = ("auto", "cuda", "cpp", "torch", "reference")
@@ -46,8 +46,7 @@ class TokenStats:
 
 def _resolve(backend: str, device: torch.device) -> str:
     """The backend that will run: 'auto' picks the kernel for the device, else the torch path."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    check_choice("backend", backend, BACKENDS)
     if backend in ("torch", "reference"):
         return backend
     if backend == "auto":
@@ -232,7 +231,7 @@ def _token_stats_from_hidden_op(hidden: torch.Tensor, weight: torch.Tensor, targ
     h = hidden.reshape(-1, hidden.shape[-1])
     y = targets.reshape(-1).long()
     valid = y != ignore_index
-    rows = valid.nonzero().squeeze(-1)
+    kept = valid.nonzero().squeeze(-1)
     if chunk_size is None:
         chunk_size = max(1, HIDDEN_STATS_LOGIT_BYTES // (v * hidden.element_size()))
     run = _resolve(backend, hidden.device)
@@ -240,8 +239,8 @@ def _token_stats_from_hidden_op(hidden: torch.Tensor, weight: torch.Tensor, targ
     out = [torch.zeros(h.shape[0], **f32) for _ in range(5)] + [torch.zeros(h.shape[0], dtype=torch.bool,
                                                                             device=hidden.device)]
     status = torch.zeros(h.shape[0], dtype=torch.uint8, device=hidden.device)
-    for i in range(0, rows.numel(), chunk_size):
-        idx = rows[i:i + chunk_size]
+    for i in range(0, kept.numel(), chunk_size):
+        idx = kept[i:i + chunk_size]
         *chunk, chunk_status = _compute(F.linear(h[idx], weight, bias), y[idx], valid[idx], ignore_index, run)
         for o, c in zip(out, chunk):
             o[idx] = c
@@ -263,7 +262,7 @@ def min_k_counts(n_valid: torch.Tensor, ks: Sequence[float]) -> torch.Tensor:
 
 
 def _min_k_torch(values: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """Sort-based, vectorized over rows: +inf fills the invalid slots, so the lowest counts are valid values."""
+    """Sort-based, vectorized over sequences: +inf fills the invalid slots, so the lowest counts are valid values."""
     if values.shape[1] == 0:
         return torch.zeros(counts.shape, dtype=torch.float32, device=values.device)
     v = torch.where(mask, values.double(), math.inf).sort(dim=1).values
@@ -274,13 +273,13 @@ def _min_k_torch(values: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor,
 @torch.no_grad()
 def min_k(values: torch.Tensor, mask: torch.Tensor | None = None, ks: Sequence[float] = DEFAULT_KS,
           backend: str = "auto") -> torch.Tensor:
-    """Min-K%: per row, the mean of the lowest ceil(k n) (at least 1) valid values, for each k at once.
+    """Min-K%: per sequence, the mean of the lowest ceil(k n) (at least 1) valid values, for each k at once.
 
     values: [B, T] (or [T]) float, e.g. TokenStats.logp or the Min-K%++ scores; mask: bool like values
-    (None: all valid); ks: fractions in (0, 1]. n is the row's number of valid values; the count is
-    reference.min_k_count(k, n) exactly. Returns [B, len(ks)] (or [len(ks)]) float32; rows without a
-    valid value give 0. Sums run in float64 before the fp32 result.
-    backend: "auto", "cuda" (rows up to 8192 tokens; longer rows use torch), "cpp", "torch", "reference".
+    (None: all valid); ks: fractions in (0, 1]. n is the sequence's number of valid values; the count is
+    reference.min_k_count(k, n) exactly. Returns [B, len(ks)] (or [len(ks)]) float32; sequences
+    without a valid value give 0. Sums run in float64 before the fp32 result.
+    backend: "auto", "cuda" (sequences up to 8192 tokens; longer ones use torch), "cpp", "torch", "reference".
     """
     ks = tuple(float(k) for k in ks)
     if not ks or any(not 0.0 < k <= 1.0 for k in ks):

@@ -28,7 +28,9 @@ BACKENDS = ("auto", "torch", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
-class _Spec:
+class _UldArgs:
+    """The non-tensor arguments of one uld_loss call."""
+
     top_k: int | None
     temperature: float
     ignore_index: int
@@ -124,7 +126,7 @@ class ULDLossFunction(torch.autograd.Function):
     """Loss and gradients computed together in the forward; the backward scales the stored gradients."""
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, student_log_scale, teacher_log_scale, spec: _Spec):
+    def forward(ctx, student, teacher, labels, student_log_scale, teacher_log_scale, spec: _UldArgs):
         lead = student.shape[:-1]
         s2 = student.detach().reshape(-1, student.shape[-1])
         t2 = teacher.detach().reshape(-1, teacher.shape[-1])
@@ -194,5 +196,5 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, top_
     allowed = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
     check_float("student logits", student_logits, allowed)
     check_float("teacher logits", teacher_logits, allowed)
-    spec = _Spec(top_k, temperature, ignore_index, reduction, torch.is_grad_enabled())
+    spec = _UldArgs(top_k, temperature, ignore_index, reduction, torch.is_grad_enabled())
     return ULDLossFunction.apply(student_logits, teacher_logits, labels, student_log_scale, teacher_log_scale, spec)

@@ -3,7 +3,7 @@ import pytest
 
 from kdfast.data import IGNORE_INDEX, RecordError
 from kdfast.distill import DistillError
-from kdfast.distill.data import DataStream, collate, count_targets, encode_records, encode_texts, with_response
+from kdfast.distill.data import DataStream, collate, count_targets, encode_texts, encode_training, with_response
 from kdfast.models import tiny_tokenizer
 
 RECORDS = [{"instruction": "Define the noun \"cat\".", "response": "a small domesticated feline"},
@@ -12,7 +12,7 @@ RECORDS = [{"instruction": "Define the noun \"cat\".", "response": "a small dome
 
 def test_encode_masks_prompt_and_appends_eos():
     tok = tiny_tokenizer()
-    enc = encode_records(tok, RECORDS, max_len=160, max_prompt_len=120, long_prompts="error")
+    enc = encode_training(tok, RECORDS, max_len=160, max_prompt_len=120, long_prompts="error")
     for e in enc:
         assert e.labels[: e.prompt_len] == [IGNORE_INDEX] * e.prompt_len
         assert e.labels[-1] == e.input_ids[-1] == tok.eos_token_id
@@ -22,30 +22,30 @@ def test_encode_masks_prompt_and_appends_eos():
 def test_bad_records_raise_named_errors():
     tok = tiny_tokenizer()
     with pytest.raises(RecordError, match="training record 1: empty response"):
-        encode_records(tok, [RECORDS[0], {"instruction": "x", "response": "  "}], 128, 100, "error")
+        encode_training(tok, [RECORDS[0], {"instruction": "x", "response": "  "}], 128, 100, "error")
     with pytest.raises(RecordError, match=r"record 0: prompt has \d+ tokens > max_prompt_len=20"):
-        encode_records(tok, RECORDS, 128, 20, "error")
+        encode_training(tok, RECORDS, 128, 20, "error")
     with pytest.raises(RecordError, match="training record 0 is a {'text'} record"):
-        encode_records(tok, [{"text": "plain text"}], 128, 100, "error")
+        encode_training(tok, [{"text": "plain text"}], 128, 100, "error")
     with pytest.raises(RecordError, match="lm record 0 has no 'text'"):
         encode_texts(tok, RECORDS[:1], 128)
     with pytest.raises(DistillError, match="no training records"):
-        encode_records(tok, [], 128, 100, "error")
+        encode_training(tok, [], 128, 100, "error")
 
 
 def test_drop_long_warns_with_count():
     tok = tiny_tokenizer()
     long = {"instruction": "Define " + "very " * 60 + "long words.", "response": "x"}
     with pytest.warns(UserWarning, match="dropped 1 of 3 training records"):
-        enc = encode_records(tok, [long] + RECORDS, max_len=160, max_prompt_len=120, long_prompts="drop")
+        enc = encode_training(tok, [long] + RECORDS, max_len=160, max_prompt_len=120, long_prompts="drop")
     assert len(enc) == 2
     with pytest.raises(RecordError, match="every training record"):
-        encode_records(tok, [long], max_len=160, max_prompt_len=120, long_prompts="drop")
+        encode_training(tok, [long], max_len=160, max_prompt_len=120, long_prompts="drop")
 
 
 def test_collate_aligns_targets_and_with_response_masks_prompt():
     tok = tiny_tokenizer()
-    enc = encode_records(tok, RECORDS, 160, 120, "error")
+    enc = encode_training(tok, RECORDS, 160, 120, "error")
     batch = collate(enc, tok.pad_token_id, "cpu")
     for b, e in enumerate(enc):
         targets = batch["targets"][b]

@@ -6,7 +6,7 @@ import torch
 from kdfast import models
 from kdfast.data import bundled_records
 from kdfast.distill import DistillConfig, Distiller, DistillError
-from kdfast.distill.data import collate, encode_records
+from kdfast.distill.data import collate, encode_training
 from kdfast.distill.objective import divergence_sum, forward_rows, valid
 
 SMALL = dict(max_len=112, max_prompt_len=100, max_new_tokens=6, warmup_steps=0, progress=False, batch_size=4,
@@ -69,13 +69,13 @@ def _grads(family, checkpointing, fused, lora=False):
         models.enable_checkpointing(student)
     student.train()  # dropout on: the non-reentrant recomputation must replay its RNG
     tok = models.tiny_tokenizer()
-    batch = collate(encode_records(tok, bundled_records()[:4], 112, 100), tok.pad_token_id, torch.device("cpu"))
+    batch = collate(encode_training(tok, bundled_records()[:4], 112, 100), tok.pad_token_id, torch.device("cpu"))
     torch.manual_seed(0)
     rows = forward_rows(student, batch, fused)
     with torch.no_grad():
         trows = forward_rows(teacher, batch, fused)
-    loss = divergence_sum(rows, trows, batch["targets"][valid(batch)], kind="fkl", soft=1.0, hard=0.5, beta=0.5,
-                          alpha=0.1, temperature=1.0, vocab="error")
+    loss = divergence_sum(rows, trows, batch["targets"][valid(batch)], kind="fkl", soft_weight=1.0, hard_weight=0.5,
+                          beta=0.5, alpha=0.1, temperature=1.0, vocab="error")
     loss.backward()
     return {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
 

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from kdfast import models
 from kdfast.distill import objective
-from kdfast.distill.data import collate, encode_records
+from kdfast.distill.data import collate, encode_training
 from kdfast.distill.objective import Rows, divergence_sum, forward_rows, token_nll, valid
 
 RECORDS = [{"instruction": "Define the noun \"cat\".", "response": "a small domesticated feline"},
@@ -18,9 +18,9 @@ def test_fused_and_logits_paths_agree(family, kind, soft, hard):
     tok = models.tiny_tokenizer()
     student = models.tiny_model(family, seed=1, hidden=32)
     teacher = models.tiny_model(family, seed=2, hidden=32, initializer_range=0.2)
-    batch = collate(encode_records(tok, RECORDS, 128, 100), tok.pad_token_id, "cpu")
+    batch = collate(encode_training(tok, RECORDS, 128, 100), tok.pad_token_id, "cpu")
     targets = batch["targets"][valid(batch)]
-    kw = dict(kind=kind, soft=soft, hard=hard, beta=0.1, alpha=0.1, temperature=2.0, vocab="error")
+    kw = dict(kind=kind, soft_weight=soft, hard_weight=hard, beta=0.1, alpha=0.1, temperature=2.0, vocab="error")
     out = {}
     for fused in (True, False):
         student.zero_grad()
@@ -53,7 +53,7 @@ def test_token_nll_in_chunks_is_exact(monkeypatch):
 
 def test_empty_selection_gives_zero_with_a_graph():
     rows = Rows(torch.zeros(0, 4, requires_grad=True), (torch.zeros(8, 4, requires_grad=True), None))
-    loss = divergence_sum(rows, None, torch.zeros(0, dtype=torch.long), kind="fkl", soft=0.0, hard=1.0, beta=0.1,
-                          alpha=0.1, temperature=1.0, vocab="error")
+    loss = divergence_sum(rows, None, torch.zeros(0, dtype=torch.long), kind="fkl", soft_weight=0.0,
+                          hard_weight=1.0, beta=0.1, alpha=0.1, temperature=1.0, vocab="error")
     loss.backward()
     assert loss.item() == 0.0

@@ -11,7 +11,7 @@ from kdfast.cli import main
 from kdfast.data import bundled_records, load_records
 from kdfast.distill import DistillConfig, Distiller, DistillError
 from kdfast.distill import teacher_cache as tc
-from kdfast.distill.data import encode_records
+from kdfast.distill.data import encode_training
 from kdfast.distill.techniques.seqkd import Sampling
 from kdfast.store import tokenizer_fingerprint
 
@@ -31,7 +31,7 @@ def test_cached_rows_are_the_teachers_top_k(tmp_path):
     records = bundled_records()[:7]
     summary = capture(tmp_path / "c", records, k=8, temperature=1.7, shard_records=3, logprob_dtype="float32")
     tok = models.tiny_tokenizer()
-    items = encode_records(tok, records, LEN["max_len"], LEN["max_prompt_len"])
+    items = encode_training(tok, records, LEN["max_len"], LEN["max_prompt_len"])
     assert summary.records == 7 and summary.tokens == sum(tc.n_targets(it) for it in items)
     assert summary.bytes_per_token == 8 * 8 and summary.shards_written == 3
     cache = tc.TeacherCache(tmp_path / "c")
@@ -73,7 +73,7 @@ def test_capture_resumes_and_refuses_other_settings(tmp_path, monkeypatch):
     resumed = capture(tmp_path / "b", records, k=4, shard_records=2)
     assert resumed.shards_written == 2 and resumed.tokens == whole.tokens
     a, b = tc.TeacherCache(tmp_path / "a"), tc.TeacherCache(tmp_path / "b")
-    items = encode_records(models.tiny_tokenizer(), records, LEN["max_len"], LEN["max_prompt_len"])
+    items = encode_training(models.tiny_tokenizer(), records, LEN["max_len"], LEN["max_prompt_len"])
     for x, y in zip(a.rows(items), b.rows(items)):
         assert torch.equal(x, y)
     with pytest.raises(DistillError, match="k: cached 4, now 8"):

@@ -40,7 +40,7 @@ class ReplayBuffer:
 
 def pack_sequences(items: list[Encoded], prefix: str) -> dict[str, torch.Tensor]:
     """Sequences as flat int64 tensors (for safetensors): ids and labels concatenated, lengths, prompt lengths."""
-    cat = lambda rows: torch.tensor([x for row in rows for x in row], dtype=torch.long)  # noqa: E731
+    cat = lambda seqs: torch.tensor([x for seq in seqs for x in seq], dtype=torch.long)  # noqa: E731
     return {f"{prefix}.ids": cat(it.input_ids for it in items), f"{prefix}.labels": cat(it.labels for it in items),
             f"{prefix}.lengths": torch.tensor([len(it) for it in items], dtype=torch.long),
             f"{prefix}.prompt_lens": torch.tensor([it.prompt_len for it in items], dtype=torch.long)}

@@ -1,5 +1,6 @@
 """Cross-tokenizer distillation in the trainer (loss="uld"): each student sequence's text re-tokenized for the
-teacher, the aligned rows (kdfast.distill.align) and the objective soft·ULD + hard·CE on the student's own tokens."""
+teacher, the aligned rows (kdfast.distill.align) and the objective soft_weight·ULD + hard_weight·CE on the student's
+own tokens."""
 from __future__ import annotations
 
 import dataclasses
@@ -104,17 +105,18 @@ class CrossTokenizer:
         long = [torch.tensor(xs, dtype=torch.long) for xs in pairs + merges]
         return students, CrossBatch(teachers, long[0], long[1], (long[2], long[3]), (long[4], long[5]))
 
-    def loss_sum(self, model: nn.Module, seqs: list[Encoded], cross: CrossBatch, *, soft: float,
-                 hard: float) -> torch.Tensor:
-        """soft·Σ_pairs ULD(teacher ‖ student) + hard·Σ_tokens CE(student's own targets) over one micro-batch."""
+    def loss_sum(self, model: nn.Module, seqs: list[Encoded], cross: CrossBatch, *, soft_weight: float,
+                 hard_weight: float) -> torch.Tensor:
+        """soft_weight·Σ_pairs ULD(teacher ‖ student) + hard_weight·Σ_tokens CE(student's own targets) over one
+        micro-batch."""
         ctx, cfg = self.ctx, self.cfg
         batch = ctx.collate(seqs)
         targets = batch["targets"][valid(batch)]
         student = forward_rows(model, batch, cfg.fused)
         merged = cross.student_merge[0].numel() > 0
-        nll = token_nll(student, targets) if hard or merged else None
-        total = hard * nll.sum() if hard else student.values.sum() * 0.0
-        if not soft or cross.student_rows.numel() == 0:
+        nll = token_nll(student, targets) if hard_weight or merged else None
+        total = hard_weight * nll.sum() if hard_weight else student.values.sum() * 0.0
+        if not soft_weight or cross.student_rows.numel() == 0:
             return total
         device = student.values.device
         tbatch = collate(cross.teacher, self.teacher_pad, ctx.device)
@@ -124,11 +126,11 @@ class CrossTokenizer:
             t_scale = _merged_log_prob(teacher, tbatch["targets"][valid(tbatch)], cross.teacher_merge, len(t_logits))
         s_scale = None
         if merged:
-            rows, pair = (x.to(device) for x in cross.student_merge)
-            s_scale = torch.zeros(len(t_logits), dtype=nll.dtype, device=device).index_add(0, pair, -nll[rows])
+            tokens, pair = (x.to(device) for x in cross.student_merge)
+            s_scale = torch.zeros(len(t_logits), dtype=nll.dtype, device=device).index_add(0, pair, -nll[tokens])
         s_logits = _logits_at(student, cross.student_rows.to(device))
-        return total + soft * uld_loss(s_logits, t_logits, top_k=cfg.uld_top_k, temperature=cfg.temperature,
-                                       reduction="sum", student_log_scale=s_scale, teacher_log_scale=t_scale)
+        return total + soft_weight * uld_loss(s_logits, t_logits, top_k=cfg.uld_top_k, temperature=cfg.temperature,
+                                              reduction="sum", student_log_scale=s_scale, teacher_log_scale=t_scale)
 
     def teacher_prompt(self, student_prompt: list[int]) -> list[int]:
         """The teacher's tokens of the text of a student prompt."""

@@ -10,8 +10,8 @@ from kdfast.data import IGNORE_INDEX, Encoded, RecordError, encode_all, next_tok
 from kdfast.distill.config import DistillError
 
 
-def encode_records(tokenizer, records: list[dict], max_len: int, max_prompt_len: int | None,
-                   long_prompts: str = "error", what: str = "training") -> list[Encoded]:
+def encode_training(tokenizer, records: list[dict], max_len: int, max_prompt_len: int | None,
+                    long_prompts: str = "error", what: str = "training") -> list[Encoded]:
     """Instruction records -> Encoded (prompt labels masked, EOS appended); bad records raise RecordError.
 
     long_prompts: "error" raises on a prompt over max_prompt_len, "truncate" keeps its end, "drop" skips the
@@ -19,34 +19,34 @@ def encode_records(tokenizer, records: list[dict], max_len: int, max_prompt_len:
     """
     if not records:
         raise DistillError(f"no {what} records given")
-    rows = [normalize(r, where=getattr(r, "where", f"{what} record {i}")) for i, r in enumerate(records)]
-    texts = [i for i, r in enumerate(rows) if "text" in r]
+    normalized = [normalize(r, where=getattr(r, "where", f"{what} record {i}")) for i, r in enumerate(records)]
+    texts = [i for i, r in enumerate(normalized) if "text" in r]
     if texts:
         raise RecordError(f"{what} record {texts[0]} is a {{'text'}} record; {what} records need 'instruction' and "
                           "'response' (plain text goes in lm_records)")
-    encoded, kept = encode_all(tokenizer, rows, max_len, max_prompt_len, long_prompts=long_prompts)
+    encoded, kept = encode_all(tokenizer, normalized, max_len, max_prompt_len, long_prompts=long_prompts)
     if not encoded:
         raise RecordError(f"every {what} record has a prompt longer than max_prompt_len={max_prompt_len} / "
                           f"max_len={max_len}; raise them (kdfast distill --max-prompt-len/--max-len, the audit's "
                           "data.max_prompt_len/data.max_len)")
     limits = f"max_prompt_len={max_prompt_len} or leaves no room under max_len={max_len}"
-    if len(kept) < len(rows):
-        warnings.warn(f"dropped {len(rows) - len(kept)} of {len(rows)} {what} records whose prompt exceeds {limits}",
-                      stacklevel=3)
+    if len(kept) < len(normalized):
+        warnings.warn(f"dropped {len(normalized) - len(kept)} of {len(normalized)} {what} records whose prompt exceeds "
+                      f"{limits}", stacklevel=3)
     cut = sum(e.truncated for e in encoded)
     if cut:
-        warnings.warn(f"truncated the prompt of {cut} of {len(rows)} {what} records (kept its end) as it exceeds "
+        warnings.warn(f"truncated the prompt of {cut} of {len(normalized)} {what} records (kept its end) as it exceeds "
                       f"{limits}", stacklevel=3)
     return encoded
 
 
 def encode_texts(tokenizer, records: list[dict], max_len: int) -> list[Encoded]:
     """{"text"} records (pretraining text) -> Encoded with every token a label, cut to max_len."""
-    rows = [normalize(r, where=f"lm record {i}") for i, r in enumerate(records)]
-    bad = [i for i, r in enumerate(rows) if "text" not in r]
+    normalized = [normalize(r, where=f"lm record {i}") for i, r in enumerate(records)]
+    bad = [i for i, r in enumerate(normalized) if "text" not in r]
     if bad:
         raise RecordError(f"lm record {bad[0]} has no 'text' field; lm_records hold plain text: {{\"text\": ...}}")
-    encoded, _ = encode_all(tokenizer, rows, max_len)
+    encoded, _ = encode_all(tokenizer, normalized, max_len)
     return encoded
 
 

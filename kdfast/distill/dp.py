@@ -11,7 +11,7 @@ from torch import nn
 
 from kdfast.data import IGNORE_INDEX, next_token_targets, pad_batch
 from kdfast.distill.config import DistillError
-from kdfast.distill.data import encode_records
+from kdfast.distill.data import encode_training
 from kdfast.models import transformer_blocks
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -91,7 +91,7 @@ def train_dp(model: nn.Module, tokenizer, records: list[dict], dp: DPConfig, *, 
 
     dp.check()
     _check_model(model)
-    encoded = encode_records(tokenizer, records, max_len, max_prompt_len, long_prompts="drop", what="teacher")
+    encoded = encode_training(tokenizer, records, max_len, max_prompt_len, long_prompts="drop", what="teacher")
     if batch_size > len(encoded):
         raise DistillError(f"teacher.batch_size {batch_size} exceeds the {len(encoded)} private records")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

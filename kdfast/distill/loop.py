@@ -26,7 +26,7 @@ from kdfast.distill.checkpoint import checkpoint_path, latest_checkpoint, load_c
 from kdfast.distill.config import DistillConfig, DistillError
 from kdfast.distill.context import RunContext
 from kdfast.distill.cross import CrossTokenizer, check_cross_vocab, cross_tokenizer_mode
-from kdfast.distill.data import count_targets, encode_records, encode_texts
+from kdfast.distill.data import count_targets, encode_texts, encode_training
 from kdfast.distill.objective import forward_rows, token_nll, valid
 from kdfast.distill.optim import build_optimizer, param_groups
 from kdfast.distill.techniques import CLASSES
@@ -155,8 +155,8 @@ class Distiller:
         if out is not None and cfg.resume and (out / "summary.json").exists() and (out / "final").exists():
             return DistillSummary(**json.loads((out / "summary.json").read_text()))
         run = self._start(train_records, lm_records, out)
-        evals = encode_records(self.tokenizer, eval_records, cfg.max_len, cfg.max_prompt_len, cfg.long_prompts,
-                               "eval") if eval_records else None
+        evals = encode_training(self.tokenizer, eval_records, cfg.max_len, cfg.max_prompt_len, cfg.long_prompts,
+                                "eval") if eval_records else None
         if (cfg.technique == "distillm" and not evals and cfg.student_gen_fraction is None
                 and cfg.init_threshold == 0):
             warnings.warn("DistiLLM's adaptive schedule needs eval records (--eval-data, eval_records in Python): "
@@ -213,7 +213,7 @@ class Distiller:
             raise DistillError(f"{out} already holds a run; pass --resume (resume=True in Python) to continue it or "
                                "choose another folder (--out)")
         set_seed(cfg.seed)
-        train = encode_records(self.tokenizer, train_records, cfg.max_len, cfg.max_prompt_len, cfg.long_prompts)
+        train = encode_training(self.tokenizer, train_records, cfg.max_len, cfg.max_prompt_len, cfg.long_prompts)
         lm = encode_texts(self.tokenizer, lm_records, cfg.max_len) if lm_records else None
         if cfg.disable_dropout:
             _disable_dropout(self.student)

@@ -27,10 +27,10 @@ def sample_mixture(student: nn.Module, teacher: nn.Module, prompts: list[list[in
     out: list[list[int]] = [[] for _ in prompts]
     for idx in token_budget_batches([len(p) for p in prompts], batch_tokens=10**12, max_batch=batch_size):
         batch = pad_batch([Encoded(prompts[i], prompts[i], 0) for i in idx], pad_id, side="left")
-        rows = _sample_batch(student, teacher, batch, max_new_tokens, alpha=alpha, eos_id=eos_id, pad_id=pad_id,
-                             temperature=temperature, do_sample=do_sample, generator=generator)
-        for row, i in zip(rows, idx):
-            out[i] = row
+        sampled = _sample_batch(student, teacher, batch, max_new_tokens, alpha=alpha, eos_id=eos_id, pad_id=pad_id,
+                                temperature=temperature, do_sample=do_sample, generator=generator)
+        for sequence, i in zip(sampled, idx):
+            out[i] = sequence
     return out
 
 

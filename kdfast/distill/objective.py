@@ -46,18 +46,18 @@ def forward_rows(model: nn.Module, batch: dict[str, torch.Tensor], fused: bool) 
     return Rows(model(**inputs, use_cache=False).logits[keep])
 
 
-def divergence_sum(student: Rows, teacher: Rows | None, targets: torch.Tensor, *, kind: str, soft: float, hard: float,
-                   beta: float, alpha: float, temperature: float, vocab: str,
+def divergence_sum(student: Rows, teacher: Rows | None, targets: torch.Tensor, *, kind: str, soft_weight: float,
+                   hard_weight: float, beta: float, alpha: float, temperature: float, vocab: str,
                    chunk_size: int | None = None) -> torch.Tensor:
-    """Σ over the N rows of soft·divergence(teacher ‖ student) + hard·CE(targets); targets [N] long.
+    """Σ over the N rows of soft_weight·divergence(teacher ‖ student) + hard_weight·CE(targets); targets [N] long.
 
-    teacher may be None when soft == 0 (plain cross-entropy).
+    teacher may be None when soft_weight == 0 (plain cross-entropy).
     """
     n = targets.numel()
     if n == 0:
         return student.values.sum() * 0.0
-    if soft == 0 or teacher is None:
-        return hard * token_nll(student, targets).sum() if hard else student.values.sum() * 0.0
+    if soft_weight == 0 or teacher is None:
+        return hard_weight * token_nll(student, targets).sum() if hard_weight else student.values.sum() * 0.0
     if student.head is not None:
         dtype = _compute_dtype(student.values, student.head[0])
         hs = student.values.to(dtype)
@@ -66,12 +66,12 @@ def divergence_sum(student: Rows, teacher: Rows | None, targets: torch.Tensor, *
         ht, wt, bt = _same_dtype(teacher.values, *teacher.head, teacher.head[0].dtype)
         return fused_linear_distill_loss(
             hs, ws, ht, wt, labels=targets, kind=kind, beta=beta, alpha=alpha, temperature=temperature,
-            hard_weight=hard, soft_weight=soft, student_bias=bs, teacher_bias=bt, vocab=vocab,
+            hard_weight=hard_weight, soft_weight=soft_weight, student_bias=bs, teacher_bias=bt, vocab=vocab,
             chunk_size=chunk_size, reduction="sum")
-    total = soft * distill_loss(student.values, teacher.values, kind, beta=beta, alpha=alpha, temperature=temperature,
-                                labels=targets, reduction="sum", vocab=vocab)
-    if hard:
-        total = total + hard * F.cross_entropy(student.values.float(), targets, reduction="sum")
+    total = soft_weight * distill_loss(student.values, teacher.values, kind, beta=beta, alpha=alpha,
+                                       temperature=temperature, labels=targets, reduction="sum", vocab=vocab)
+    if hard_weight:
+        total = total + hard_weight * F.cross_entropy(student.values.float(), targets, reduction="sum")
     return total
 
 

@@ -280,8 +280,8 @@ def _plan(teacher: _Shape | None, student: _Shape, s: dict) -> MemoryPlan:
     if s["gradient_checkpointing"]:
         r = max(e, w) if s["master_weights"] == "fp32" else 2
         parts["recompute"] = _block_saved(student, s, e, r)
-    rows = max(1, round(tokens * s["target_fraction"]))
-    parts["loss_workspace"] = _loss_workspace(student, teacher, s, tokens, rows, e)
+    n_targets = max(1, round(tokens * s["target_fraction"]))
+    parts["loss_workspace"] = _loss_workspace(student, teacher, s, tokens, n_targets, e)
     parts["reserve"] = CUDA_RESERVE if cuda else 0
     phases = _phases(parts)
     phase = "forward" if phases["forward"] >= phases["backward"] else "backward"
@@ -327,25 +327,25 @@ def _teacher_forward(t: _Shape, tokens: int, e: int) -> float:
     return tokens * e * (3 * t.inter + 4 * t.hidden)
 
 
-def _loss_workspace(m: _Shape, t: _Shape | None, s: dict, tokens: int, rows: int, e: int) -> float:
-    """The loss's memory over `rows` target tokens of the `tokens` in the micro-batch."""
+def _loss_workspace(m: _Shape, t: _Shape | None, s: dict, tokens: int, n_targets: int, e: int) -> float:
+    """The loss's memory over `n_targets` target tokens of the `tokens` in the micro-batch."""
     V = m.vocab
     if t is None:  # the logits, their fp32 log-softmax and the logits' gradient
-        return tokens * V * e + rows * V * (e + 8)
+        return tokens * V * e + n_targets * V * (e + 8)
     if not s["fused"]:
         # the teacher's forward holds the student's target rows, its own logits and their target rows; the loss
         # holds both models' rows and the gradient the divergence op returns with its loss
-        teacher_forward = rows * V * e + (tokens + rows) * t.vocab * e
-        loss = rows * (2 * V + t.vocab) * e + _divergence_temporaries(s, rows * V, e)
+        teacher_forward = n_targets * V * e + (tokens + n_targets) * t.vocab * e
+        loss = n_targets * (2 * V + t.vocab) * e + _divergence_temporaries(s, n_targets * V, e)
         return max(teacher_forward, loss)
     budget = FUSED_LINEAR_GPU_CHUNK_BYTES if s["device"] != "cpu" else FUSED_LINEAR_CPU_CHUNK_BYTES
-    chunk = min(rows, max(32, budget // (2 * V * e)))
+    chunk = min(n_targets, max(32, budget // (2 * V * e)))
     head_grad = 0 if s["lora_rank"] else V * m.hidden * 4  # the fp32 d(weight) accumulator
     head_copy = V * m.hidden * e if e != 4 and s["master_weights"] == "fp32" else 0
     # both heads' chunk logits (the student's are overwritten by their gradient)
     workspace = 2 * chunk * V * e + _divergence_temporaries(s, chunk * V, e)
-    teacher_hidden = rows * t.hidden * (2 if s["device"] != "cpu" or s["teacher_quantize"] else 4)
-    return workspace + head_grad + head_copy + rows * m.hidden * e + teacher_hidden
+    teacher_hidden = n_targets * t.hidden * (2 if s["device"] != "cpu" or s["teacher_quantize"] else 4)
+    return workspace + head_grad + head_copy + n_targets * m.hidden * e + teacher_hidden
 
 
 def _divergence_temporaries(s: dict, elements: int, e: int) -> float:

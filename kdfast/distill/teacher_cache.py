@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from kdfast.data import IGNORE_INDEX, Encoded, next_token_targets, pad_batch, token_budget_batches
 from kdfast.data import template as template_module
 from kdfast.distill.config import DistillError
-from kdfast.distill.data import encode_records, prompt_of, with_response
+from kdfast.distill.data import encode_training, prompt_of, with_response
 from kdfast.distill.techniques.seqkd import Sampling, sample_responses
 from kdfast.generation import eval_mode
 from kdfast.io import atomic_path, atomic_write_json, atomic_write_text
@@ -140,7 +140,7 @@ def cache_teacher(teacher: nn.Module, tokenizer, records: list[dict], k: int = 6
         raise DistillError("sampling settings apply to a seqkd capture only: pass seqkd=True (--seqkd)")
     sampling = sampling or Sampling()
     max_prompt_len = max_len // 2 if max_prompt_len is None else max_prompt_len
-    items = encode_records(tokenizer, records, max_len, max_prompt_len, long_prompts, "cache")
+    items = encode_training(tokenizer, records, max_len, max_prompt_len, long_prompts, "cache")
     out = Path(out)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = [prompt_of(it) for it in items]
@@ -382,9 +382,10 @@ def _vocab_rows(model: nn.Module) -> int:
 
 
 def cached_divergence_sum(cache: TeacherCache, items: list[Encoded], student, targets: torch.Tensor, *, kind: str,
-                          tail: str, soft: float, hard: float, beta: float, alpha: float, temperature: float,
-                          chunk_size: int | None = None) -> torch.Tensor:
-    """Σ over the N valid targets of soft·sparse divergence(cached teacher ‖ student) + hard·CE(targets).
+                          tail: str, soft_weight: float, hard_weight: float, beta: float, alpha: float,
+                          temperature: float, chunk_size: int | None = None) -> torch.Tensor:
+    """Σ over the N valid targets of soft_weight·sparse divergence(cached teacher ‖ student) +
+    hard_weight·CE(targets).
 
     items: the micro-batch's sequences in batch order; student: objective.Rows at the valid positions (hidden
     states + head, or logits); targets [N] long.
@@ -402,10 +403,11 @@ def cached_divergence_sum(cache: TeacherCache, items: list[Encoded], student, ta
     if student.head is not None:
         hs, ws, bs = _same_dtype(student.values, *student.head, _compute_dtype(student.values, student.head[0]))
         return fused_linear_sparse_distill_loss(hs, ws, ids, lps, targets, kind, tail=tail, beta=beta, alpha=alpha,
-                                                temperature=temperature, hard_weight=hard, soft_weight=soft,
-                                                student_bias=bs, chunk_size=chunk_size, reduction="sum")
-    total = soft * sparse_distill_loss(student.values, ids, lps, kind, tail=tail, labels=targets,
-                                       temperature=temperature, beta=beta, alpha=alpha, reduction="sum")
-    if hard:
-        total = total + hard * F.cross_entropy(student.values.float(), targets, reduction="sum")
+                                                temperature=temperature, hard_weight=hard_weight,
+                                                soft_weight=soft_weight, student_bias=bs, chunk_size=chunk_size,
+                                                reduction="sum")
+    total = soft_weight * sparse_distill_loss(student.values, ids, lps, kind, tail=tail, labels=targets,
+                                              temperature=temperature, beta=beta, alpha=alpha, reduction="sum")
+    if hard_weight:
+        total = total + hard_weight * F.cross_entropy(student.values.float(), targets, reduction="sum")
     return total

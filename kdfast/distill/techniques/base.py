@@ -93,9 +93,10 @@ class Technique:
         batch = self.ctx.collate(items)
         student = forward_rows(model, batch, cfg.fused)
         teacher = self.ctx.teacher_rows(batch) if cfg.lm_kd_ratio > 0 else None
-        total = divergence_sum(student, teacher, batch["targets"][valid(batch)], kind="fkl", soft=cfg.lm_kd_ratio,
-                               hard=1.0 - cfg.lm_kd_ratio, beta=cfg.beta, alpha=cfg.skew_alpha,
-                               temperature=cfg.temperature, vocab=cfg.vocab, chunk_size=cfg.chunk_size)
+        total = divergence_sum(student, teacher, batch["targets"][valid(batch)], kind="fkl",
+                               soft_weight=cfg.lm_kd_ratio, hard_weight=1.0 - cfg.lm_kd_ratio, beta=cfg.beta,
+                               alpha=cfg.skew_alpha, temperature=cfg.temperature, vocab=cfg.vocab,
+                               chunk_size=cfg.chunk_size)
         return cfg.lm_coef * total / max(totals["lm_tokens"], 1.0)
 
 
@@ -141,7 +142,8 @@ class DivergenceTechnique(Technique):
     def loss(self, model: nn.Module, mb: MicroBatch, totals: dict[str, float]) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
         if mb.cross is not None:
-            total = self.ctx.cross.loss_sum(model, mb.seqs, mb.cross, soft=cfg.kd_ratio, hard=1.0 - cfg.kd_ratio)
+            total = self.ctx.cross.loss_sum(model, mb.seqs, mb.cross, soft_weight=cfg.kd_ratio,
+                                            hard_weight=1.0 - cfg.kd_ratio)
         else:
             batch = self.ctx.collate(mb.seqs)
             student = forward_rows(model, batch, cfg.fused)
@@ -150,13 +152,13 @@ class DivergenceTechnique(Technique):
                 from kdfast.distill.teacher_cache import cached_divergence_sum
 
                 total = cached_divergence_sum(self.cache, mb.seqs, student, targets, kind=cfg.loss,
-                                              tail=cfg.teacher_cache_tail, soft=cfg.kd_ratio, hard=1.0 - cfg.kd_ratio,
-                                              beta=cfg.beta, alpha=cfg.skew_alpha, temperature=cfg.temperature,
-                                              chunk_size=cfg.chunk_size)
+                                              tail=cfg.teacher_cache_tail, soft_weight=cfg.kd_ratio,
+                                              hard_weight=1.0 - cfg.kd_ratio, beta=cfg.beta, alpha=cfg.skew_alpha,
+                                              temperature=cfg.temperature, chunk_size=cfg.chunk_size)
             else:
                 teacher = self.ctx.teacher_rows(batch) if cfg.kd_ratio > 0 else None
-                total = divergence_sum(student, teacher, targets, kind=cfg.loss, soft=cfg.kd_ratio,
-                                       hard=1.0 - cfg.kd_ratio, beta=cfg.beta, alpha=cfg.skew_alpha,
+                total = divergence_sum(student, teacher, targets, kind=cfg.loss, soft_weight=cfg.kd_ratio,
+                                       hard_weight=1.0 - cfg.kd_ratio, beta=cfg.beta, alpha=cfg.skew_alpha,
                                        temperature=cfg.temperature, vocab=cfg.vocab, chunk_size=cfg.chunk_size)
         loss = total / max(totals["tokens"], 1.0)
         return self.add_lm_loss(model, mb.lm, totals, loss, {"objective": loss.detach()})

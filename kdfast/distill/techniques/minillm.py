@@ -120,8 +120,8 @@ class MiniLLM(Technique):
         pg = torch.max(-advantage * ratio, -advantage * clipped).sum() / n
         teacher = ctx.teacher_rows(batch)
         with torch.set_grad_enabled(cfg.single_step_reg and torch.is_grad_enabled()):
-            reg = divergence_sum(student, teacher, targets, kind=cfg.loss, soft=1.0, hard=0.0, beta=cfg.beta,
-                                 alpha=cfg.skew_alpha, temperature=cfg.temperature, vocab=cfg.vocab,
+            reg = divergence_sum(student, teacher, targets, kind=cfg.loss, soft_weight=1.0, hard_weight=0.0,
+                                 beta=cfg.beta, alpha=cfg.skew_alpha, temperature=cfg.temperature, vocab=cfg.vocab,
                                  chunk_size=cfg.chunk_size) / n
         loss = pg + reg if cfg.single_step_reg else pg
         return self.add_lm_loss(model, mb.lm, totals, loss, {"pg": pg.detach(), "objective": reg.detach()})

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import median_ms, mib, peak_bytes, write_table  # noqa: E402
 from kdfast.attacks.bulk import (  # noqa: E402
-    encode_records,
+    encode_scored,
     forward_stats,
     logit_scores,
     lowercased,
@@ -131,7 +131,7 @@ def main() -> None:
     model, tok, source = load(device)
     autocast = device.type == "cuda"
     records = bundled_records()[: plan["records"]]
-    items = encode_records(tok, records)
+    items = encode_scored(tok, records)
     texts = [scored_text(r) for r in records]
     groups = token_budget_batches([len(it) for it in items], plan["batch_tokens"])
     batches = [{k: v.to(device) for k, v in pad_batch([items[i] for i in g], tok.pad_token_id).items()} for g in groups]
@@ -145,7 +145,7 @@ def main() -> None:
 
     stride = max(1, len(records) // plan["baseline"])
     subset = [i for i in range(0, len(records), stride)][: plan["baseline"]]
-    lower = encode_records(tok, [lowercased(r) for r in records])
+    lower = encode_scored(tok, [lowercased(r) for r in records])
     kdfast_batch(model, batches[0], zlibs[0], autocast)  # loads the token-statistics extension
     mimir_record(model, items[0], texts[0], autocast)
     kd_scores, base_scores = {}, {}

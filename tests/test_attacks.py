@@ -112,7 +112,7 @@ def test_logit_attacks_match_oracle(family, side):
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
 def test_shared_prompt_prefix_runs_once_with_the_same_scores(family):
     model, tok = models.tiny_model(family, seed=8), models.tiny_tokenizer()
-    items = bulk.encode_records(tok, bundled_records()[:6] + RECORDS[:1])
+    items = bulk.encode_scored(tok, bundled_records()[:6] + RECORDS[:1])
     batch = pad_batch(items, tok.pad_token_id)
     with torch.no_grad():
         shared, full = bulk.forward_stats(model, batch), bulk.forward_stats(model, batch, share_prefix=False)

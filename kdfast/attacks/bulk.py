@@ -48,8 +48,8 @@ class BatchStats:
             return np.where(self.n_tokens() > 0, total / self.n_tokens(), np.nan)
 
 
-def encode_records(tokenizer, records: list[dict], response_only: bool = True, max_len: int | None = None,
-                   numbers: list[int] | None = None, add_eos: bool = False) -> list[Encoded]:
+def encode_scored(tokenizer, records: list[dict], response_only: bool = True, max_len: int | None = None,
+                  numbers: list[int] | None = None, add_eos: bool = False) -> list[Encoded]:
     """Tokenize records as the field scores them; response_only=False also scores the prompt tokens.
 
     A {"text"} record is `tokenizer(text)` as it is (BOS only where the tokenizer adds one; its first token
@@ -69,10 +69,10 @@ def encode_records(tokenizer, records: list[dict], response_only: bool = True, m
 
 
 def records_cut(tokenizer, records: list[dict], max_len: int | None, add_eos: bool = False) -> int:
-    """How many records encode_records cuts to max_len (0 when max_len is None)."""
+    """How many records encode_scored cuts to max_len (0 when max_len is None)."""
     if max_len is None:
         return 0
-    return sum(len(it) > max_len for it in encode_records(tokenizer, records, add_eos=add_eos))
+    return sum(len(it) > max_len for it in encode_scored(tokenizer, records, add_eos=add_eos))
 
 
 def encode_text(tokenizer, text: str, max_len: int | None = None, add_eos: bool = False,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from kdfast.attacks.bulk import encode_records, mean_log_likelihoods
+from kdfast.attacks.bulk import encode_scored, mean_log_likelihoods
 from kdfast.models import context_len
 
 
@@ -14,10 +14,10 @@ def ref_scores(ref_model: nn.Module, ref_tokenizer, records: list[dict], target_
     """loss_ref − loss_target per record (float64): high when the target fits a record much better than the reference.
 
     target_ll: the target model's mean ℓ_t per record; numbers: the records' positions for error messages;
-    add_eos: as in encode_records; max_len: cut records to it, and to the reference's positions;
+    add_eos: as in encode_scored; max_len: cut records to it, and to the reference's positions;
     `batching` goes to mean_log_likelihoods (batch_tokens, padding_side, autocast).
     """
-    items = encode_records(ref_tokenizer, records, response_only, context_len(ref_model, max_len), numbers, add_eos)
+    items = encode_scored(ref_tokenizer, records, response_only, context_len(ref_model, max_len), numbers, add_eos)
     ref_ll = mean_log_likelihoods(ref_model, items, pad_id(ref_tokenizer), **batching)
     return reference_scores(target_ll, ref_ll)
 

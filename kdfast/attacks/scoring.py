@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kdfast.attacks.bulk import (
-    encode_records,
+    encode_scored,
     forward_stats,
     logit_scores,
     lowercased,
@@ -257,7 +257,7 @@ class _Job:
                  member_prefix=None, frequencies: np.ndarray | None = None):
         self.model, self.tokenizer, self.records, self.cfg, self.refs, self.labels = (
             model, tokenizer, records, cfg, refs, labels)
-        self.items = encode_records(tokenizer, records, cfg.response_only, cfg.max_len, add_eos=cfg.add_eos)
+        self.items = encode_scored(tokenizer, records, cfg.response_only, cfg.max_len, add_eos=cfg.add_eos)
         self.keys = [record_hash(r) for r in records]
         self.blocks = list(transformer_blocks(model)) if "mope_block" in cfg.attacks else []
         self.columns = cfg.columns(list(refs), len(self.blocks))
@@ -364,8 +364,8 @@ class _Job:
             scores["zlib"] = ll / np.array([zlib_length(scored_text(r, cfg.response_only)) for r in records])
         if "lowercase" in attacks:
             stage("lowercase")
-            lower = encode_records(self.tokenizer, [lowercased(r, cfg.response_only) for r in records],
-                                   cfg.response_only, cfg.max_len, group)
+            lower = encode_scored(self.tokenizer, [lowercased(r, cfg.response_only) for r in records],
+                                  cfg.response_only, cfg.max_len, group)
             scores["lowercase"] = -mean_log_likelihoods(model, lower, **self.batching) / np.maximum(-ll, 1e-12)
         if "dc_pdd" in attacks:
             scores["dc_pdd"] = self._dc_pdd(stats, next_token_targets(batch["labels"]))

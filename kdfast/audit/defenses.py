@@ -203,11 +203,11 @@ def defense_table(cfg: AuditConfig, points: list[dict], privacy: dict) -> list[d
     by_id = {p["id"]: p for p in points}
     # A student of the DP teacher sees the private half only through it: by post-processing it keeps the ε.
     spent = {**privacy, **{sid: privacy.get("teacher-dp") for sid, _, _, _, spec in plan if spec.get("_teacher")}}
-    rows = []
+    table = []
     for kind, value, mid in wanted:
         if mid in by_id:
             p = by_id[mid]
-            rows.append({"defense": kind, "value": value, "model_id": mid, "label": p["label"], "role": p["role"],
+            table.append({"defense": kind, "value": value, "model_id": mid, "label": p["label"], "role": p["role"],
                          **{k: p[k] for k in ("attack", "auc", "tpr_at_1pct_fpr", "rouge_l")},
                          "epsilon": (spent.get(mid) or {}).get("epsilon")})
-    return rows
+    return table

@@ -64,25 +64,25 @@ def plot_frontier(points: list[dict], path: Path) -> Path | None:
 
 
 def frontier_table(points: list[dict], defenses: list[dict] | None = None) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: each point's role, ROUGE-L, strongest attack, AUC [CI], TPR@1%FPR, and ε where DP."""
+    """Header and lines: each point's role, ROUGE-L, strongest attack, AUC [CI], TPR@1%FPR, and ε where DP."""
     from kdfast.audit.report import _fmt
 
     eps = {d["model_id"]: d.get("epsilon") for d in defenses or []}
     header = ["model", "role", "ROUGE-L", "strongest attack", "AUC", "95% CI", "TPR@1%FPR", "ε (DP)"]
-    rows = []
+    lines = []
     for p in sorted(points, key=lambda p: -p["rouge_l"]):
         ci = p.get("auc_ci95")
-        rows.append([p["label"], p["role"], _fmt(p["rouge_l"], 3), p["attack"], _fmt(p["auc"]),
+        lines.append([p["label"], p["role"], _fmt(p["rouge_l"], 3), p["attack"], _fmt(p["auc"]),
                      f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "–", _fmt(p["tpr_at_1pct_fpr"], 3),
                      _fmt(eps.get(p["id"]))])
-    return header, rows
+    return header, lines
 
 
-def defense_table_rows(defenses: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of results["defenses"]: the defense and value beside the same figures."""
+def defense_lines(defenses: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and lines of results["defenses"]: the defense and value beside the same figures."""
     from kdfast.audit.report import _fmt
 
     header = ["defense", "value", "model", "ROUGE-L", "AUC", "TPR@1%FPR", "strongest attack", "ε (DP)"]
-    rows = [[d["defense"], "–" if d["value"] is None else str(d["value"]), d["label"], _fmt(d["rouge_l"], 3),
+    lines = [[d["defense"], "–" if d["value"] is None else str(d["value"]), d["label"], _fmt(d["rouge_l"], 3),
              _fmt(d["auc"]), _fmt(d["tpr_at_1pct_fpr"], 3), d["attack"], _fmt(d.get("epsilon"))] for d in defenses]
-    return header, rows
+    return header, lines

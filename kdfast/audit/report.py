@@ -38,34 +38,34 @@ def _working(model: dict) -> str:
 
 
 def auc_table(results: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the model × attack AUC table (the study's heatmap as text), with whether each model
+    """Header and lines of the model × attack AUC table (the study's heatmap as text), with whether each model
     is a working model: a degenerate one's AUCs are no evidence about its technique."""
     header = ["model"] + results["attacks"] + ["working model"]
-    rows = [[m["label"]] + [_fmt(m["auc"].get(a)) for a in results["attacks"]] + [_working(m)]
+    lines = [[m["label"]] + [_fmt(m["auc"].get(a)) for a in results["attacks"]] + [_working(m)]
             for m in results["models"]]
-    return header, rows
+    return header, lines
 
 
 def tpr_table(results: dict, fpr: str = "0.01") -> tuple[list[str], list[list[str]]]:
     """TPR at FPR ≤ fpr by model and attack: the ROC's, then "held-out TPR / realized FPR" at the threshold chosen
     on the calibration half of the non-members (where the run calibrated it)."""
     header = ["model"] + results["attacks"]
-    rows = []
+    lines = []
     for m in results["models"]:
         row = [m["label"]]
         for a in results["attacks"]:
             cell = _fmt(m.get("tpr_at_fpr", {}).get(a, {}).get(fpr), 3)
             cal = (m.get("calibrated", {}).get(a) or {}).get("at_fpr", {}).get(fpr)
             row.append(f"{cell} ({_fmt(cal['tpr'], 3)}/{_fmt(cal['fpr'], 3)})" if cal else cell)
-        rows.append(row)
-    return header, rows
+        lines.append(row)
+    return header, lines
 
 
-def _struck(rows: list[list[str]], grey: list[bool], verdict: bool = True) -> list[list[str]]:
+def _struck(lines: list[list[str]], grey: list[bool], verdict: bool = True) -> list[list[str]]:
     """Markdown has no grey: a degenerate model's figures are struck through (its label and the verdict, the last
     column where `verdict`, are not)."""
     out = []
-    for r, g in zip(rows, grey):
+    for r, g in zip(lines, grey):
         end = len(r) - verdict
         out.append([r[0]] + [f"~~{c}~~" if g and c != "–" else c for c in r[1:end]] + r[end:])
     return out
@@ -78,17 +78,17 @@ def md_escape(text) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|")
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], lines: list[list[str]]) -> str:
     """A Markdown table; every cell is escaped (labels, ids and size keys come from the user's config)."""
     line = lambda cells: "| " + " | ".join(md_escape(c) for c in cells) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "---|" * len(header)] + [line(r) for r in rows])
+    return "\n".join([line(header), "|" + "---|" * len(header)] + [line(r) for r in lines])
 
 
-def text_table(header: list[str], rows: list[list[str]]) -> str:
+def text_table(header: list[str], lines: list[list[str]]) -> str:
     """A plain aligned table for the terminal."""
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
     fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in lines])
 
 
 def _save(fig, path: Path) -> Path:
@@ -122,7 +122,8 @@ def plot_heatmap(results: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_roc(results: dict, attack: str, path: Path) -> Path:
+def plot_roc_by_model(results: dict, attack: str, path: Path) -> Path:
+    """One attack's ROC curve for every model (kdfast.attacks.plot_roc draws one model's curve per attack)."""
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for m in results["models"]:
         roc = m.get("roc", {}).get(attack)
@@ -217,11 +218,11 @@ def plot_ablations(results: dict, attack: str, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def _ablation_rows(results: dict, attack: str) -> tuple[list[str], list[list[str]]]:
+def _ablation_table(results: dict, attack: str) -> tuple[list[str], list[list[str]]]:
     """Each ablation student's leakage (AUC and TPR at 1% FPR of `attack`) and utility, after the plain KD student
     of its size (teacher_topk: its value is k, the plain KD student's is the full logits)."""
     header = ["ablation", "value", "model", f"{attack} AUC", f"{attack} TPR@1%FPR", "ROUGE-L"]
-    by_id, rows = {m["id"]: m for m in results["models"]}, []
+    by_id, lines = {m["id"]: m for m in results["models"]}, []
 
     def row(name: str, value, m: dict) -> list[str]:
         tpr = m.get("tpr_at_fpr", {}).get(attack, {}).get("0.01")
@@ -232,9 +233,9 @@ def _ablation_rows(results: dict, attack: str) -> tuple[list[str], list[list[str
         if not entries:
             continue
         if kd := _plain_kd(results, by_id[entries[0]["model_id"]]):
-            rows.append(row(name, "all logits" if name == "teacher_topk" else "plain KD", kd))
-        rows += [row(name, e["value"], by_id[e["model_id"]]) for e in entries]
-    return header, rows
+            lines.append(row(name, "all logits" if name == "teacher_topk" else "plain KD", kd))
+        lines += [row(name, e["value"], by_id[e["model_id"]]) for e in entries]
+    return header, lines
 
 
 def _finite(obj):
@@ -255,22 +256,22 @@ def _img(path: Path | None) -> str:
     return f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}"></figure>'
 
 
-def _html_table(header: list[str], rows: list[list[str]], grey: list[bool] | None = None) -> str:
-    """An escaped table; rows where `grey` is true are greyed out (a degenerate model's figures)."""
+def _html_table(header: list[str], lines: list[list[str]], grey: list[bool] | None = None) -> str:
+    """An escaped table; lines where `grey` is true are greyed out (a degenerate model's figures)."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    grey = grey or [False] * len(rows)
+    grey = grey or [False] * len(lines)
     body = "".join(("<tr class='degenerate'>" if g else "<tr>") + "".join(f"<td>{html.escape(str(c))}</td>" for c in r)
-                   + "</tr>" for r, g in zip(rows, grey))
+                   + "</tr>" for r, g in zip(lines, grey))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _health_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+def _health_table(results: dict) -> tuple[list[str], list[list[str]]]:
     header = ["model", "ROUGE-L", "empty answers", "repeated 4-grams", "distinct-2", "held-out cross-entropy",
               "working model"]
-    rows = [[m["label"], _fmt(m.get("utility", {}).get("rouge_l"), 3), _fmt(h.get("empty_rate"), 2),
+    lines = [[m["label"], _fmt(m.get("utility", {}).get("rouge_l"), 3), _fmt(h.get("empty_rate"), 2),
              _fmt(h.get("repeated_4gram"), 2), _fmt(h.get("distinct_2"), 2), _fmt(h.get("cross_entropy"), 2),
              _working(m)] for m in results["models"] if (h := m.get("health"))]
-    return header, rows
+    return header, lines
 
 
 def no_finding_note(results: dict) -> str:
@@ -292,58 +293,58 @@ def _rule_text(rule: dict) -> str:
             f"{rule['max_excess_cross_entropy']} nats above the teacher's")
 
 
-def _memorization_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+def _memorization_table(results: dict) -> tuple[list[str], list[list[str]]]:
     header = ["model", "members", "non-members", "gap", "approx. members", "utility ROUGE-L"]
-    rows = [[m["label"], _fmt(m["memorization"]["member"], 3), _fmt(m["memorization"]["nonmember"], 3),
+    lines = [[m["label"], _fmt(m["memorization"]["member"], 3), _fmt(m["memorization"]["nonmember"], 3),
              _fmt(m["memorization"]["gap"], 3), _fmt(m["memorization"].get("member_approx"), 3),
              _fmt(m.get("utility", {}).get("rouge_l"), 3)]
             for m in results["models"] if m.get("memorization")]
-    return header, rows
+    return header, lines
 
 
 def _interval(ci) -> str:
     return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "–"
 
 
-def _tpr_rows(results: dict, attack: str) -> tuple[list[str], list[list[str]]]:
+def _tpr_table(results: dict, attack: str) -> tuple[list[str], list[list[str]]]:
     header = ["model", "AUC", "95% CI"] + [f"TPR@FPR≤{f}" for f in FPRS]
-    rows = []
+    lines = []
     for m in results["models"]:
         tpr = m.get("tpr_at_fpr", {}).get(attack, {})
-        rows.append([m["label"], _fmt(m["auc"].get(attack)), _interval(m.get("auc_ci95", {}).get(attack))]
+        lines.append([m["label"], _fmt(m["auc"].get(attack)), _interval(m.get("auc_ci95", {}).get(attack))]
                     + [_fmt(tpr.get(f), 3) for f in FPRS])
-    return header, rows
+    return header, lines
 
 
-def _ci_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+def _ci_table(results: dict) -> tuple[list[str], list[list[str]]]:
     """The bootstrap 95% interval of every AUC, by model and attack."""
     header = ["model"] + results["attacks"]
-    rows = [[m["label"]] + [_interval(m.get("auc_ci95", {}).get(a)) for a in results["attacks"]]
+    lines = [[m["label"]] + [_interval(m.get("auc_ci95", {}).get(a)) for a in results["attacks"]]
             for m in results["models"]]
-    return header, rows
+    return header, lines
 
 
-def _per_block_rows(results: dict) -> tuple[list[str], list[list[str]], list[bool]]:
-    """MoPe AUC by model and perturbed block, and which rows are degenerate models (only models it ran on)."""
+def _per_block_table(results: dict) -> tuple[list[str], list[list[str]], list[bool]]:
+    """MoPe AUC by model and perturbed block, and which lines are degenerate models (only models it ran on)."""
     models = [m for m in results["models"] if m.get("mope_block")]
     blocks = sorted({b for m in models for b in m["mope_block"]}, key=int)
-    rows = [[m["label"]] + [_fmt(m["mope_block"].get(b)) for b in blocks] for m in models]
-    return ["model"] + [f"block {b}" for b in blocks], rows, [degenerate(m) for m in models]
+    lines = [[m["label"]] + [_fmt(m["mope_block"].get(b)) for b in blocks] for m in models]
+    return ["model"] + [f"block {b}" for b in blocks], lines, [degenerate(m) for m in models]
 
 
-def _conditioned_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+def _conditioned_table(results: dict) -> tuple[list[str], list[list[str]]]:
     header = ["student", "τ", "teacher-memorized", "student mean accuracy on them", "student also > τ"]
-    rows = [[mid, _fmt(r["tau"], 1), str(r["n_teacher"]), _fmt(r["student_mean"], 3), _fmt(r["student_fraction"], 3)]
+    lines = [[mid, _fmt(r["tau"], 1), str(r["n_teacher"]), _fmt(r["student_mean"], 3), _fmt(r["student_fraction"], 3)]
             for mid, entries in results.get("teacher_conditioned", {}).items() for r in entries]
-    return header, rows
+    return header, lines
 
 
-def _agreement_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+def _agreement_table(results: dict) -> tuple[list[str], list[list[str]]]:
     header = ["model", "Jaccard", "Cohen's κ", "both", "MIA only", "memorization only", "neither"]
-    rows = [[mid, _fmt(a["jaccard"], 3), _fmt(a["kappa"], 3)]
+    lines = [[mid, _fmt(a["jaccard"], 3), _fmt(a["kappa"], 3)]
             + [str(a[k]) for k in ("both", "mia_only", "mem_only", "neither")]
             for mid, a in results.get("agreement", {}).items()]
-    return header, rows
+    return header, lines
 
 
 def _examples_html(examples: list[dict]) -> str:
@@ -356,26 +357,26 @@ def _examples_html(examples: list[dict]) -> str:
 
 
 def _frontier_html(results: dict, image: str) -> str:
-    from kdfast.audit.frontier import defense_table_rows, frontier_table
+    from kdfast.audit.frontier import defense_lines, frontier_table
 
     points, table = results.get("frontier", []), results.get("defenses", [])
     if not points:
         return "<p class='note'>no model has both a utility and an AUC</p>"
     note = ("<p class='note'>Each model is a point: x its ROUGE-L (rouge_score, stemmed) on held-out prompts, y the "
             "AUC and the TPR at 1% FPR of the attack strongest on it.</p>")
-    defended = _html_table(*defense_table_rows(table)) if table else ""
+    defended = _html_table(*defense_lines(table)) if table else ""
     return note + image + defended + _html_table(*frontier_table(points, table))
 
 
 def _frontier_md(results: dict) -> str:
-    from kdfast.audit.frontier import defense_table_rows, frontier_table
+    from kdfast.audit.frontier import defense_lines, frontier_table
 
     points, table = results.get("frontier", []), results.get("defenses", [])
     if not points:
         return ""
     text = f"\n## Privacy–utility frontier\n\n{markdown_table(*frontier_table(points, table))}\n"
     if table:
-        text += f"\n## Defenses\n\n{markdown_table(*defense_table_rows(table))}\n"
+        text += f"\n## Defenses\n\n{markdown_table(*defense_lines(table))}\n"
     return text
 
 
@@ -390,24 +391,24 @@ def _summary_md(results: dict, main_attack: str) -> str:
     """summary.md: the report's tables in Markdown, every text escaped, a degenerate model's figures struck."""
     split, note = results["split"], no_finding_note(results)
     grey = [degenerate(m) for m in results["models"]]
-    auc_header, auc_rows = auc_table(results)
-    ci_header, ci_rows = _ci_rows(results)
-    tpr_header, tpr_rows = _tpr_rows(results, main_attack)
-    block_header, block_rows, block_grey = _per_block_rows(results)
+    auc_header, auc_lines = auc_table(results)
+    ci_header, ci_lines = _ci_table(results)
+    tpr_header, tpr_lines = _tpr_table(results, main_attack)
+    block_header, block_lines, block_grey = _per_block_table(results)
     sections = [
         ("AUC by model and attack", (md_escape(note) + "\n\n" if note else "")
-         + markdown_table(auc_header, _struck(auc_rows, grey))),
-        ("Bootstrap 95% intervals of the AUCs", markdown_table(ci_header, _struck(ci_rows, grey, verdict=False))),
+         + markdown_table(auc_header, _struck(auc_lines, grey))),
+        ("Bootstrap 95% intervals of the AUCs", markdown_table(ci_header, _struck(ci_lines, grey, verdict=False))),
         ("TPR at 1% FPR (held-out TPR / realized FPR at the calibrated threshold)",
          markdown_table(*tpr_table(results))),
         (f"TPR at low FPR ({md_escape(main_attack)} attack)",
-         markdown_table(tpr_header, _struck(tpr_rows, grey, verdict=False))),
-        ("Per-block MoPe AUC", markdown_table(block_header, _struck(block_rows, block_grey, verdict=False))
-         if block_rows else "not run"),
-        ("Are the models working language models?", markdown_table(*_health_rows(results))),
-        ("Memorization and utility", markdown_table(*_memorization_rows(results))),
+         markdown_table(tpr_header, _struck(tpr_lines, grey, verdict=False))),
+        ("Per-block MoPe AUC", markdown_table(block_header, _struck(block_lines, block_grey, verdict=False))
+         if block_lines else "not run"),
+        ("Are the models working language models?", markdown_table(*_health_table(results))),
+        ("Memorization and utility", markdown_table(*_memorization_table(results))),
     ]
-    ablations = _ablation_rows(results, main_attack)
+    ablations = _ablation_table(results, main_attack)
     if ablations[1]:
         sections.append(("Ablations: leakage and utility", markdown_table(*ablations)))
     head = (f"# kdfast audit: {md_escape(results['name'])}\n\n{split['private']} members, {split['public']} public, "
@@ -424,7 +425,7 @@ def write_report(results: dict, out: str | Path, main_attack: str = "loss") -> d
         results = {**results, "frontier": frontier_points(results["models"])}
     figures = {
         "heatmap": plot_heatmap(results, out / "heatmap_auc.png"),
-        "roc": plot_roc(results, main_attack, out / "roc.png"),
+        "roc": plot_roc_by_model(results, main_attack, out / "roc.png"),
         "memorization": plot_memorization(results, out / "memorization.png"),
         "per_block": plot_per_block(results, out / "per_block_auc.png"),
         "sizes": plot_sizes(results, main_attack, out / "student_size.png"),
@@ -433,25 +434,25 @@ def write_report(results: dict, out: str | Path, main_attack: str = "loss") -> d
         "frontier": plot_frontier(results.get("frontier", []), out / "frontier.png"),
     }
     atomic_write_json(out / "results.json", _finite(results))
-    auc_header, auc_rows = auc_table(results)
+    auc_header, auc_lines = auc_table(results)
     grey = [degenerate(m) for m in results["models"]]
     note = no_finding_note(results)
     note_html = f"<p class='note'>{html.escape(note)}</p>" if note else ""
-    ablation_table = _ablation_rows(results, main_attack)
+    ablation_table = _ablation_table(results, main_attack)
     sections = [
         ("Membership inference: AUC by model and attack",
-         note_html + _html_table(auc_header, auc_rows, grey) + _img(figures["heatmap"])),
-        ("Are the models working language models?", _html_table(*_health_rows(results), grey)
+         note_html + _html_table(auc_header, auc_lines, grey) + _img(figures["heatmap"])),
+        ("Are the models working language models?", _html_table(*_health_table(results), grey)
          + f"<p class='note'>Greedy answers to held-out prompts; a model is degenerate with "
            f"{html.escape(_rule_text(results.get('degeneracy_rule', {})))}.</p>"),
         ("TPR at 1% FPR by model and attack (in brackets: held-out TPR / realized FPR at the threshold set on "
          "the calibration half of the non-members)", _html_table(*tpr_table(results))),
         (f"ROC and TPR at low FPR ({main_attack} attack)",
-         _html_table(*_tpr_rows(results, main_attack)) + _img(figures["roc"])),
-        ("Memorization and utility", _html_table(*_memorization_rows(results)) + _img(figures["memorization"])
+         _html_table(*_tpr_table(results, main_attack)) + _img(figures["roc"])),
+        ("Memorization and utility", _html_table(*_memorization_table(results)) + _img(figures["memorization"])
          + _img(figures["utility"])),
-        ("Teacher-conditioned memorization", _html_table(*_conditioned_rows(results))),
-        ("Agreement of membership and memorization", _html_table(*_agreement_rows(results))),
+        ("Teacher-conditioned memorization", _html_table(*_conditioned_table(results))),
+        ("Agreement of membership and memorization", _html_table(*_agreement_table(results))),
         ("Privacy–utility frontier", _frontier_html(results, _img(figures["frontier"]))),
         ("Per-block MoPe", _img(figures["per_block"]) or "<p class='note'>not run</p>"),
         ("Student size and ablations", (_img(figures["sizes"]) + _img(figures["ablations"]))

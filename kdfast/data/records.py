@@ -143,15 +143,15 @@ def load_hub_dataset(name: str, split: str = "train", fields: dict[str, str] | N
     """Records of a hub dataset through `datasets` (downloads: only when the user asks for one)."""
     import datasets
 
-    rows = datasets.load_dataset(name, split=split)
-    return [normalize(row, fields, f"{name}[{split}] row {i}") for i, row in enumerate(_take(rows, limit))]
+    dataset = datasets.load_dataset(name, split=split)
+    return [normalize(r, fields, f"{name}[{split}] record {i}") for i, r in enumerate(_take(dataset, limit))]
 
 
-def _take(rows: Iterable, limit: int | None) -> Iterable:
-    for i, row in enumerate(rows):
+def _take(items: Iterable, limit: int | None) -> Iterable:
+    for i, item in enumerate(items):
         if limit is not None and i >= limit:
             return
-        yield row
+        yield item
 
 
 def record_key(record: dict) -> tuple:

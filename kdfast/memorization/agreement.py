@@ -96,17 +96,17 @@ def teacher_conditioned(teacher_acc, student_acc, taus: Sequence[float] = DEFAUL
     t, s = _vector("teacher_acc", teacher_acc, unit=True), _vector("student_acc", student_acc, unit=True)
     if t.shape != s.shape:
         raise ValueError(f"teacher_acc and student_acc must score the same records: {t.size} vs {s.size} values")
-    rows = []
+    levels = []
     for tau in taus:
         if not 0.0 <= tau < 1.0:
             raise ValueError(f"every tau must lie in [0, 1), got {tau}")
         sel = t > tau
         n = int(sel.sum())
         both = int((s[sel] > tau).sum())
-        rows.append(Conditioned(tau=float(tau), n_teacher=n, n_both=both,
+        levels.append(Conditioned(tau=float(tau), n_teacher=n, n_both=both,
                                 student_mean=float(s[sel].mean()) if n else math.nan,
                                 student_fraction=both / n if n else math.nan))
-    return rows
+    return levels
 
 
 def flag(scores, threshold: float | None = None, rate: float | None = None) -> tuple[np.ndarray, float | None]:

@@ -23,7 +23,7 @@ from kdfast.ops.token_stats import token_stats, token_stats_from_hidden
 
 METHODS = ("forward", "generate")
 ON_SHORT = ("error", "skip")
-TokenRows = Union[torch.Tensor, Sequence[Sequence[int]]]
+TokenSequences = Union[torch.Tensor, Sequence[Sequence[int]]]
 PrefixLen = Union[int, Sequence[int], None]
 
 
@@ -100,28 +100,30 @@ def check_fits(prefix_len: PrefixLen, suffix_len: int, max_len: int | None) -> N
                          "positions; lower prefix_len / suffix_len (CLI --prefix-len, --suffix-len)")
 
 
-def _rows_to_pairs(rows: TokenRows, prefix_len: PrefixLen, suffix_len: int) -> list[tuple[list[int], list[int]]]:
-    if isinstance(rows, torch.Tensor):
-        if rows.dim() != 2 or rows.dtype.is_floating_point or rows.dtype == torch.bool:
-            raise ValueError(f"token_ids must be an integer tensor [R, L], got {rows.dtype} of shape "
-                             f"{tuple(rows.shape)}")
-        rows = rows.tolist()
+def _sequences_to_pairs(sequences: TokenSequences, prefix_len: PrefixLen,
+                        suffix_len: int) -> list[tuple[list[int], list[int]]]:
+    if isinstance(sequences, torch.Tensor):
+        if sequences.dim() != 2 or sequences.dtype.is_floating_point or sequences.dtype == torch.bool:
+            raise ValueError(f"token_ids must be an integer tensor [R, L], got {sequences.dtype} of shape "
+                             f"{tuple(sequences.shape)}")
+        sequences = sequences.tolist()
     if prefix_len is None:
-        raise ValueError("token-id rows need an integer prefix_len (prefix_len=None means the whole prompt of "
+        raise ValueError("token-id sequences need an integer prefix_len (prefix_len=None means the whole prompt of "
                          "instruction records: pass records and tokenizer= for that)")
-    lens = [prefix_len] * len(rows) if isinstance(prefix_len, numbers.Integral) else [int(p) for p in prefix_len]
-    if len(lens) != len(rows):
-        raise ValueError(f"prefix_len gives {len(lens)} lengths for {len(rows)} rows; give one per row or one int")
-    return [(list(r[:p]), list(r[p:p + suffix_len])) for r, p in zip(rows, lens)]
+    lens = [prefix_len] * len(sequences) if isinstance(prefix_len, numbers.Integral) else [int(p) for p in prefix_len]
+    if len(lens) != len(sequences):
+        raise ValueError(f"prefix_len gives {len(lens)} lengths for {len(sequences)} sequences; give one per sequence "
+                         "or one int")
+    return [(list(r[:p]), list(r[p:p + suffix_len])) for r, p in zip(sequences, lens)]
 
 
-def extraction(model: nn.Module, data: TokenRows | list[dict], prefix_len: PrefixLen = 32, suffix_len: int = 32, *,
+def extraction(model: nn.Module, data: TokenSequences | list[dict], prefix_len: PrefixLen = 32, suffix_len: int = 32, *,
                tokenizer=None, method: str = "forward", batch_size: int = 32, on_short: str = "error",
                pad_id: int | None = None, max_len: int | None = None, progress: bool = True) -> Extraction:
     """Exact greedy extraction of each record's suffix from its prefix (Carlini et al. 2022).
 
     data: token ids, an integer tensor [R, L] or R lists (the first prefix_len tokens prompt, the next
-    suffix_len are the suffix; later tokens are ignored; prefix_len may be one length per row), or records
+    suffix_len are the suffix; later tokens are ignored; prefix_len may be one length per sequence), or records
     with tokenizer= (see extraction_pairs; prefix_len=None there means the whole prompt).
     method: "forward" (default) runs one teacher-forced forward pass per batch and checks that the true token
     is the argmax at every suffix position (token_stats(...).top1; ties go to the lowest index, as in greedy
@@ -149,11 +151,11 @@ def extraction(model: nn.Module, data: TokenRows | list[dict], prefix_len: Prefi
         pairs = extraction_pairs(tokenizer, data, prefix_len, suffix_len, context_len(model, max_len))
     else:
         check_fits(prefix_len, suffix_len, context_len(model, max_len))
-        pairs = _rows_to_pairs(data, prefix_len, suffix_len)
+        pairs = _sequences_to_pairs(data, prefix_len, suffix_len)
     if not pairs:
         raise ValueError("extraction: no records")
     if pad_id is None:
-        pad_id = (pad_token_id(tokenizer) if tokenizer is not None else None) or 0  # token-id rows: any id pads
+        pad_id = (pad_token_id(tokenizer) if tokenizer is not None else None) or 0  # token-id sequences: any id pads
     ok = [i for i, (p, s) in enumerate(pairs) if len(s) == suffix_len and p]
     if on_short == "error" and len(ok) < len(pairs):
         i = min(set(range(len(pairs))) - set(ok))
@@ -171,7 +173,7 @@ def extraction(model: nn.Module, data: TokenRows | list[dict], prefix_len: Prefi
                       prefix_len=prefix_len, suffix_len=suffix_len, method=method)
 
 
-def extractable(model: nn.Module, data: TokenRows | list[dict], prefix_len: PrefixLen = 32, suffix_len: int = 32,
+def extractable(model: nn.Module, data: TokenSequences | list[dict], prefix_len: PrefixLen = 32, suffix_len: int = 32,
                 **kwargs) -> torch.Tensor:
     """[R] bool: greedy decoding from each prefix reproduces its suffix exactly; extraction(...).extractable.
 
@@ -215,11 +217,12 @@ def _forward_matched(model, pairs, suffix_len, pad_id, batch_size, progress) -> 
     return matched
 
 
-def _suffix_top1(model: nn.Module, rows: list[list[int]], suffix_len: int, pad_id: int, fused: bool) -> torch.Tensor:
-    """[B, suffix_len] bool: the true suffix token is the argmax at each suffix position (rows left-padded, so
-    every suffix ends the row; the last token is only a target, never an input)."""
+def _suffix_top1(model: nn.Module, sequences: list[list[int]], suffix_len: int, pad_id: int,
+                 fused: bool) -> torch.Tensor:
+    """[B, suffix_len] bool: the true suffix token is the argmax at each suffix position (sequences left-padded, so
+    every suffix ends the sequence; the last token is only a target, never an input)."""
     device = next(model.parameters()).device
-    batch = pad_batch([Encoded(r, r, 0) for r in rows], pad_id, side="left")
+    batch = pad_batch([Encoded(r, r, 0) for r in sequences], pad_id, side="left")
     ids, mask, pos = (batch[k][:, :-1].to(device) for k in ("input_ids", "attention_mask", "position_ids"))
     targets = batch["input_ids"][:, -suffix_len:].to(device)
     if fused:

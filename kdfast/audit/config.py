@@ -69,6 +69,11 @@ class StudentsConfig:
     distill: dict[str, Any] = field(default_factory=dict)  # DistillConfig fields for every technique
     # technique -> DistillConfig overrides
     per_technique: dict[Literal[TECHNIQUES], dict[str, Any]] = field(default_factory=dict)
+    # LM-loss (SFT) warm-up of every student cut from the teacher's blocks, before it is distilled: on this many
+    # public records beyond data.n_public (neither members nor non-members), heal_epochs at heal_lr (None: lr)
+    heal_records: NonNegativeInt = 0
+    heal_epochs: PositiveFloat = 1.0
+    heal_lr: PositiveFloat | None = None
     init: str = "evenly"  # blocks of list sizes: evenly (as listed), low_risk / high_risk (teacher's per-block MoPe)
 
 

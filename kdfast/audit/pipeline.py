@@ -139,14 +139,15 @@ class Audit:
     def data(self):
         d = self.cfg.data
         files = [p for p in (d.source, d.validation) if p and p != "bundled" and not p.startswith("hub:")]
-        inputs = {"data": asdict(d), "seed": self.cfg.seed, "files": [file_digest(p) for p in files]}
+        n_heal = self.cfg.students.heal_records
+        inputs = {"data": asdict(d), "seed": self.cfg.seed, "files": [file_digest(p) for p in files], "heal": n_heal}
 
         def run(work: Path) -> dict:
             train, validation = load_source(self.cfg)
             split = study_split(train, validation, validation_fraction=d.validation_fraction,
                                 n_members=d.n_members, n_public=d.n_public, seed=self.cfg.seed)
             atomic_write_json(work / "split.json", {"private": split.private, "public": split.public,
-                                                    "nonmembers": split.nonmembers})
+                                                    "nonmembers": split.nonmembers, "heal": split.spare[:n_heal]})
             return {"private": len(split.private), "public": len(split.public), "nonmembers": len(split.nonmembers),
                     "dropped": split.dropped, "summary": split.summary()}
 
@@ -162,11 +163,13 @@ class Audit:
                         "the smaller of the private and non-member splits")
         self._say_fewer("memorization.n_records", self.cfg.memorization.n_records, self.n_mem,
                         "the attacked members")
+        self._say_fewer("students.heal_records", n_heal, len(self.split["heal"]),
+                        "the public records beyond data.n_public")
         self.eval_records = self.split["nonmembers"][-64:]
         # Stages hash the records they use, not the whole split: a new public size keeps the teacher.
         self.digest = {"private": digest(self.split["private"]),
                        "public": digest([self.split["public"], self.eval_records]),
-                       "attack": digest([self.members, self.nonmembers])}
+                       "attack": digest([self.members, self.nonmembers]), "heal": digest(self.split["heal"])}
 
     def _say_fewer(self, key: str, asked: int | None, used: int, limit: str) -> None:
         if asked and used < asked:
@@ -246,10 +249,17 @@ class Audit:
         inputs = {"teacher": teacher.key, "base": self.base_key, "data": self.digest["public"], "init": init,
                   "settings": settings}
 
+        healed = self.healed(init) if isinstance(init, list) else None
+        if healed:
+            inputs["healed"] = Path(healed).parent.parent.name
+
         def run(work: Path) -> dict:
-            base, tok = load_model(self.base_path) if isinstance(init, list) else load_model(init)
-            student = make_student(base, layers=init) if isinstance(init, list) else base
-            del base
+            if healed:
+                student, tok = load_model(healed)
+            else:
+                base, tok = load_model(self.base_path) if isinstance(init, list) else load_model(init)
+                student = make_student(base, layers=init) if isinstance(init, list) else base
+                del base
             cfg = DistillConfig(**settings, out=str(work / "run"), resume=True, save_every=50,
                                 device=str(self.device), progress=self.progress)
             teacher_model, teacher_tok = self.model(teacher.path) if cfg.needs_teacher else (None, None)
@@ -262,6 +272,28 @@ class Audit:
 
         result, folder = self.stages.run(f"student-{sid.replace('/', '-')}", inputs, run)
         return ModelEntry(sid, role, label, str(folder / result["final"]), folder.name, settings["technique"], size)
+
+    def healed(self, blocks: list[int]) -> str | None:
+        """The student of these teacher blocks after its LM-loss warm-up on the spare public records
+        (students.heal_records; None when 0): one stage per block choice, shared by every technique."""
+        s = self.cfg.students
+        if not s.heal_records or not self.split["heal"]:
+            return None
+        settings = student_settings(self.cfg, "sft", {"epochs": s.heal_epochs, "lr": s.heal_lr or s.lr})
+        inputs = {"base": self.base_key, "data": self.digest["heal"], "blocks": blocks, "settings": settings}
+
+        def run(work: Path) -> dict:
+            base, tok = load_model(self.base_path)
+            student = make_student(base, layers=blocks)
+            del base
+            cfg = DistillConfig(**settings, out=str(work / "run"), resume=True, save_every=50,
+                                device=str(self.device), progress=self.progress)
+            summary = Distiller(None, student, tok, cfg).train(self.split["heal"])
+            self.log(f"heal {blocks}: {summary}")
+            return {"final": "run/final", "loss": summary.loss, "steps": summary.steps}
+
+        result, folder = self.stages.run("heal", inputs, run)
+        return str(folder / result["final"])
 
     def teacher_cache(self, teacher: ModelEntry, k: int, settings: dict) -> str:
         """The folder of the teacher's top-k log-probs on the public half (ablations.teacher_topk), captured once

@@ -39,7 +39,8 @@ class Attack:
 
     score: per group of records, a function of the Group (the shared forward pass's statistics and the passes
     several attacks share) -> {column: float64 [records of the group]}; with calibrated=True, once over the whole
-    table, a function of the Calibration (the target's and the references' mean ℓ_t) -> {column: [records]}.
+    table, a function of a calibration context -> {column: [records]}: its cfg (rmia_a, rmia_gamma), n (records),
+    target_ll [n], ref_ll [R, n + population] (the references' mean ℓ_t) and population_ll() (the target's).
     columns(config, ref_names, n_blocks): its score columns (default: one, named as the attack).
     needs: keys of INPUTS and COSTS. default: in DEFAULT_ATTACKS.
     """

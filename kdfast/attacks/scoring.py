@@ -25,6 +25,7 @@ from kdfast.attacks.registry import REGISTRY, Group, attack_names, default_attac
 from kdfast.data import pad_batch, record_key, token_budget_batches
 from kdfast.io import atomic_path
 from kdfast.models import context_len, inference_context, model_device, transformer_blocks
+from kdfast.runtime import rank_and_world
 from kdfast.store import Parts, digest, digest_bytes, model_fingerprint, tokenizer_fingerprint
 
 # The registry's names at import (kdfast.attacks.registry.REGISTRY is the list; these are its public face).
@@ -232,13 +233,6 @@ def _membership(membership, n: int) -> list[int] | None:
 def record_hash(record: dict) -> str:
     """The exact content of a record (resume key): identical records are scored once."""
     return digest(record, 24)
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the torch.distributed group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class _Job:

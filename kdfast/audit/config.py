@@ -42,7 +42,6 @@ def audit_attacks() -> tuple[str, ...]:
     return tuple(names)
 
 
-ATTACKS = audit_attacks()
 CALIBRATED = tuple(a for a, key in OWN_SETTINGS.items() if key == "attacks.calibrated")
 PRESETS = ("default", "tiny", "paper-gpt2", "paper-opt", "paper-llama", "defenses")
 
@@ -106,8 +105,9 @@ class StudentsConfig:
 class AttacksConfig:
     """Membership inference on the teacher and every student: members vs non-members."""
 
-    attacks: list[Literal[ATTACKS]] = field(default_factory=lambda: ["loss", "zlib", "lowercase", "min_k", "min_k_pp",
-                                                         "ref_base", "ref_second", "mope"])
+    # names of audit_attacks() (checked by validate(), so a newly registered attack is taken at once)
+    attacks: list[str] = field(default_factory=lambda: ["loss", "zlib", "lowercase", "min_k", "min_k_pp", "ref_base",
+                                                        "ref_second", "mope"])
     ref_second: str | None = None  # the second reference model (the paper: StableLM-3B); None skips ref_second
     n_records: PositiveInt | None = 300  # members and non-members each
     ks: list[Annotated[float, Range(gt=0, le=1)]] = field(default_factory=lambda: [0.1, 0.2])
@@ -225,6 +225,7 @@ def validate(cfg: AuditConfig) -> AuditConfig:
     check_config(cfg, ConfigError)
     check_device(cfg.device, "device (--device)", ConfigError)
     _check_choices(cfg.ablations.divergence, KINDS, "ablations.divergence")
+    _check_choices(cfg.attacks.attacks, audit_attacks(), "attacks.attacks")
     if not cfg.students.techniques and not cfg.students.control:
         raise ConfigError("students: no techniques and no control: nothing to audit; list at least one technique")
     if not cfg.students.sizes:

@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
 import typing
 
 from kdfast.commands._common import add_fields_argument, ranged
@@ -24,6 +23,7 @@ from kdfast.distill import DistillConfig, Distiller, DistillError, make_student
 from kdfast.distill import config as config_module
 from kdfast.io import claim_folder
 from kdfast.models import load_model, load_tokenizer
+from kdfast.runtime import launch_rank
 from kdfast.validation import PositiveInt, choices
 
 # Options the command handles itself (not DistillConfig fields).
@@ -94,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
     evals, lm = _records(args.eval_data, args.limit, args.fields), _records(args.lm_data, args.limit, args.fields)
     # One writer per --out (rank 0 holds the lock for every process of a launch); it also clears killed runs'
     # temporaries.
-    claim = claim_folder(cfg.out, "--out") if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+    claim = claim_folder(cfg.out, "--out") if launch_rank() == 0 else contextlib.nullcontext()
     with claim:
         return _train(args, cfg, train, evals, lm)
 

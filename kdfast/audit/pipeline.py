@@ -14,7 +14,14 @@ import torch
 from kdfast import attacks, memorization
 from kdfast.audit import defenses
 from kdfast.audit.calibrated import CalibratedReferences
-from kdfast.audit.config import AuditConfig, ConfigError, check_teacher_topk_vocab, student_settings
+from kdfast.audit.config import (
+    CONTROL,
+    REF_ROLES,
+    AuditConfig,
+    ConfigError,
+    check_teacher_topk_vocab,
+    student_settings,
+)
 from kdfast.audit.degeneracy import DegeneracyRule, degeneracy_metrics, degeneracy_reasons
 from kdfast.audit.frontier import frontier_points
 from kdfast.audit.report import auc_table, text_table, write_report
@@ -221,10 +228,10 @@ class Audit:
     def student_plan(self) -> list[tuple[str, str, str, str, dict]]:
         """(id, role, label, size, DistillConfig overrides) of every student: control, techniques, ablations."""
         s, plan = self.cfg.students, []
-        techniques = (["sft"] if s.control else []) + list(s.techniques)
+        techniques = ([CONTROL] if s.control else []) + list(s.techniques)
         for i, size in enumerate(s.sizes):
             for tech in techniques:
-                role = "control" if tech == "sft" else "student"
+                role = "control" if tech == CONTROL else "student"
                 plan.append((f"{size}/{tech}", role, f"{TECHNIQUE_LABELS[tech]} ({size})", size, {"technique": tech}))
             if i == 0:
                 for kind in self.cfg.ablations.divergence:
@@ -332,7 +339,7 @@ class Audit:
                calibrated: CalibratedReferences | None = None) -> tuple[dict, Path]:
         """(metrics, folder) of the attack stage that ran for `entry`: consumers read this folder's scores."""
         a = self.cfg.attacks
-        names = [n for n in a.attacks if not n.startswith("ref_")]
+        names = [n for n in a.attacks if n not in REF_ROLES]
         if (refs or calibrated) and "loss" not in names:
             names.insert(0, "loss")
         sigma = a.mope_sigma_teacher if entry.role == "teacher" else a.mope_sigma_student
@@ -455,7 +462,7 @@ class Audit:
                                        for item in self.student_plan()]
         for entry in [teacher, *extra]:
             self.forget(entry.path)
-        wanted = {"ref_base": self.base_path, "ref_second": self.cfg.attacks.ref_second}
+        wanted = dict(zip(REF_ROLES, (self.base_path, self.cfg.attacks.ref_second)))
         refs = {name: self.reference(name, spec) for name, spec in wanted.items()
                 if name in self.cfg.attacks.attacks and spec}
         for spec in wanted.values():

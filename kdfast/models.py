@@ -294,6 +294,23 @@ def model_positions(model: nn.Module) -> int | None:
     return None
 
 
+def max_len_for(model: nn.Module, max_len: int | None, spec: str) -> int | None:
+    """--max-len, or the model's positions when it is not given (None when the model names none: no cut)."""
+    positions = model_positions(model)
+    if max_len is not None and positions is not None and max_len > positions:
+        raise ValueError(f"--max-len {max_len} is more than the {positions} positions of {spec}; give at most "
+                         f"{positions}, or leave --max-len out to cut records to the model's positions")
+    return positions if max_len is None else max_len
+
+
+def cut_warning(n_cut: int, n: int, max_len: int | None, given: bool, how: str = "") -> str | None:
+    """What a run prints before the long work when it cuts records to max_len (None when it cuts none)."""
+    if not n_cut:
+        return None
+    source = "(--max-len)" if given else "(the model's positions); pass --max-len to choose"
+    return f"warning: {n_cut} of {n} records cut to {max_len} tokens{how} {source}"
+
+
 def context_len(model: nn.Module, max_len: int | None) -> int | None:
     """The tokens a sequence may keep: max_len, at most the model's positions (None: no cut)."""
     return min((n for n in (max_len, model_positions(model)) if n is not None), default=None)

@@ -54,3 +54,31 @@ def warn_if_bf16_emulated(device: torch.device, what: str) -> None:
         warnings.warn(f"{what}: bf16 on this {device.type} is emulated in software (no AVX512-BF16/AMX), far slower "
                       "than fp32; turn it off (bf16: false / autocast: false) unless you want bf16's numerics",
                       stacklevel=3)
+
+
+def launch_rank() -> int:
+    """The rank torchrun / accelerate launch gave this process (0 without a launcher), known before any group."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Join the process group the launcher describes in the environment (nccl on CUDA, gloo elsewhere); the device
+    of this rank (cuda:LOCAL_RANK under a multi-process CUDA launch, else `device`)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

@@ -115,6 +115,20 @@ def _scalar(value, hint, where: str, error):
     return value
 
 
+def choices(hint) -> tuple | None:
+    """The values a Literal annotation allows (None last where the hint is optional), or None for other hints."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        return choices(args[0])
+    if origin is Literal:
+        return args
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        allowed = choices(inner[0]) if len(inner) == 1 else None
+        return allowed + (None,) * (type(None) in args) if allowed else None
+    return None
+
+
 def describe(hint) -> str:
     """A type in words: 'an integer or null'."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)

@@ -19,6 +19,10 @@ CANDIDATES = {
     "b15": dict(layers=list(range(0, 30, 2))),
     "small-e6": dict(layers=[0, 10, 20, 29], epochs=6.0),
     "small-e12": dict(layers=[0, 10, 20, 29], epochs=12.0),
+    "heal": dict(layers=[0, 10, 20, 29], heal_records=2000),
+    "heal-e6": dict(layers=[0, 10, 20, 29], heal_records=2000, epochs=6.0),
+    "heal3-e6": dict(layers=[0, 10, 20, 29], heal_records=2000, heal_epochs=3.0, epochs=6.0),
+    "b8-heal3-e6": dict(layers=[0, 4, 8, 12, 16, 20, 24, 29], heal_records=2000, heal_epochs=3.0, epochs=6.0),
 }
 HEALTH = ("empty_rate", "repeated_4gram", "distinct_2", "cross_entropy")
 
@@ -27,7 +31,8 @@ def search(name: str, out: str) -> None:
     candidate = CANDIDATES[name]
     cfg = load_config(preset_name="default")  # as `make audit` resolves it, so its teacher stage is reused
     cfg.students.sizes = {name: candidate["layers"]}
-    cfg.students.epochs = candidate.get("epochs", cfg.students.epochs)
+    for key in ("epochs", "heal_records", "heal_epochs"):
+        setattr(cfg.students, key, candidate.get(key, getattr(cfg.students, key)))
     audit = Audit(cfg, out, progress=False)
     audit.data()
     audit.base()

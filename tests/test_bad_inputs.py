@@ -7,8 +7,7 @@ import re
 import pytest
 
 from kdfast.cli import main
-from kdfast.commands._common import load_membership
-from kdfast.data import RecordError, load_records
+from kdfast.data import RecordError, load_membership, load_records
 
 GOOD = b'{"instruction": "Define cat.", "response": "a small pet"}\n'
 

@@ -45,3 +45,19 @@ def test_from_dict_round_trip_and_unknown_keys():
     assert DistillConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(DistillError, match=r"'btach_size' \(did you mean 'batch_size'\?\)"):
         DistillConfig.from_dict({"btach_size": 4})
+
+
+def test_the_flags_choices_are_the_configs_literals():
+    """One list per choice: the field's Literal annotation, read by DistillConfig and by `kdfast distill`."""
+    from kdfast.cli import build_parser
+    from kdfast.distill.config import LOSSES, choice_fields
+    from kdfast.losses import VOCAB_POLICIES
+
+    parser = build_parser("distill")._subparsers._group_actions[0].choices["distill"]
+    flags = {a.dest: a.choices for a in parser._actions}
+    assert choice_fields()["vocab"] == VOCAB_POLICIES and flags["vocab"] == list(VOCAB_POLICIES)
+    assert flags["loss"] == list(LOSSES) and choice_fields()["loss"] == (*LOSSES, None)
+    assert flags["teacher_dtype"] == ["auto", "float32", "bfloat16", "float16"]
+    assert set(choice_fields()) == {d for d, c in flags.items() if c}
+    with pytest.raises(DistillError, match="unknown vocab 'pad'; choose one of error, intersect$"):
+        DistillConfig(vocab="pad")

@@ -141,3 +141,32 @@ def test_bitsandbytes_is_imported_without_asking_the_hub(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "hub requests: 0" in out.stdout
     assert "kernels-community" not in out.stderr
+
+
+def test_no_kdfast_path_asks_the_hub_through_bitsandbytes():
+    """transformers' scheduler module imports peft and peft imports bitsandbytes: importing every kdfast module and
+    training a few steps must not reach bitsandbytes' Hub lookup either. A fresh interpreter, as above."""
+    import subprocess
+    import sys
+
+    script = (
+        "import huggingface_hub, pkgutil, importlib, kdfast\n"
+        "calls = []\n"
+        "def refuse(self, *a, **k):\n"
+        "    calls.append(a)\n"
+        "    raise RuntimeError('no network in tests')\n"
+        "huggingface_hub.HfApi.get_organization_overview = refuse\n"
+        "for m in pkgutil.walk_packages(kdfast.__path__, 'kdfast.'):\n"
+        "    if not m.name.endswith('__main__'):\n"
+        "        importlib.import_module(m.name)\n"
+        "from kdfast.models import tiny_model, tiny_tokenizer\n"
+        "from kdfast.distill import DistillConfig, Distiller\n"
+        "tok = tiny_tokenizer()\n"
+        "records = [{'instruction': f'word {i}', 'response': f'meaning {i} of it'} for i in range(8)]\n"
+        "cfg = DistillConfig(technique='sft', max_steps=2, batch_size=4, progress=False)\n"
+        "Distiller(None, tiny_model('llama'), tok, cfg).train(records)\n"
+        "print('hub requests:', len(calls))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "hub requests: 0" in out.stdout
+    assert "kernels-community" not in out.stderr

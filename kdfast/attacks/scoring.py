@@ -15,35 +15,22 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from kdfast.attacks.bulk import (
-    encode_scored,
-    forward_stats,
-    logit_scores,
-    lowercased,
-    mean_log_likelihoods,
-    scored_text,
-    zlib_length,
-)
-from kdfast.attacks.con_recall import con_recall_scores
-from kdfast.attacks.dc_pdd import dc_pdd_score, token_frequencies
-from kdfast.attacks.gradnorm import gradnorm_scores
-from kdfast.attacks.lira import lira_scores
+from kdfast.attacks.bulk import encode_scored, forward_stats, logit_scores
+from kdfast.attacks.dc_pdd import token_frequencies
 from kdfast.attacks.metrics import META_COLUMNS, with_percentiles
-from kdfast.attacks.perturb import mope_scores
-from kdfast.attacks.recall import choose_prefix, conditioned_ll, prefix_ids, recall_scores
-from kdfast.attacks.ref import pad_id, ref_scores
+from kdfast.attacks.recall import choose_prefix, prefix_ids
+from kdfast.attacks.ref import pad_id
 from kdfast.attacks.references import cached_mean_ll, resolve_references
-from kdfast.attacks.rmia import rmia_scores
-from kdfast.data import next_token_targets, pad_batch, record_key, token_budget_batches
+from kdfast.attacks.registry import REGISTRY, Group, attack_names, default_attacks, selected
+from kdfast.data import pad_batch, record_key, token_budget_batches
 from kdfast.io import atomic_path
 from kdfast.models import context_len, inference_context, model_device, transformer_blocks
+from kdfast.runtime import rank_and_world
 from kdfast.store import Parts, digest, digest_bytes, model_fingerprint, tokenizer_fingerprint
 
-ATTACKS = ("loss", "zlib", "lowercase", "min_k", "min_k_pp", "ref", "mope", "mope_block", "gradnorm", "recall",
-           "con_recall", "dc_pdd", "rmia", "lira")
-# Computed over the whole table once every record is scored (they compare records with the population).
-CALIBRATED = ("rmia", "lira")
-DEFAULT_ATTACKS = ("loss", "zlib", "lowercase", "min_k", "min_k_pp")
+# The registry's names at import (kdfast.attacks.registry.REGISTRY is the list; these are its public face).
+ATTACKS = attack_names()
+DEFAULT_ATTACKS = default_attacks()
 SCORES_FILE = "scores.parquet"
 
 
@@ -51,8 +38,8 @@ SCORES_FILE = "scores.parquet"
 class AttackConfig:
     """What to score and how (defaults: the study's settings; docs/design.md §5).
 
-    attacks: names from ATTACKS. response_only: score the response tokens of instruction records (a {"text"}
-    record is always scored whole). ks: Min-K% fractions. mope_n, mope_sigma: MoPe perturbations and their
+    attacks: names of the registry (ATTACKS). response_only: score the response tokens of instruction records (a
+    {"text"} record is always scored whole). ks: Min-K% fractions. mope_n, mope_sigma: MoPe perturbations and their
     std. recall_shots: non-members in ReCaLL's prefix. batch_tokens: padded tokens per forward pass.
     max_len: cut each record to this many tokens (None: to the model's positions, see models.model_positions;
     never past them). padding_side: "right" or "left" (scores do not depend on it).
@@ -82,9 +69,9 @@ class AttackConfig:
     def __post_init__(self):
         self.attacks = (self.attacks,) if isinstance(self.attacks, str) else tuple(dict.fromkeys(self.attacks))
         self.ks = tuple(float(k) for k in self.ks)
-        unknown = [a for a in self.attacks if a not in ATTACKS]
+        unknown = [a for a in self.attacks if a not in REGISTRY]
         if unknown or not self.attacks:
-            raise ValueError(f"unknown attack(s) {unknown or '(none given)'}; choose from {', '.join(ATTACKS)}")
+            raise ValueError(f"unknown attack(s) {unknown or '(none given)'}; choose from {', '.join(REGISTRY)}")
         if not self.ks or not all(0 < k <= 1 for k in self.ks):
             raise ValueError(f"Min-K% fractions must lie in (0, 1], got {self.ks}")
         if self.mope_n < 1 or self.mope_sigma < 0:
@@ -103,10 +90,9 @@ class AttackConfig:
                              f"{self.rmia_gamma}, {self.dc_pdd_clip})")
 
     def columns(self, ref_names: list[str], n_blocks: int) -> list[str]:
-        """The table's score columns, in ATTACKS order."""
-        names = {"min_k": [f"min_k@{k:g}" for k in self.ks], "min_k_pp": [f"min_k_pp@{k:g}" for k in self.ks],
-                 "ref": ref_names, "mope_block": [f"mope_block@{b}" for b in range(n_blocks)]}
-        return [c for a in ATTACKS if a in self.attacks for c in names.get(a, [a])]
+        """The table's score columns, in the registry's order."""
+        return [c for a in REGISTRY.values() if a.name in self.attacks
+                for c in a.column_names(self, ref_names, n_blocks)]
 
 
 def score(model: nn.Module, tokenizer, records: list[dict], attacks=None, *, ref_model: nn.Module | None = None,
@@ -172,45 +158,51 @@ def score(model: nn.Module, tokenizer, records: list[dict], attacks=None, *, ref
 
 
 class _Calibration:
-    """What rmia, lira and dc_pdd need beyond the target's own pass: references, population, token frequencies."""
+    """What the calibrated attacks (rmia, lira) and dc_pdd need beyond the target's own pass: references,
+    population, token frequencies; the registry's calibrated scorers read target_ll, ref_ll, n and population_ll()."""
 
     def __init__(self, tokenizer, records, cfg: AttackConfig, references, population, frequency_corpus):
-        self.tokenizer, self.records, self.cfg = tokenizer, records, cfg
-        self.wanted = [a for a in CALIBRATED if a in cfg.attacks]
-        if self.wanted and not references:
-            raise ValueError(f"attack(s) {self.wanted} compare the target with reference models: pass "
+        self.tokenizer, self.records, self.cfg, self.n = tokenizer, records, cfg, len(records)
+        needing = lambda need: [a for a in cfg.attacks if need in REGISTRY[a].needs]  # noqa: E731
+        self.wanted = selected(cfg.attacks, calibrated=True)
+        if needing("references") and not references:
+            raise ValueError(f"attack(s) {needing('references')} compare the target with reference models: pass "
                              "references={name: model or path} (models that never saw the members; CLI --reference)")
         self.population = list(population or [])
-        if "rmia" in cfg.attacks and not self.population:
-            raise ValueError("rmia needs population=[records]: non-members of the target, disjoint from the scored "
-                             "records (CLI --population FILE)")
+        if needing("population") and not self.population:
+            raise ValueError(f"{' and '.join(needing('population'))} needs population=[records]: non-members of the "
+                             "target, disjoint from the scored records (CLI --population FILE)")
         scored = {record_key(r) for r in records}
         if any(record_key(r) in scored for r in self.population):
             raise ValueError("a population record is also a scored record; the population must be disjoint from them")
-        self.refs = resolve_references(references, tokenizer) if self.wanted else {}
+        self.refs = resolve_references(references, tokenizer) if needing("references") else {}
         corpus = frequency_corpus if frequency_corpus is not None else self.population
-        if "dc_pdd" in cfg.attacks and not corpus:
-            raise ValueError("dc_pdd estimates token frequencies from a reference corpus: "
-                             "pass frequency_corpus=[records] (or population=)")
-        self.frequencies = token_frequencies(tokenizer, corpus) if "dc_pdd" in cfg.attacks else None
+        if needing("frequency_corpus") and not corpus:
+            raise ValueError(f"{' and '.join(needing('frequency_corpus'))} estimates token frequencies from a "
+                             "reference corpus: pass frequency_corpus=[records] (or population=)")
+        self.frequencies = token_frequencies(tokenizer, corpus) if needing("frequency_corpus") else None
 
     def add_scores(self, model, table, out):
-        """The table with rmia / lira columns added and the internal mean-ℓ_t column dropped."""
+        """The table with the calibrated attacks' columns added and the internal mean-ℓ_t column dropped."""
         if self.wanted:
             c = self.cfg
-            options = {"response_only": c.response_only, "max_len": c.max_len, "add_eos": c.add_eos,
-                       "batch_tokens": c.batch_tokens, "padding_side": c.padding_side, "autocast": c.autocast}
-            folder = lambda name: Path(out) / "references" / name if out is not None else None  # noqa: E731
-            records = self.records + self.population
-            ref_ll = np.stack([cached_mean_ll(m, t, records, folder(name), **options)
-                               for name, (m, t) in self.refs.items()])
-            target_ll, n = table["_ll"].to_numpy(), len(self.records)
-            if "rmia" in self.wanted:
-                pop_ll = cached_mean_ll(model, self.tokenizer, self.population, folder("_target"), **options)
-                table["rmia"] = rmia_scores(target_ll, ref_ll[:, :n], pop_ll, ref_ll[:, n:], c.rmia_a, c.rmia_gamma)
-            if "lira" in self.wanted:
-                table["lira"] = lira_scores(target_ll, ref_ll[:, :n])
+            self._options = {"response_only": c.response_only, "max_len": c.max_len, "add_eos": c.add_eos,
+                             "batch_tokens": c.batch_tokens, "padding_side": c.padding_side, "autocast": c.autocast}
+            self._model, self._out = model, out
+            self.ref_ll = np.stack([cached_mean_ll(m, t, self.records + self.population, self._folder(name),
+                                                   **self._options) for name, (m, t) in self.refs.items()])
+            self.target_ll = table["_ll"].to_numpy()
+            for attack in self.wanted:
+                for column, values in attack.score(self).items():
+                    table[column] = values
         return table.drop(columns="_ll")
+
+    def population_ll(self) -> np.ndarray:
+        """The target's mean ℓ_t over the population (cached under out/references/_target)."""
+        return cached_mean_ll(self._model, self.tokenizer, self.population, self._folder("_target"), **self._options)
+
+    def _folder(self, name: str) -> Path | None:
+        return Path(self._out) / "references" / name if self._out is not None else None
 
 
 def _reference_models(ref_model, ref_tokenizer, ref_models) -> dict[str, tuple]:
@@ -223,7 +215,7 @@ def _reference_models(ref_model, ref_tokenizer, ref_models) -> dict[str, tuple]:
     for name, pair in refs.items():
         if not isinstance(pair, tuple) or len(pair) != 2:
             raise ValueError(f"ref_models[{name!r}] must be a (model, tokenizer) pair")
-        if name in META_COLUMNS or name in ATTACKS and name != "ref":
+        if name in META_COLUMNS or name in REGISTRY and name != "ref":
             raise ValueError(f"reference model name {name!r} clashes with a column name; rename it")
     return refs
 
@@ -243,13 +235,6 @@ def record_hash(record: dict) -> str:
     return digest(record, 24)
 
 
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the torch.distributed group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class _Job:
     """One scoring run: the encoded records, the shared per-group computations, resume and gathering."""
 
@@ -259,7 +244,8 @@ class _Job:
             model, tokenizer, records, cfg, refs, labels)
         self.items = encode_scored(tokenizer, records, cfg.response_only, cfg.max_len, add_eos=cfg.add_eos)
         self.keys = [record_hash(r) for r in records]
-        self.blocks = list(transformer_blocks(model)) if "mope_block" in cfg.attacks else []
+        self.blocks = (list(transformer_blocks(model)) if any("blocks" in REGISTRY[a].needs for a in cfg.attacks)
+                       else [])
         self.columns = cfg.columns(list(refs), len(self.blocks))
         self.batching = {"pad_id": pad_id(tokenizer), "batch_tokens": cfg.batch_tokens,
                          "padding_side": cfg.padding_side, "autocast": cfg.autocast}
@@ -348,65 +334,28 @@ class _Job:
         return self._table(done)
 
     def _score_group(self, group: list[int]) -> dict[str, list[float]]:
-        """Every requested score of a group of records (one padded batch of the target tokenization)."""
-        cfg, model, items = self.cfg, self.model, [self.items[i] for i in group]
-        records = [self.records[i] for i in group]
-        batch = pad_batch(items, self.batching["pad_id"], cfg.padding_side)
+        """Every requested score of a group of records: one shared forward pass, then each attack's scorer."""
+        cfg, model = self.cfg, self.model
+        batch = pad_batch([self.items[i] for i in group], self.batching["pad_id"], cfg.padding_side)
         with inference_context(model_device(model), cfg.autocast):
             stats = forward_stats(model, batch)
-        scores = logit_scores(stats, cfg.ks)
-        ll = scores["loss"]
-        scores["n_tokens"] = stats.n_tokens().astype(float)
-        scores["_ll"] = ll
-        attacks = cfg.attacks
-        stage = self._bar.set_postfix_str
-        if "zlib" in attacks:
-            scores["zlib"] = ll / np.array([zlib_length(scored_text(r, cfg.response_only)) for r in records])
-        if "lowercase" in attacks:
-            stage("lowercase")
-            lower = encode_scored(self.tokenizer, [lowercased(r, cfg.response_only) for r in records],
-                                  cfg.response_only, cfg.max_len, group)
-            scores["lowercase"] = -mean_log_likelihoods(model, lower, **self.batching) / np.maximum(-ll, 1e-12)
-        if "dc_pdd" in attacks:
-            scores["dc_pdd"] = self._dc_pdd(stats, next_token_targets(batch["labels"]))
-        for name, (ref, ref_tok) in self.refs.items():
-            stage(name)
-            scores[name] = ref_scores(ref, ref_tok, records, ll, cfg.response_only, cfg.max_len, group, cfg.add_eos,
-                                      **{k: v for k, v in self.batching.items() if k != "pad_id"})
-        prefix_rows = [self.keys[i] in self.prefix_keys for i in group]
-        if "recall" in attacks or "con_recall" in attacks:
-            stage("recall")
-            bos = self.tokenizer.bos_token_id
-            nonmember_ll = conditioned_ll(model, items, self.prefix, bos, cfg.max_len, **self.batching)
-            if "recall" in attacks:
-                scores["recall"] = np.where(prefix_rows, np.nan, recall_scores(ll, nonmember_ll))
-            if "con_recall" in attacks:
-                member_ll = conditioned_ll(model, items, self.member_prefix, bos, cfg.max_len, **self.batching)
-                con = con_recall_scores(ll, nonmember_ll, member_ll, cfg.con_recall_gamma)
-                scores["con_recall"] = np.where(prefix_rows, np.nan, con)
-        if "mope" in attacks or "mope_block" in attacks:
-            base = mean_log_likelihoods(model, items, fused=False, **self.batching)
-            mope = {"n": cfg.mope_n, "sigma": cfg.mope_sigma, "seed": cfg.seed, **self.batching}
-            if "mope" in attacks:
-                stage("mope")
-                scores["mope"] = mope_scores(model, items, base, **mope)
-            for b, block in enumerate(self.blocks):
-                stage(f"mope_block {b + 1}/{len(self.blocks)}")
-                scores[f"mope_block@{b}"] = mope_scores(model, items, base, scope=block, **mope)
-        if "gradnorm" in attacks:
-            stage("gradnorm")
-            scores["gradnorm"] = gradnorm_scores(model, items, cfg.autocast)
+        g = Group(self, group, batch, stats, logit_scores(stats, cfg.ks))
+        scores = {"n_tokens": stats.n_tokens().astype(float), "_ll": g.ll}
+        for attack in selected(cfg.attacks, calibrated=False):
+            self.stage(attack.name)
+            scores.update(attack.score(g))
         names = self.part_columns()
         return {self.keys[i]: [float(scores[c][j]) for c in names] for j, i in enumerate(group)}
 
+    def stage(self, text: str) -> None:
+        """What the progress bar says is being scored."""
+        self._bar.set_postfix_str(text)
+
     def part_columns(self) -> list[str]:
         """What a finished group keeps: n_tokens, the target's mean ℓ_t (the calibrated attacks' statistic), scores."""
-        return ["n_tokens", "_ll", *(c for c in self.columns if c not in CALIBRATED)]
-
-    def _dc_pdd(self, stats, targets) -> np.ndarray:
-        logp, valid, targets = stats.logp.double().cpu().numpy(), stats.valid.cpu().numpy(), targets.cpu().numpy()
-        return np.array([dc_pdd_score(logp[b, valid[b]], targets[b, valid[b]], self.frequencies, self.cfg.dc_pdd_clip)
-                         for b in range(logp.shape[0])])
+        calibrated = {c for a in selected(self.cfg.attacks, calibrated=True)
+                      for c in a.column_names(self.cfg, list(self.refs), len(self.blocks))}
+        return ["n_tokens", "_ll", *(c for c in self.columns if c not in calibrated)]
 
     def _table(self, rows: dict[str, list[float]]):
         import pandas as pd

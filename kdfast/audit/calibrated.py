@@ -3,13 +3,13 @@ trained with other seeds on the public half, ref_second for the teacher), each s
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 from kdfast import attacks
-from kdfast.attacks.lira import lira_scores
-from kdfast.attacks.rmia import rmia_scores
-from kdfast.audit.config import ConfigError
+from kdfast.attacks.registry import REGISTRY
+from kdfast.audit.config import CALIBRATED, ConfigError
 from kdfast.store import digest
 
 
@@ -60,13 +60,15 @@ class CalibratedReferences:
         return {n: self.ll[n][1] for n in self.names(entry)} | {"population": digest(self.population)}
 
     def add_scores(self, entry, model, tok, table, work: Path) -> None:
-        """rmia / lira columns of an attack table whose loss column holds the target's mean ℓ_t."""
-        a, n = self.audit.cfg.attacks, len(table)
+        """The calibrated attacks' columns (the registry's scorers) of an attack table whose loss column holds the
+        target's mean ℓ_t."""
+        a = self.audit.cfg.attacks
         ref_ll = np.stack([self.ll[name][0] for name in self.names(entry)])
-        target_ll = table["loss"].to_numpy()
-        if "rmia" in a.calibrated:
-            pop = attacks.score(model, tok, self.population, ["loss"], batch_tokens=a.batch_tokens,
-                                autocast=a.autocast, out=work / "population", progress=False)["loss"].to_numpy()
-            table["rmia"] = rmia_scores(target_ll, ref_ll[:, :n], pop, ref_ll[:, n:], a.rmia_a, a.rmia_gamma)
-        if "lira" in a.calibrated:
-            table["lira"] = lira_scores(target_ll, ref_ll[:, :n])
+        population_ll = lambda: attacks.score(model, tok, self.population, ["loss"], batch_tokens=a.batch_tokens,  # noqa: E731
+                                              autocast=a.autocast, out=work / "population",
+                                              progress=False)["loss"].to_numpy()
+        context = SimpleNamespace(cfg=a, n=len(table), target_ll=table["loss"].to_numpy(), ref_ll=ref_ll,
+                                  population_ll=population_ll)
+        for name in (n for n in CALIBRATED if n in a.calibrated):
+            for column, values in REGISTRY[name].score(context).items():
+                table[column] = values

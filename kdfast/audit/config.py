@@ -10,10 +10,39 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
+from kdfast.attacks.registry import REGISTRY
+from kdfast.data.encode import LONG_PROMPTS
+from kdfast.distill.config import TECHNIQUES as DISTILL_TECHNIQUES
 from kdfast.validation import Fraction, NonNegativeInt, PositiveFloat, PositiveInt, Range, check_config, check_device
 
-TECHNIQUES = ("kd", "seqkd", "imitkd", "gkd", "minillm", "distillm")
-ATTACKS = ("loss", "zlib", "lowercase", "min_k", "min_k_pp", "ref_base", "ref_second", "mope", "gradnorm", "recall")
+# The SFT control (students.control) trains beside every distilled student; students.techniques lists the others.
+CONTROL = "sft"
+TECHNIQUES = tuple(t for t in DISTILL_TECHNIQUES if t != CONTROL)
+
+# How the attack registry (kdfast.attacks.registry) enters the audit, the one place the audit's attack names come
+# from. The `ref` attack runs once per reference role, its column named by the role: ref_base against the pretrained
+# base, ref_second against attacks.ref_second. Attacks the audit runs by settings of their own: per-block MoPe
+# (attacks.mope_block, with its own perturbation count and stage) and the calibrated ones (attacks.calibrated, against
+# the audit's OUT references). The rest go in attacks.attacks when the audit has what they need: the membership
+# labels and passes of the target; dc_pdd's reference corpus it does not have.
+REF_ROLES = ("ref_base", "ref_second")
+OWN_SETTINGS = {"mope_block": "attacks.mope_block", **{a.name: "attacks.calibrated" for a in REGISTRY.values()
+                                                      if a.calibrated}}
+PROVIDED = frozenset({"membership", "extra_pass", "perturbation", "gradients"})
+
+
+def audit_attacks() -> tuple[str, ...]:
+    """The names attacks.attacks takes, in the registry's column order (REF_ROLES in the place of `ref`)."""
+    names = []
+    for a in REGISTRY.values():
+        if a.name == "ref":
+            names += REF_ROLES
+        elif a.name not in OWN_SETTINGS and a.needs <= PROVIDED:
+            names.append(a.name)
+    return tuple(names)
+
+
+CALIBRATED = tuple(a for a, key in OWN_SETTINGS.items() if key == "attacks.calibrated")
 PRESETS = ("default", "tiny", "paper-gpt2", "paper-opt", "paper-llama", "defenses")
 
 
@@ -36,7 +65,7 @@ class DataConfig:
     max_len: Annotated[int, Range(ge=2)] = 96
     max_prompt_len: PositiveInt = 64
     # a prompt over max_prompt_len: cut to its end (next to the response marker, as TRL does), drop, or error
-    long_prompts: Literal["truncate", "drop", "error"] = "truncate"
+    long_prompts: Literal[LONG_PROMPTS] = "truncate"
 
 
 @dataclass
@@ -60,7 +89,7 @@ class StudentsConfig:
     """Students: one per technique and size, plus the SFT control."""
 
     techniques: list[Literal[TECHNIQUES]] = field(default_factory=lambda: list(TECHNIQUES))
-    control: bool = True  # the No-KD (SFT) control
+    control: bool = True  # the No-KD (CONTROL: SFT) control
     # name -> teacher layers or a model
     sizes: dict[str, Any] = field(default_factory=lambda: {"small": [0, 10, 20, 29]})
     epochs: PositiveFloat = 3.0
@@ -69,6 +98,11 @@ class StudentsConfig:
     distill: dict[str, Any] = field(default_factory=dict)  # DistillConfig fields for every technique
     # technique -> DistillConfig overrides
     per_technique: dict[Literal[TECHNIQUES], dict[str, Any]] = field(default_factory=dict)
+    # LM-loss (SFT) warm-up of every student cut from the teacher's blocks, before it is distilled: on this many
+    # public records beyond data.n_public (neither members nor non-members), heal_epochs at heal_lr (None: lr)
+    heal_records: NonNegativeInt = 0
+    heal_epochs: PositiveFloat = 1.0
+    heal_lr: PositiveFloat | None = None
     init: str = "evenly"  # blocks of list sizes: evenly (as listed), low_risk / high_risk (teacher's per-block MoPe)
 
 
@@ -76,22 +110,23 @@ class StudentsConfig:
 class AttacksConfig:
     """Membership inference on the teacher and every student: members vs non-members."""
 
-    attacks: list[Literal[ATTACKS]] = field(default_factory=lambda: ["loss", "zlib", "lowercase", "min_k", "min_k_pp",
-                                                         "ref_base", "ref_second", "mope"])
+    # names of audit_attacks() (checked by validate(), so a newly registered attack is taken at once)
+    attacks: list[str] = field(default_factory=lambda: ["loss", "zlib", "lowercase", "min_k", "min_k_pp", "ref_base",
+                                                        "ref_second", "mope"])
     ref_second: str | None = None  # the second reference model (the paper: StableLM-3B); None skips ref_second
     n_records: PositiveInt | None = 300  # members and non-members each
     ks: list[Annotated[float, Range(gt=0, le=1)]] = field(default_factory=lambda: [0.1, 0.2])
     mope_n: PositiveInt = 10
     mope_sigma_teacher: PositiveFloat = 0.005
     mope_sigma_student: PositiveFloat = 0.01
-    mope_block: bool = True  # per-block MoPe of each student
+    mope_block: bool = True  # per-block MoPe of each student (the registry's mope_block attack, in its own stage)
     mope_block_n: PositiveInt = 10  # perturbations per block
     batch_tokens: PositiveInt = 8192
     autocast: bool | None = None  # bf16 autocast of the scoring passes (None: on GPUs only)
     bootstrap: NonNegativeInt = 200
     # Calibrated attacks: OUT references of rmia/lira (the teacher's: the pretrained base + ref_second; a
     # student's: the base + `references` extra SFT controls trained on the public half with seeds seed+1, ...).
-    calibrated: list[Literal["rmia", "lira"]] = field(default_factory=lambda: ["rmia", "lira"])
+    calibrated: list[Literal[CALIBRATED]] = field(default_factory=lambda: list(CALIBRATED))
     references: NonNegativeInt = 2
     population: NonNegativeInt = 200  # rmia's population: non-members beyond the attack records
     rmia_a: Fraction = 1.0  # RMIA's offline correction (1: none)
@@ -195,6 +230,7 @@ def validate(cfg: AuditConfig) -> AuditConfig:
     check_config(cfg, ConfigError)
     check_device(cfg.device, "device (--device)", ConfigError)
     _check_choices(cfg.ablations.divergence, KINDS, "ablations.divergence")
+    _check_choices(cfg.attacks.attacks, audit_attacks(), "attacks.attacks")
     if not cfg.students.techniques and not cfg.students.control:
         raise ConfigError("students: no techniques and no control: nothing to audit; list at least one technique")
     if not cfg.students.sizes:
@@ -230,7 +266,7 @@ def _check_student_settings(cfg: AuditConfig) -> None:
     """Build every technique's DistillConfig now, so a bad value fails before the teacher trains for an hour."""
     from kdfast.distill.config import DistillConfig, DistillError
 
-    for tech in ["sft"] * cfg.students.control + list(cfg.students.techniques):
+    for tech in [CONTROL] * cfg.students.control + list(cfg.students.techniques):
         key = f"students.per_technique.{tech}" if tech in cfg.students.per_technique else "students.distill"
         try:
             DistillConfig.from_dict(student_settings(cfg, tech))

@@ -12,7 +12,14 @@ import numpy as np
 from kdfast import attacks, memorization
 from kdfast.audit import defenses
 from kdfast.audit.calibrated import CalibratedReferences
-from kdfast.audit.config import AuditConfig, ConfigError, check_teacher_topk_vocab, student_settings
+from kdfast.audit.config import (
+    CONTROL,
+    REF_ROLES,
+    AuditConfig,
+    ConfigError,
+    check_teacher_topk_vocab,
+    student_settings,
+)
 from kdfast.audit.degeneracy import degeneracy_metrics
 from kdfast.audit.report import auc_table, text_table, write_report
 from kdfast.audit.results import (
@@ -144,14 +151,15 @@ class Audit:
     def data(self):
         d = self.cfg.data
         files = [p for p in (d.source, d.validation) if p and p != "bundled" and not p.startswith("hub:")]
-        inputs = {"data": asdict(d), "seed": self.cfg.seed, "files": [file_digest(p) for p in files]}
+        n_heal = self.cfg.students.heal_records
+        inputs = {"data": asdict(d), "seed": self.cfg.seed, "files": [file_digest(p) for p in files], "heal": n_heal}
 
         def run(work: Path) -> dict:
             train, validation = load_source(self.cfg)
             split = study_split(train, validation, validation_fraction=d.validation_fraction,
                                 n_members=d.n_members, n_public=d.n_public, seed=self.cfg.seed)
             atomic_write_json(work / "split.json", {"private": split.private, "public": split.public,
-                                                    "nonmembers": split.nonmembers})
+                                                    "nonmembers": split.nonmembers, "heal": split.spare[:n_heal]})
             return {"private": len(split.private), "public": len(split.public), "nonmembers": len(split.nonmembers),
                     "dropped": split.dropped, "summary": split.summary()}
 
@@ -167,11 +175,13 @@ class Audit:
                         "the smaller of the private and non-member splits")
         self._say_fewer("memorization.n_records", self.cfg.memorization.n_records, self.n_mem,
                         "the attacked members")
+        self._say_fewer("students.heal_records", n_heal, len(self.split["heal"]),
+                        "the public records beyond data.n_public")
         self.eval_records = self.split["nonmembers"][-64:]
         # Stages hash the records they use, not the whole split: a new public size keeps the teacher.
         self.digest = {"private": digest(self.split["private"]),
                        "public": digest([self.split["public"], self.eval_records]),
-                       "attack": digest([self.members, self.nonmembers])}
+                       "attack": digest([self.members, self.nonmembers]), "heal": digest(self.split["heal"])}
 
     def _say_fewer(self, key: str, asked: int | None, used: int, limit: str) -> None:
         if asked and used < asked:
@@ -223,10 +233,10 @@ class Audit:
     def student_plan(self) -> list[tuple[str, str, str, str, dict]]:
         """(id, role, label, size, DistillConfig overrides) of every student: control, techniques, ablations."""
         s, plan = self.cfg.students, []
-        techniques = (["sft"] if s.control else []) + list(s.techniques)
+        techniques = ([CONTROL] if s.control else []) + list(s.techniques)
         for i, size in enumerate(s.sizes):
             for tech in techniques:
-                role = "control" if tech == "sft" else "student"
+                role = "control" if tech == CONTROL else "student"
                 plan.append((f"{size}/{tech}", role, f"{TECHNIQUE_LABELS[tech]} ({size})", size, {"technique": tech}))
             if i == 0:
                 for kind in self.cfg.ablations.divergence:
@@ -251,10 +261,17 @@ class Audit:
         inputs = {"teacher": teacher.key, "base": self.base_key, "data": self.digest["public"], "init": init,
                   "settings": settings}
 
+        healed = self.healed(init) if isinstance(init, list) else None
+        if healed:
+            inputs["healed"] = Path(healed).parent.parent.name
+
         def run(work: Path) -> dict:
-            base, tok = load_model(self.base_path) if isinstance(init, list) else load_model(init)
-            student = make_student(base, layers=init) if isinstance(init, list) else base
-            del base
+            if healed:
+                student, tok = load_model(healed)
+            else:
+                base, tok = load_model(self.base_path) if isinstance(init, list) else load_model(init)
+                student = make_student(base, layers=init) if isinstance(init, list) else base
+                del base
             cfg = DistillConfig(**settings, out=str(work / "run"), resume=True, save_every=50,
                                 device=str(self.device), progress=self.progress)
             teacher_model, teacher_tok = self.model(teacher.path) if cfg.needs_teacher else (None, None)
@@ -267,6 +284,28 @@ class Audit:
 
         result, folder = self.stages.run(f"student-{sid.replace('/', '-')}", inputs, run)
         return ModelEntry(sid, role, label, str(folder / result["final"]), folder.name, settings["technique"], size)
+
+    def healed(self, blocks: list[int]) -> str | None:
+        """The student of these teacher blocks after its LM-loss warm-up on the spare public records
+        (students.heal_records; None when 0): one stage per block choice, shared by every technique."""
+        s = self.cfg.students
+        if not s.heal_records or not self.split["heal"]:
+            return None
+        settings = student_settings(self.cfg, "sft", {"epochs": s.heal_epochs, "lr": s.heal_lr or s.lr})
+        inputs = {"base": self.base_key, "data": self.digest["heal"], "blocks": blocks, "settings": settings}
+
+        def run(work: Path) -> dict:
+            base, tok = load_model(self.base_path)
+            student = make_student(base, layers=blocks)
+            del base
+            cfg = DistillConfig(**settings, out=str(work / "run"), resume=True, save_every=50,
+                                device=str(self.device), progress=self.progress)
+            summary = Distiller(None, student, tok, cfg).train(self.split["heal"])
+            self.log(f"heal {blocks}: {summary}")
+            return {"final": "run/final", "loss": summary.loss, "steps": summary.steps}
+
+        result, folder = self.stages.run("heal", inputs, run)
+        return str(folder / result["final"])
 
     def teacher_cache(self, teacher: ModelEntry, k: int, settings: dict) -> str:
         """The folder of the teacher's top-k log-probs on the public half (ablations.teacher_topk), captured once
@@ -305,7 +344,7 @@ class Audit:
                calibrated: CalibratedReferences | None = None) -> tuple[dict, Path]:
         """(metrics, folder) of the attack stage that ran for `entry`: consumers read this folder's scores."""
         a = self.cfg.attacks
-        names = [n for n in a.attacks if not n.startswith("ref_")]
+        names = [n for n in a.attacks if n not in REF_ROLES]
         if (refs or calibrated) and "loss" not in names:
             names.insert(0, "loss")
         sigma = a.mope_sigma_teacher if entry.role == "teacher" else a.mope_sigma_student
@@ -428,7 +467,7 @@ class Audit:
                                        for item in self.student_plan()]
         for entry in [teacher, *extra]:
             self.forget(entry.path)
-        wanted = {"ref_base": self.base_path, "ref_second": self.cfg.attacks.ref_second}
+        wanted = dict(zip(REF_ROLES, (self.base_path, self.cfg.attacks.ref_second)))
         refs = {name: self.reference(name, spec) for name, spec in wanted.items()
                 if name in self.cfg.attacks.attacks and spec}
         for spec in wanted.values():

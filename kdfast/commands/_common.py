@@ -1,12 +1,9 @@
-"""What several subcommands share: model and record-file arguments, membership files, the records' length cut."""
+"""What several subcommands share: the model and record-file arguments, and number flags checked by their hints."""
 from __future__ import annotations
 
 import argparse
 import typing
-from pathlib import Path
 
-from kdfast.data import RecordError, load_records, record_key
-from kdfast.models import model_positions
 from kdfast.validation import describe
 
 
@@ -54,34 +51,3 @@ def add_fields_argument(parser) -> None:
     parser.add_argument("--fields", default=None, type=parse_fields,
                         help="column names of your file, e.g. 'input=context,response=output' "
                              "(Dolly-15k: input=context)")
-
-
-def load_membership(members: str | Path, nonmembers: str | Path,
-                    fields: dict | None = None) -> tuple[list[dict], list[int]]:
-    """Records of the two files and their labels (1 member, 0 non-member); a record in both is an error."""
-    m, n = load_records(members, fields), load_records(nonmembers, fields)
-    both = {record_key(r) for r in m} & {record_key(r) for r in n}
-    if both:
-        first = next(r for r in m if record_key(r) in both)
-        twin = next(r for r in n if record_key(r) == record_key(first))
-        raise RecordError(f"{len(both)} record(s) are both in {members} and {nonmembers} (e.g. {first.where} and "
-                          f"{twin.where}: {str(first)[:120]}); a sample in both sets makes the AUC meaningless: "
-                          "remove them from one file")
-    return m + n, [1] * len(m) + [0] * len(n)
-
-
-def max_len_for(model, max_len: int | None, spec: str) -> int | None:
-    """--max-len, or the model's positions when it is not given (None when the model names none: no cut)."""
-    positions = model_positions(model)
-    if max_len is not None and positions is not None and max_len > positions:
-        raise ValueError(f"--max-len {max_len} is more than the {positions} positions of {spec}; give at most "
-                         f"{positions}, or leave --max-len out to cut records to the model's positions")
-    return positions if max_len is None else max_len
-
-
-def cut_warning(n_cut: int, n: int, max_len: int | None, given: bool, how: str = "") -> str | None:
-    """What a run prints before the long work when it cuts records to max_len (None when it cuts none)."""
-    if not n_cut:
-        return None
-    source = "(--max-len)" if given else "(the model's positions); pass --max-len to choose"
-    return f"warning: {n_cut} of {n} records cut to {max_len} tokens{how} {source}"

@@ -19,6 +19,7 @@ import torch
 
 from kdfast.commands._common import add_fields_argument, add_model_argument, ranged
 from kdfast.data import bundled_records, load_records
+from kdfast.data.encode import LONG_PROMPTS
 from kdfast.distill.teacher_cache import LOGPROB_DTYPES, cache_teacher
 from kdfast.distill.techniques.seqkd import Sampling
 from kdfast.models import load_model
@@ -36,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the log-probs")
     parser.add_argument("--max-len", type=int, default=512, help="as the training run's max_len (default 512)")
     parser.add_argument("--max-prompt-len", type=int, help="as the training run's (default max_len // 2)")
-    parser.add_argument("--long-prompts", choices=("truncate", "drop", "error"), default="truncate",
+    parser.add_argument("--long-prompts", choices=LONG_PROMPTS, default="truncate",
                         help="a prompt over --max-prompt-len, as the training run's --long-prompts (default truncate)")
     parser.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per teacher forward pass")
     parser.add_argument("--shard-records", type=int, default=1024, help="records per shard file")

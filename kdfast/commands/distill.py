@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
 import typing
 
 from kdfast.commands._common import add_fields_argument, ranged
@@ -24,20 +23,12 @@ from kdfast.distill import DistillConfig, Distiller, DistillError, make_student
 from kdfast.distill import config as config_module
 from kdfast.io import claim_folder
 from kdfast.models import load_model, load_tokenizer
-from kdfast.validation import PositiveInt
+from kdfast.runtime import launch_rank
+from kdfast.validation import PositiveInt, choices
 
 # Options the command handles itself (not DistillConfig fields).
 _OWN = ("teacher", "student", "student_layers", "student_num_layers", "data", "eval_data", "lm_data", "limit",
         "fields", "config", "trust_remote_code", "teacher_tokenizer")
-
-
-_CHOICES = {"technique": config_module.TECHNIQUES, "loss": config_module.KINDS + config_module.CROSS_KINDS,
-            "alignment": config_module.ALIGNMENTS,
-            "lr_scheduler": config_module.SCHEDULERS,
-            "vocab": ("error", "intersect"), "long_prompts": ("truncate", "drop", "error"),
-            "replay_ratio": config_module.REPLAY_RATIOS, "teacher_dtype": ("auto", "float32", "bfloat16", "float16"),
-            "optim": config_module.OPTIMIZERS, "teacher_quantize": config_module.QUANTIZATIONS,
-            "master_weights": config_module.MASTER_WEIGHTS}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,14 +61,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_field(group, f: dataclasses.Field, hint) -> None:
     flag = "--" + f.name.replace("_", "-")
     kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
-    base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    kind = base[0]
-    if kind is bool:
+    allowed = choices(hint)  # a Literal field: the config's own list of values
+    kind = ([a for a in typing.get_args(hint) if a is not type(None)] or [hint])[0]
+    if allowed:
+        group.add_argument(flag, choices=[c for c in allowed if c is not None], **kw)
+    elif kind is bool:
         group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
     elif typing.get_origin(kind) is tuple:
         group.add_argument(flag, nargs=len(typing.get_args(kind)), type=float, metavar=("B1", "B2"), **kw)
-    elif f.name in _CHOICES:
-        group.add_argument(flag, choices=_CHOICES[f.name], **kw)
     else:
         group.add_argument(flag, type=kind if kind in (int, float) else str, metavar=kind.__name__.upper(), **kw)
 
@@ -103,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
     evals, lm = _records(args.eval_data, args.limit, args.fields), _records(args.lm_data, args.limit, args.fields)
     # One writer per --out (rank 0 holds the lock for every process of a launch); it also clears killed runs'
     # temporaries.
-    claim = claim_folder(cfg.out, "--out") if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+    claim = claim_folder(cfg.out, "--out") if launch_rank() == 0 else contextlib.nullcontext()
     with claim:
         return _train(args, cfg, train, evals, lm)
 

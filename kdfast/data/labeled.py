@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdfast.data.records import RecordError, _raw_rows
+from kdfast.data.records import RecordError, _raw_rows, load_records, record_key
 
 LABELS = {0: 0, 1: 1, "0": 0, "1": 1}  # True/False hash as 1/0
 
@@ -42,3 +42,17 @@ def load_labeled(path: str | Path, text_column: str = "input", label_column: str
     if not records:
         raise RecordError(f"{path}: holds no records")
     return records, labels
+
+
+def load_membership(members: str | Path, nonmembers: str | Path,
+                    fields: dict | None = None) -> tuple[list[dict], list[int]]:
+    """Records of the two files and their labels (1 member, 0 non-member); a record in both is an error."""
+    m, n = load_records(members, fields), load_records(nonmembers, fields)
+    both = {record_key(r) for r in m} & {record_key(r) for r in n}
+    if both:
+        first = next(r for r in m if record_key(r) in both)
+        twin = next(r for r in n if record_key(r) == record_key(first))
+        raise RecordError(f"{len(both)} record(s) are both in {members} and {nonmembers} (e.g. {first.where} and "
+                          f"{twin.where}: {str(first)[:120]}); a sample in both sets makes the AUC meaningless: "
+                          "remove them from one file")
+    return m + n, [1] * len(m) + [0] * len(n)

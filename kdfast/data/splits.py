@@ -11,12 +11,14 @@ from kdfast.data.records import record_key
 @dataclass
 class StudySplit:
     """private: the teacher's training data (members); public: the students' distillation data;
-    nonmembers: held out from everything; dropped: duplicates removed across splits."""
+    nonmembers: held out from everything; dropped: duplicates removed across splits; spare: the public records
+    beyond the n_public cap (neither members nor non-members: what a student may be healed on)."""
 
     private: list[dict]
     public: list[dict]
     nonmembers: list[dict]
     dropped: dict[str, int] = field(default_factory=dict)
+    spare: list[dict] = field(default_factory=list)
 
     def balanced(self, limit: int | None = None) -> tuple[list[dict], list[dict]]:
         """(members, non-members) of equal size for the attacks, at most `limit` each."""
@@ -68,6 +70,7 @@ def study_split(train: list[dict], validation: list[dict] | None = None, *, vali
     if not private or not public or not nonmembers:
         raise ValueError(f"not enough records for a study: {len(train)} train and {len(validation)} validation "
                          "records after de-duplication; give at least 3 distinct records")
-    return StudySplit(private[: n_members or len(private)], public[: n_public or len(public)], nonmembers,
+    n_public = n_public or len(public)
+    return StudySplit(private[: n_members or len(private)], public[:n_public], nonmembers,
                       {"duplicates in train": dup_train, "duplicates in validation": dup_val,
-                       "validation records also in train": crossed})
+                       "validation records also in train": crossed}, public[n_public:])

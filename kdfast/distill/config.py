@@ -3,19 +3,27 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
+from kdfast.data.encode import LONG_PROMPTS
 from kdfast.distill.optim import MASTER_WEIGHTS, OPTIMIZERS
 from kdfast.lora import DEFAULT_TARGETS as LORA_TARGETS
+from kdfast.losses import VOCAB_POLICIES
 from kdfast.models import QUANTIZATIONS
+from kdfast.reference import KINDS, SPARSE_TAILS
+from kdfast.validation import choices
 
 TECHNIQUES = ("sft", "kd", "seqkd", "imitkd", "gkd", "minillm", "distillm")
-KINDS = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
 CROSS_KINDS = ("uld",)  # losses for a teacher with another tokenizer (kdfast.distill.cross)
+LOSSES = KINDS + CROSS_KINDS
 ALIGNMENTS = ("spans", "positions")
 SCHEDULERS = ("cosine", "constant", "linear")
 REPLAY_RATIOS = ("decreasing", "constant", "increasing")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # What `None` means for each technique; anything set explicitly wins. Sources: docs/design.md §7, the MiniLLM/DistiLLM
 # reference scripts (GPT-2: lr 5e-4 for students of GPT-2 base size; here 5e-5, the safer default for larger ones).
@@ -54,7 +62,7 @@ class DistillConfig:
     whole global batch.
     """
 
-    technique: str = _help("one of sft, kd, seqkd, imitkd, gkd, minillm, distillm", default="kd")
+    technique: Literal[TECHNIQUES] = _help("one of sft, kd, seqkd, imitkd, gkd, minillm, distillm", default="kd")
     # optimisation
     lr: float | None = _help("peak learning rate (sft/kd/...: 5e-5, minillm: 5e-6)", default=None)
     epochs: float | None = _help("passes over the training records (sft: 5, others: 3)", default=None)
@@ -64,7 +72,7 @@ class DistillConfig:
     weight_decay: float | None = _help("AdamW weight decay (0.01; minillm 1e-6)", default=None)
     adam_betas: tuple[float, float] | None = _help("AdamW betas ((0.9, 0.999); minillm (0.9, 0.95))", default=None)
     adam_eps: float = _help("AdamW epsilon", default=1e-8)
-    lr_scheduler: str | None = _help("cosine, constant or linear, after linear warm-up", default=None)
+    lr_scheduler: Literal[SCHEDULERS] | None = _help("cosine, constant or linear, after linear warm-up", default=None)
     warmup_steps: int | None = _help("linear warm-up steps (0; minillm 100)", default=None)
     max_grad_norm: float | None = _help("gradient clipping norm (None: off)", default=1.0)
     seed: int = _help("seed of data order, sampling and initial RNG state", default=0)
@@ -79,18 +87,19 @@ class DistillConfig:
     # data
     max_len: int = _help("longest prompt + response in tokens; responses are cut to fit", default=512)
     max_prompt_len: int | None = _help("longest prompt in tokens (None: max_len // 2, 256 for 512)", default=None)
-    long_prompts: str = _help("a prompt over max_prompt_len: truncate (keep its end, next to the response), drop "
-                              "the record, or error", default="truncate")
+    long_prompts: Literal[LONG_PROMPTS] = _help(
+        "a prompt over max_prompt_len: truncate (keep its end, next to the response), drop the record, or error",
+        default="truncate")
     # divergence
-    loss: str | None = _help("divergence kind: fkl, rkl, jsd, skl, srkl, tvd (kd: fkl, gkd: jsd, distillm: srkl)",
-                             default=None)
+    loss: Literal[LOSSES] | None = _help(
+        "divergence kind: fkl, rkl, jsd, skl, srkl, tvd (kd: fkl, gkd: jsd, distillm: srkl)", default=None)
     kd_ratio: float | None = _help("r in r·divergence + (1 − r)·cross-entropy (1.0; sft: 0)", default=None)
     beta: float = _help("generalized-JSD β (0.1 as DistiLLM's code; TRL's GKD uses 0.5)", default=0.1)
     skew_alpha: float = _help("α of the skew divergences skl/srkl", default=0.1)
     temperature: float = _help("softmax temperature of both models in the divergence", default=1.0)
     fused: bool = _help("fused-linear divergence from hidden states (False: materialized logits)", default=True)
-    vocab: str = _help("teacher/student vocabulary mismatch: 'error' or 'intersect' (common prefix)",
-                       default="error")
+    vocab: Literal[VOCAB_POLICIES] = _help(
+        "teacher/student vocabulary mismatch: 'error' or 'intersect' (common prefix)", default="error")
     chunk_size: int | None = _help("token chunk of the fused-linear op (None: its default)", default=None)
     # student generation
     student_gen_fraction: float | None = _help(
@@ -109,8 +118,8 @@ class DistillConfig:
     init_threshold: float = _help("DistiLLM: initial probability of student generation", default=0.0)
     threshold_step: float = _help("DistiLLM: threshold increase when validation loss rises", default=0.1)
     loss_eps: float = _help("DistiLLM: validation-loss rise that triggers an increase", default=0.1)
-    replay_ratio: str = _help("DistiLLM: fresh-sample share over time: decreasing, constant, increasing",
-                              default="decreasing")
+    replay_ratio: Literal[REPLAY_RATIOS] = _help(
+        "DistiLLM: fresh-sample share over time: decreasing, constant, increasing", default="decreasing")
     # minillm
     mix_alpha: float = _help("MiniLLM: teacher share α of the sampling mixture (1 − α)q + αp", default=0.2)
     ppo_epochs: int = _help("MiniLLM: passes over each set of rollouts", default=4)
@@ -136,35 +145,36 @@ class DistillConfig:
     device: str | None = _help("student device (None: cuda when available; accelerate decides under launch)",
                                default=None)
     teacher_device: str | None = _help("teacher device (None: the student's)", default=None)
-    teacher_dtype: str | None = _help("teacher dtype: auto (bf16 on CUDA), float32, bfloat16, float16, or None "
-                                      "(keep)", default="auto")
+    teacher_dtype: Literal[TEACHER_DTYPES] | None = _help(
+        "teacher dtype: auto (bf16 on CUDA), float32, bfloat16, float16, or None (keep)", default="auto")
     progress: bool = _help("show a progress bar and a final summary", default=True)
     # cross-tokenizer distillation (loss="uld" with a teacher_tokenizer that differs from the student's)
     uld_top_k: int | None = _help("ULD: compare only the k largest sorted probabilities (None: all)", default=None)
-    alignment: str = _help("cross-tokenizer alignment of response tokens: spans (shared character boundaries, "
-                           "merged tokens) or positions (the i-th token of each)", default="spans")
+    alignment: Literal[ALIGNMENTS] = _help(
+        "cross-tokenizer alignment of response tokens: spans (shared character boundaries, merged tokens) or positions"
+        " (the i-th token of each)", default="spans")
     # memory (`kdfast plan` predicts what each saves)
     gradient_checkpointing: bool = _help("recompute the student's blocks in backward (non-reentrant): activations "
                                          "of the block inputs only, about 30% more compute", default=False)
-    teacher_quantize: str | None = _help("load the frozen teacher through bitsandbytes: nf4 or int8 (None: off); "
-                                         "its LM head stays unquantized", default=None)
-    optim: str = _help("adamw (torch), adamw_8bit, paged_adamw_8bit (bitsandbytes) or adafactor (transformers)",
-                       default="adamw")
-    master_weights: str = _help("fp32 (weights fp32, bf16/fp16 autocast) or bf16 (pure bf16 student: weights, "
-                                "grads and optimizer states; half the memory, updates below bf16's resolution "
-                                "are lost)", default="fp32")
+    teacher_quantize: Literal[QUANTIZATIONS] | None = _help(
+        "load the frozen teacher through bitsandbytes: nf4 or int8 (None: off); its LM head stays unquantized",
+        default=None)
+    optim: Literal[OPTIMIZERS] = _help(
+        "adamw (torch), adamw_8bit, paged_adamw_8bit (bitsandbytes) or adafactor (transformers)", default="adamw")
+    master_weights: Literal[MASTER_WEIGHTS] = _help(
+        "fp32 (weights fp32, bf16/fp16 autocast) or bf16 (pure bf16 student: weights, grads and optimizer states; half"
+        " the memory, updates below bf16's resolution are lost)", default="fp32")
     # training from cached teacher logits (kdfast cache-teacher; kdfast/distill/teacher_cache.py)
     teacher_cache: str | None = _help("folder of cached top-k teacher log-probs (kdfast cache-teacher): train with "
                                       "no teacher loaded (kd; gkd/distillm with student_gen_fraction=0; seqkd "
                                       "from a --seqkd capture)",
                                       default=None)
-    teacher_cache_tail: str = _help("how the cached top-k meets the student's softmax: bucket (top-k + the rest, "
-                                    "every loss) or renorm (teacher renormalized over its top-k, fkl only)",
-                                    default="bucket")
+    teacher_cache_tail: Literal[SPARSE_TAILS] = _help(
+        "how the cached top-k meets the student's softmax: bucket (top-k + the rest, every loss) or renorm (teacher "
+        "renormalized over its top-k, fkl only)", default="bucket")
 
     def __post_init__(self):
-        if self.technique not in TECHNIQUES:
-            raise DistillError(f"unknown technique {self.technique!r}; choose one of {', '.join(TECHNIQUES)}")
+        _choice("technique", self.technique, TECHNIQUES)
         for name, value in TECHNIQUE_DEFAULTS[self.technique].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -176,16 +186,9 @@ class DistillConfig:
 
     def _validate(self) -> None:
         self._check_types()
-        _choice("loss", self.loss, KINDS + CROSS_KINDS)
+        for name, allowed in choice_fields().items():
+            _choice(name, getattr(self, name), allowed)
         self._check_cross()
-        _choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
-        _choice("vocab", self.vocab, ("error", "intersect"))
-        _choice("long_prompts", self.long_prompts, ("truncate", "drop", "error"))
-        _choice("replay_ratio", self.replay_ratio, REPLAY_RATIOS)
-        _choice("teacher_dtype", self.teacher_dtype, ("auto", "float32", "bfloat16", "float16", None))
-        _choice("optim", self.optim, OPTIMIZERS)
-        _choice("teacher_quantize", self.teacher_quantize, QUANTIZATIONS + (None,))
-        _choice("master_weights", self.master_weights, MASTER_WEIGHTS)
         if self.master_weights == "bf16" and self.fp16:
             raise DistillError("master_weights='bf16' trains a bf16 student; fp16 autocast cannot run on it: "
                                "drop fp16 (--fp16) or use --master-weights fp32")
@@ -226,7 +229,6 @@ class DistillConfig:
         _check_teacher_cache(self)
 
     def _check_cross(self) -> None:
-        _choice("alignment", self.alignment, ALIGNMENTS)
         if self.uld_top_k is not None and self.uld_top_k < 1:
             raise DistillError(f"uld_top_k must be at least 1 (or None: all entries), got {self.uld_top_k}")
         if self.loss not in CROSS_KINDS:
@@ -267,10 +269,18 @@ class DistillConfig:
         return cls(**values)
 
 
-def _choice(name: str, value, choices) -> None:
-    if value not in choices:
-        shown = ", ".join(str(c) for c in choices)
-        raise DistillError(f"unknown {name} {value!r}; choose one of {shown}")
+@functools.cache
+def choice_fields() -> dict[str, tuple]:
+    """{field: the values it takes} of every DistillConfig field annotated with a Literal (None where optional): the
+    one list each, which the config checks and `kdfast distill` offers as the flag's choices."""
+    hints = typing.get_type_hints(DistillConfig)
+    return {f.name: allowed for f in dataclasses.fields(DistillConfig) if (allowed := choices(hints[f.name]))}
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        shown = ", ".join(str(c) for c in allowed if c is not None)
+        raise DistillError(f"unknown {name} {value!r}; choose one of {shown}" + (" (or None)" * (None in allowed)))
 
 
 def _unit(name: str, value: float) -> None:
@@ -281,7 +291,6 @@ def _unit(name: str, value: float) -> None:
 def _check_teacher_cache(cfg: DistillConfig) -> None:
     """A cache holds the teacher on the records' own responses (seqkd: on its samples, a --seqkd capture, checked
     where the cache is opened): no technique may ask it about other sequences."""
-    _choice("teacher_cache_tail", cfg.teacher_cache_tail, ("bucket", "renorm"))
     if cfg.teacher_cache is None:
         return
     if cfg.teacher_cache_tail == "renorm" and cfg.loss != "fkl":

@@ -18,7 +18,6 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 from transformers.utils import logging as hf_logging
 
 from kdfast.data import Encoded
@@ -33,7 +32,7 @@ from kdfast.distill.techniques import CLASSES
 from kdfast.generation import eval_mode
 from kdfast.io import atomic_path, atomic_write_json, atomic_write_text, remove_stale_temporaries
 from kdfast.lora import apply_lora, has_lora, merged_state_dict
-from kdfast.models import enable_checkpointing, is_quantized, quantize_model
+from kdfast.models import enable_checkpointing, import_bitsandbytes, is_quantized, quantize_model
 from kdfast.runtime import warn_if_bf16_emulated
 from kdfast.store import digest
 
@@ -237,8 +236,7 @@ class Distiller:
         optimizer = build_optimizer(cfg.optim, param_groups(self.student, cfg.weight_decay), lr=cfg.lr,
                                     betas=cfg.adam_betas, eps=cfg.adam_eps, device=self.device)
         name = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
-        run.scheduler = get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps,
-                                      num_training_steps=run.total_steps)
+        run.scheduler = _scheduler(name, optimizer, cfg.warmup_steps, run.total_steps)
         run.wrapped, run.optimizer = acc.prepare(_StudentForward(self.student), optimizer)
         run.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         return run
@@ -468,3 +466,11 @@ def _check_same_records(out: Path, records: dict[str, list | None], sources: dic
 
 def _norm(value):
     return list(value) if isinstance(value, tuple) else value
+
+
+def _scheduler(name: str, optimizer, warmup_steps: int, total_steps: int):
+    # transformers' scheduler module imports peft, and peft imports bitsandbytes, whose import may ask the Hub
+    import_bitsandbytes()
+    from transformers import get_scheduler
+
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)

@@ -4,6 +4,7 @@ from kdfast.memorization.agreement import DEFAULT_TAUS, Agreement, Conditioned, 
 from kdfast.memorization.extraction import Extraction, check_fits, extractable, extraction, extraction_pairs
 from kdfast.memorization.match import MatchResult, edit_distance, fit_prompts, match_accuracy, normalized_edit_distance
 from kdfast.memorization.measure import measure, prompts_cut, results
+from kdfast.memorization.run import MemorizeRun, format_summary, run_memorize
 from kdfast.memorization.summary import group_summary
 
 __all__ = [
@@ -11,5 +12,5 @@ __all__ = [
     "Extraction", "check_fits", "extractable", "extraction", "extraction_pairs",
     "MatchResult", "edit_distance", "fit_prompts", "match_accuracy", "normalized_edit_distance",
     "measure", "prompts_cut", "results",
-    "group_summary",
+    "group_summary", "MemorizeRun", "run_memorize", "format_summary",
 ]

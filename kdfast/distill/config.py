@@ -16,6 +16,7 @@ CROSS_KINDS = ("uld",)  # losses for a teacher with another tokenizer (kdfast.di
 ALIGNMENTS = ("spans", "positions")
 SCHEDULERS = ("cosine", "constant", "linear")
 REPLAY_RATIOS = ("decreasing", "constant", "increasing")
+STUDENT_QUANTIZATIONS = ("nf4",)  # QLoRA: the student's frozen base in bitsandbytes NF4 under its LoRA adapters
 
 # What `None` means for each technique; anything set explicitly wins. Sources: docs/design.md §7, the MiniLLM/DistiLLM
 # reference scripts (GPT-2: lr 5e-4 for students of GPT-2 base size; here 5e-5, the safer default for larger ones).
@@ -148,6 +149,9 @@ class DistillConfig:
                                          "of the block inputs only, about 30% more compute", default=False)
     teacher_quantize: str | None = _help("load the frozen teacher through bitsandbytes: nf4 or int8 (None: off); "
                                          "its LM head stays unquantized", default=None)
+    student_quantize: str | None = _help("QLoRA: hold the student's frozen base in bitsandbytes nf4 under its fp32 "
+                                         "LoRA adapters (needs lora_rank; the LM head stays unquantized; the Distiller "
+                                         "trains a quantized copy of a student given unquantized)", default=None)
     optim: str = _help("adamw (torch), adamw_8bit, paged_adamw_8bit (bitsandbytes) or adafactor (transformers)",
                        default="adamw")
     master_weights: str = _help("fp32 (weights fp32, bf16/fp16 autocast) or bf16 (pure bf16 student: weights, "
@@ -186,6 +190,14 @@ class DistillConfig:
         _choice("optim", self.optim, OPTIMIZERS)
         _choice("teacher_quantize", self.teacher_quantize, QUANTIZATIONS + (None,))
         _choice("master_weights", self.master_weights, MASTER_WEIGHTS)
+        _choice("student_quantize", self.student_quantize, STUDENT_QUANTIZATIONS + (None,))
+        if self.student_quantize and not self.lora_rank:
+            raise DistillError(f"student_quantize={self.student_quantize!r} freezes the student's base weights: only "
+                               "LoRA adapters can train on it; set lora_rank (--lora-rank N) or unset "
+                               "student_quantize (--student-quantize)")
+        if self.student_quantize and self.master_weights == "bf16":
+            raise DistillError("student_quantize keeps the adapters in fp32 over a quantized base, which cannot be "
+                               "cast to bf16: drop master_weights='bf16' (--master-weights) or student_quantize")
         if self.master_weights == "bf16" and self.fp16:
             raise DistillError("master_weights='bf16' trains a bf16 student; fp16 autocast cannot run on it: "
                                "drop fp16 (--fp16) or use --master-weights fp32")

@@ -119,7 +119,9 @@ def _load_weights(spec: str, revision: str | None, kwargs: dict):
                              "(model.save_pretrained(safe_serialization=True))")
         spec = str(local)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision, **kwargs)
+        # the quantization settings are the model's: in the tokenizer's init kwargs they break its save_pretrained
+        remote = kwargs["trust_remote_code"]
+        tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision, trust_remote_code=remote)
         return AutoModelForCausalLM.from_pretrained(spec, revision=revision, use_safetensors=True, **kwargs), \
             tokenizer
     except OSError as e:

@@ -75,6 +75,7 @@ def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[
     base weight: the keys and values of the model before apply_lora, the adapters' deltas added, and an NF4 base
     dequantized to the model's dtype. Computed on the state, not by peft's in-place merge, so the live model and a
     gathered state stay as they are."""
+    import_peft()
     from peft.utils.other import transpose
 
     state = dequantized_state_dict(model, state)

@@ -45,10 +45,11 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, targets:
     peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     for p in adapter_parameters(model).values():  # peft gives an NF4 base's adapters its compute dtype
         p.data = p.data.float()
-    return sorted(matched)
+    return list(matched)
 
 
 def has_lora(model: nn.Module) -> bool:
+    """True when peft LoRA layers are in the model (apply_lora's, or any peft injected)."""
     if "peft" not in sys.modules:  # nothing injected adapters yet: spare the import
         return False
     from peft.tuners.lora import LoraLayer

@@ -187,3 +187,16 @@ def test_qlora_trains_fp32_adapters_on_a_frozen_nf4_base(tmp_path, gen):
     want, got = _logits(quantized.eval(), ids), _logits(final, ids)
     assert (got - want).norm() / want.norm() < 0.02  # the NF4 forward computes in bf16 where bf16 is native
     assert (tmp_path / "q" / "final" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_qlora_resumes_exactly(tmp_path):
+    """The checkpoint holds the adapters and their optimizer state; the NF4 base is quantized again from the student."""
+    whole, _ = _train(tmp_path / "a", student_quantize="nf4")
+    stopped = Distiller(None, models.tiny_model("llama", seed=2, hidden=32), models.tiny_tokenizer(),
+                        _config(tmp_path / "b", student_quantize="nf4")).train(bundled_records()[:16],
+                                                                              on_step=lambda s, m: s == 2)
+    assert stopped.stopped_early
+    resumed, _ = _train(tmp_path / "b", student_quantize="nf4", resume=True)
+    a, b = adapter_parameters(whole), adapter_parameters(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert models.is_quantized(resumed)

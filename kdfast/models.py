@@ -1,9 +1,11 @@
-"""Loading HF causal LMs (hub id, local dir, GGUF, the carried SmolLM2), tiny random models for tests, and model
-facts."""
+"""Loading HF causal LMs (hub id, local dir, peft adapter folder, GGUF, the carried SmolLM2), tiny random models for
+tests, and model facts."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -17,6 +19,8 @@ BUNDLED = Path(__file__).parent / "data" / "bundled"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FAMILIES = ("gpt2", "opt", "llama")
 QUANTIZATIONS = ("nf4", "int8")
+ADAPTER_CONFIG = "adapter_config.json"  # what makes a folder a peft adapter
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class ModelError(ValueError):
@@ -49,8 +53,10 @@ def _as_plain_model(model: nn.Module) -> nn.Module:
 
 
 def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-               trust_remote_code: bool = False, revision: str | None = None, quantize: str | None = None):
-    """(model, tokenizer) from a hub id, a local directory, a .gguf file, "smollm2", or "tiny:<family>".
+               trust_remote_code: bool = False, revision: str | None = None, quantize: str | None = None,
+               base: str | os.PathLike | None = None):
+    """(model, tokenizer) from a hub id, a local directory, a peft adapter folder, a .gguf file, "smollm2", or
+    "tiny:<family>".
 
     Weights load from safetensors only (no unpickling of untrusted checkpoints); remote code stays off
     unless trust_remote_code=True. A hub id downloads: that is the only network use (a spec that looks like a path
@@ -58,38 +64,25 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | None = None, dev
     opt) is a random-init tiny model with the bundled tiny tokenizer, for tests and the tiny preset.
     quantize: "nf4" or "int8" loads a frozen, bitsandbytes-quantized model for inference (a teacher); the LM
     head stays in `dtype` (see bnb_config). Never `.to()` such a model afterwards.
+    A peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors) loads its base (`base`, else the
+    adapter's base_model_name_or_path: a local folder or a hub id, safetensors only, remote code off), applies
+    the adapter and merges it: the model returned is a plain one of the base's architecture.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     spec = str(spec)
     check_quantize(quantize)
     kwargs = {"trust_remote_code": trust_remote_code}
-    if quantize is not None and not spec.startswith("tiny:") and not (spec == "smollm2" or spec.endswith(".gguf")):
-        where = resolve_device(device)
-        kwargs.update(quantization_config=bnb_config(quantize, where), device_map={"": str(where)},
-                      dtype=dtype or "auto")
-    if spec.startswith("tiny:"):
-        model, tokenizer = tiny_model(spec.split(":", 1)[1]), tiny_tokenizer()
-    elif spec == "smollm2" or spec.endswith(".gguf"):
-        path = smollm2_path() if spec == "smollm2" else local_path(spec)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
-        model = _as_plain_model(AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs))
+    adapter = adapter_folder(spec)
+    if adapter is not None:
+        model, tokenizer = _load_adapter(adapter, base, dtype)
+    elif base is not None:
+        raise ModelError(f"base={str(base)!r} is for a peft adapter folder (one with {ADAPTER_CONFIG}); {spec} is "
+                         "not one: drop base")
     else:
-        local = local_path(spec)
-        if local is not None:
-            if not local.is_dir() or not (local / "config.json").exists():
-                raise ModelError(f"{local} is not a model folder (no config.json); "
-                                 "give a folder saved by save_pretrained")
-            if not any(local.glob("*.safetensors")):
-                raise ModelError(f"{local} has no .safetensors weights; kdfast does not unpickle checkpoints. "
-                                 "Convert them once with a trusted tool "
-                                 "(model.save_pretrained(safe_serialization=True))")
-            spec = str(local)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(spec, revision=revision, use_safetensors=True, **kwargs)
-        except OSError as e:
-            raise ModelError(f"could not load model {spec!r}: {e}") from e
+        if quantize is not None and not spec.startswith("tiny:") and not (spec == "smollm2" or spec.endswith(".gguf")):
+            where = resolve_device(device)
+            kwargs.update(quantization_config=bnb_config(quantize, where), device_map={"": str(where)},
+                          dtype=dtype or "auto")
+        model, tokenizer = _load_weights(spec, revision, kwargs)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if quantize is not None:
@@ -103,6 +96,78 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | None = None, dev
         model = model.to(device)
     return model, tokenizer
 
+
+def _load_weights(spec: str, revision: str | None, kwargs: dict):
+    """(model, tokenizer) of a spec that is no adapter folder, with from_pretrained's `kwargs`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec.startswith("tiny:"):
+        return tiny_model(spec.split(":", 1)[1]), tiny_tokenizer()
+    if spec == "smollm2" or spec.endswith(".gguf"):
+        path = smollm2_path() if spec == "smollm2" else local_path(spec)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+        return _as_plain_model(AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)), \
+            tokenizer
+    local = local_path(spec)
+    if local is not None:
+        if not local.is_dir() or not (local / "config.json").exists():
+            raise ModelError(f"{local} is not a model folder (no config.json); "
+                             "give a folder saved by save_pretrained")
+        if not any(local.glob("*.safetensors")):
+            raise ModelError(f"{local} has no .safetensors weights; kdfast does not unpickle checkpoints. "
+                             "Convert them once with a trusted tool "
+                             "(model.save_pretrained(safe_serialization=True))")
+        spec = str(local)
+    try:
+        # the quantization settings are the model's: in the tokenizer's init kwargs they break its save_pretrained
+        remote = kwargs["trust_remote_code"]
+        tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision, trust_remote_code=remote)
+        return AutoModelForCausalLM.from_pretrained(spec, revision=revision, use_safetensors=True, **kwargs), \
+            tokenizer
+    except OSError as e:
+        raise ModelError(f"could not load model {spec!r}: {e}") from e
+
+
+def adapter_folder(spec: str | os.PathLike) -> Path | None:
+    """The folder of a peft adapter (it holds adapter_config.json) a spec names, else None."""
+    path = Path(str(spec)).expanduser()
+    return path if (path / ADAPTER_CONFIG).is_file() else None
+
+
+def _load_adapter(folder: Path, base: str | os.PathLike | None, dtype: torch.dtype | None):
+    """(merged model, tokenizer) of a peft LoRA adapter folder on its base (see load_model)."""
+    if not (folder / ADAPTER_WEIGHTS).exists():
+        raise ModelError(f"{folder} has no {ADAPTER_WEIGHTS}; kdfast does not unpickle checkpoints (adapter_model.bin"
+                         "): save the adapter with safe_serialization=True")
+    spec = _adapter_base(folder, base)
+    try:
+        model, tokenizer = load_model(spec, dtype=dtype)
+    except ModelError as e:
+        where = "base=" if base is not None else f"{folder / ADAPTER_CONFIG}'s base_model_name_or_path"
+        raise ModelError(f"cannot load the base model of the adapter {folder}: {where} {spec!r}: {e}. Fix: give "
+                         "the base's local folder or hub id as load_model(..., base=...), or correct "
+                         f"base_model_name_or_path in {folder / ADAPTER_CONFIG}") from None
+    peft = import_peft()
+    merged = peft.PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    merged.config._name_or_path = str(folder.resolve())  # these weights: an adapter trained on them names this
+    return merged, load_tokenizer(folder) if _has_tokenizer(folder) else tokenizer
+
+
+def _adapter_base(folder: Path, base: str | os.PathLike | None) -> str:
+    """The spec of an adapter's base model: `base` if given, else its adapter_config.json's."""
+    spec = str(base) if base is not None else \
+        json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not spec:
+        raise ModelError(f"{folder / ADAPTER_CONFIG} names no base_model_name_or_path: give the base model "
+                         "(load_model(..., base=<folder or hub id>)) or write it into that file")
+    if Path(spec).expanduser().resolve() == folder.resolve():
+        raise ModelError(f"{folder / ADAPTER_CONFIG} names the adapter itself as its base_model_name_or_path; "
+                         "give the base model (load_model(..., base=...)) or correct that file")
+    return spec
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
 
 def local_path(spec: str) -> Path | None:
     """The file or folder a model spec names here, or None for a hub id. A spec that looks like a path but does
@@ -150,6 +215,15 @@ def import_bitsandbytes():
         for log, level in zip(logs, levels):
             log.setLevel(level)
     return bitsandbytes
+
+
+def import_peft():
+    """peft, imported after bitsandbytes (peft imports it, see import_bitsandbytes). Every kdfast use of peft comes
+    here first; kdfast imports it only where LoRA is used."""
+    import_bitsandbytes()
+    import peft
+
+    return peft
 
 
 def bnb_config(quantize: str, device: torch.device | str = "cuda"):
@@ -213,12 +287,44 @@ def quantize_model(model: nn.Module, quantize: str, *, dtype: torch.dtype | None
         with tempfile.TemporaryDirectory(prefix="kdfast-quantize-") as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             where = resolve_device(device)
-            return _skip_cpu_repacking_of_odd_layers(AutoModelForCausalLM.from_pretrained(
+            quantized = AutoModelForCausalLM.from_pretrained(
                 tmp, quantization_config=bnb_config(quantize, where), device_map={"": str(where)},
-                dtype=dtype or next(model.parameters()).dtype, use_safetensors=True).eval())
+                dtype=dtype or next(model.parameters()).dtype, use_safetensors=True).eval()
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    quantized.config._name_or_path = model.config._name_or_path  # where the weights came from, not the temporary
+    return _skip_cpu_repacking_of_odd_layers(quantized)
+
+
+def plain_skeleton(model: nn.Module) -> nn.Module:
+    """A meta-device model of `model`'s config without its quantization config: save_pretrained(state_dict=...) on
+    it writes a plain (dequantized) state as a plain model, where the quantized model would mark it quantized."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def dequantized_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (model's state dict) with every bitsandbytes layer's packed weight and quantization state replaced
+    by its weight dequantized to the model's floating-point dtype (model.dtype: that of its unquantized parameters)."""
+    layers = {name: m for name, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")}
+    if not layers:
+        return state
+    import_peft()
+    from peft.utils.integrations import dequantize_module_weight
+
+    state = dict(state)
+    for name, module in layers.items():
+        prefix = f"{name}.weight"
+        for key in [k for k in state if k == prefix or k.startswith(prefix + ".")]:
+            del state[key]
+        state[prefix] = dequantize_module_weight(module).detach().to(model.dtype)
+    return state
 
 
 def _check_head_unquantized(model: nn.Module) -> None:
@@ -384,10 +490,14 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False, revision: str | None = None):
-    """The tokenizer alone of a spec load_model takes (hub id, local folder, .gguf, "smollm2", "tiny:<family>")."""
+    """The tokenizer alone of a spec load_model takes (hub id, local folder, adapter folder, .gguf, "smollm2",
+    "tiny:<family>"); an adapter folder without a tokenizer gives its base's."""
     from transformers import AutoTokenizer
 
     spec = str(spec)
+    adapter = adapter_folder(spec)
+    if adapter is not None and not _has_tokenizer(adapter):
+        return load_tokenizer(_adapter_base(adapter, None))
     if spec.startswith("tiny:"):
         return tiny_tokenizer()
     if spec == "smollm2" or spec.endswith(".gguf"):

@@ -144,3 +144,23 @@ def test_an_out_of_another_model_or_a_live_writer_is_refused(files, tmp_path, ca
     (tmp_path / "busy" / ".kdfast.lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")
     assert main([*run[:-1], str(tmp_path / "busy"), "--model", str(files / "model")]) == 2
     assert f"another kdfast process (pid {os.getpid()}) is writing there" in capsys.readouterr().err
+
+
+def test_a_peft_adapter_is_attacked_as_its_merged_model(files, tmp_path, capsys):
+    """--model <peft adapter folder>: load_model merges it on its base (adapter_config.json names files/model)."""
+    from kdfast.lora import adapter_parameters, apply_lora, merge_lora, save_adapter
+
+    model, tok = models.load_model(files / "model")
+    apply_lora(model, 4)
+    for p in adapter_parameters(model).values():
+        p.data.normal_(0, 0.5)
+    save_adapter(model, model.state_dict(), tmp_path / "adapter")
+    merge_lora(model).save_pretrained(tmp_path / "merged")
+    tok.save_pretrained(tmp_path / "merged")
+    losses = []
+    for name in ("adapter", "merged"):
+        assert main(["attack", "--model", str(tmp_path / name), "--members", str(files / "members.jsonl"),
+                     "--nonmembers", str(files / "nonmembers.csv"), "--attacks", "loss", "--bootstrap", "10",
+                     "--out", str(tmp_path / f"out-{name}")]) == 0
+        losses.append(pd.read_parquet(tmp_path / f"out-{name}" / "scores.parquet")["loss"])
+    pd.testing.assert_series_equal(losses[0], losses[1], rtol=1e-5)  # B ~ N(0, 0.5): both differ from the base

@@ -37,6 +37,21 @@ def test_cli_builds_a_student_from_teacher_blocks(files, capsys):
     assert json.loads((out / "final" / "distill_config.json").read_text())["loss"] == "rkl"
 
 
+def test_cli_qlora_student_saves_merged_and_a_peft_adapter_on_its_folder(files, capsys):
+    out = files / "qlora"
+    code = main(["distill", "--student", str(files / "student"), "--technique", "sft", "--lora-rank", "4",
+                 "--student-quantize", "nf4", "--data", str(files / "train.jsonl"), "--out", str(out),
+                 "--max-steps", "2", "--batch-size", "4", "--device", "cpu", *ARGS])
+    assert code == 0 and "distill sft: 2/2 steps" in capsys.readouterr().out
+    merged, _ = models.load_model(out / "final")
+    assert not models.is_quantized(merged)
+    adapter = json.loads((out / "final" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str((files / "student").resolve())
+    assert main(["distill", "--student", str(files / "student"), "--technique", "sft", "--student-quantize", "nf4",
+                 "--data", str(files / "train.jsonl"), "--out", str(files / "q2"), *ARGS]) == 2
+    assert "--lora-rank" in capsys.readouterr().err
+
+
 def test_cli_errors_are_clean(files, capsys):
     data = ["--data", str(files / "train.jsonl"), "--out", str(files / "x")]
     assert main(["distill", "--student", str(files / "student"), "--technique", "kd", *data]) == 2

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from kdfast.cli import main
-from kdfast.distill.plan import parse_bytes, plan_memory
+from kdfast.distill.plan import LORA_TARGETS, NF4_BYTES, _as_config, _shape, parse_bytes, plan_memory
 
 LLAMA_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
@@ -64,3 +64,32 @@ def test_fewer_targets_shrink_only_the_loss_part():
             plan_memory(LLAMA_7B, TINYLLAMA, target_fraction=bad)
     with pytest.raises(SystemExit):
         main(["plan", "--student", "tiny:llama", "--target-fraction", "0"])
+
+
+def test_nf4_student_base_under_fp32_adapters():
+    """QLoRA: the student's block linears at NF4's 0.5 byte + absmax per parameter, the rest and the adapters fp32;
+    gradients and optimizer states are the adapters' alone, as with plain LoRA."""
+    lora = plan_memory(LLAMA_7B, TINYLLAMA, lora_rank=16)
+    qlora = plan_memory(LLAMA_7B, TINYLLAMA, lora_rank=16, student_quantize="nf4")
+    shape = _shape(_as_config(TINYLLAMA), LORA_TARGETS)
+    adapters = 16 * shape.lora * 4
+    assert qlora.parts["student_weights"] == int(shape.block_linear * NF4_BYTES + shape.other * 4 + adapters)
+    assert lora.parts["student_weights"] == shape.total * 4 + adapters
+    assert 1.0 < NF4_BYTES / 0.5 < 1.04  # the absmax of each 64-block (and theirs per 256): ~3% on the 4 bits
+    assert {k: v for k, v in qlora.parts.items() if k != "student_weights"} == \
+        {k: v for k, v in lora.parts.items() if k != "student_weights"}
+    assert qlora.total_bytes < lora.total_bytes
+    with pytest.raises(ValueError, match="student_quantize.*lora_rank"):
+        plan_memory(LLAMA_7B, TINYLLAMA, student_quantize="nf4")
+    with pytest.raises(ValueError, match="unknown student_quantize"):
+        plan_memory(LLAMA_7B, TINYLLAMA, lora_rank=16, student_quantize="int4")
+
+
+def test_cli_counts_a_qlora_student(capsys):
+    args = ["plan", "--student", "tiny:llama", "--lora-rank", "8", "--json"]
+    assert main(args) == 0
+    lora = json.loads(capsys.readouterr().out)
+    assert main(args + ["--student-quantize", "nf4"]) == 0
+    qlora = json.loads(capsys.readouterr().out)
+    assert qlora["settings"]["student_quantize"] == "nf4"
+    assert qlora["parts"]["student_weights"] < lora["parts"]["student_weights"]

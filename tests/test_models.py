@@ -120,22 +120,27 @@ def test_transformer_blocks():
         assert len(models.transformer_blocks(models.tiny_model(family, layers=3))) == 3
 
 
-def test_bitsandbytes_is_imported_without_asking_the_hub(tmp_path):
+@pytest.mark.parametrize("helper,uses", [("import_bitsandbytes", "optim.AdamW8bit"), ("import_peft", "LoraConfig")])
+def test_bitsandbytes_is_imported_without_asking_the_hub(tmp_path, helper, uses):
     """On AVX512-BF16 CPUs bitsandbytes' import asks the Hub for a kernel (a request, then remote code): kdfast's
-    import of it must make no Hub request. Run in a fresh interpreter, where bitsandbytes is not imported yet."""
+    import of it, and of peft (which imports it), must make no Hub request; the LoRA module imports peft only when
+    LoRA is used. Run in a fresh interpreter, where bitsandbytes is not imported yet."""
     import subprocess
     import sys
 
     script = (
+        "import sys\n"
         "import huggingface_hub\n"
         "calls = []\n"
         "def refuse(self, *a, **k):\n"
         "    calls.append(a)\n"
         "    raise RuntimeError('no network in tests')\n"
         "huggingface_hub.HfApi.get_organization_overview = refuse\n"
-        "from kdfast.models import import_bitsandbytes\n"
-        "bnb = import_bitsandbytes()\n"
-        "assert bnb.optim.AdamW8bit\n"
+        "import kdfast.lora\n"
+        "assert 'peft' not in sys.modules and 'bitsandbytes' not in sys.modules\n"
+        f"from kdfast.models import {helper}\n"
+        f"module = {helper}()\n"
+        f"assert module.{uses}\n"
         "print('hub requests:', len(calls))\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import dataclasses
 import json
 import typing
+
+import torch
 
 from kdfast.commands._common import add_fields_argument, ranged
 from kdfast.data import bundled_records, load_records
 from kdfast.distill import DistillConfig, Distiller, DistillError, make_student
 from kdfast.distill import config as config_module
 from kdfast.io import claim_folder
-from kdfast.models import load_model, load_tokenizer
+from kdfast.models import load_model, load_tokenizer, resolve_device
 from kdfast.runtime import launch_rank
 from kdfast.validation import PositiveInt, choices
 
@@ -110,13 +113,14 @@ def _train(args: argparse.Namespace, cfg: DistillConfig, train, evals, lm) -> in
         teacher, teacher_tok = load_model(args.teacher, trust_remote_code=args.trust_remote_code, quantize=quantize)
         if args.teacher_tokenizer:
             teacher_tok = load_tokenizer(args.teacher_tokenizer, trust_remote_code=args.trust_remote_code)
-    if args.student is not None:
-        student, tokenizer = load_model(args.student, trust_remote_code=args.trust_remote_code)
+    if args.student is not None:  # a QLoRA base is quantized while it loads, never held in full precision
+        device = _process_device(cfg.device) if cfg.student_quantize else None
+        student, tokenizer = load_model(args.student, trust_remote_code=args.trust_remote_code, dtype=torch.float32,
+                                        quantize=cfg.student_quantize, device=device)
     else:
         layers = [int(x) for x in args.student_layers.split(",")] if args.student_layers else None
-        student = make_student(teacher, layers, num_layers=args.student_num_layers)
+        student = make_student(teacher, layers, num_layers=args.student_num_layers).float()
         tokenizer = teacher_tok
-    student = student.float()
     teacher = teacher if cfg.needs_teacher else None  # one that only gave the student its blocks is let go
     distiller = Distiller(teacher, student, tokenizer, cfg,
                           teacher_tokenizer=teacher_tok if cfg.needs_teacher else None)
@@ -125,3 +129,11 @@ def _train(args: argparse.Namespace, cfg: DistillConfig, train, evals, lm) -> in
     if distiller.accelerator.is_main_process:
         print(summary)
     return 0
+
+
+def _process_device(device: str | None) -> torch.device:
+    """This process's student device before the Distiller's accelerator exists: --device, else under a launch
+    cuda:LOCAL_RANK (accelerate's choice), else kdfast.models.resolve_device's."""
+    if device is None and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return resolve_device(device)

@@ -10,6 +10,7 @@ import json
 from typing import Annotated
 
 from kdfast.commands._common import ranged
+from kdfast.distill.config import STUDENT_QUANTIZATIONS
 from kdfast.distill.optim import MASTER_WEIGHTS, OPTIMIZERS
 from kdfast.distill.plan import load_config, plan_memory
 from kdfast.models import QUANTIZATIONS
@@ -28,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--lora-rank", type=ranged(NonNegativeInt), default=0)
     parser.add_argument("--master-weights", choices=MASTER_WEIGHTS, default="fp32")
+    parser.add_argument("--student-quantize", choices=STUDENT_QUANTIZATIONS,
+                        help="QLoRA: the student's base in NF4 under its LoRA adapters (needs --lora-rank)")
     parser.add_argument("--no-fused", dest="fused", action="store_false", help="materialized logits")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--target-fraction", type=ranged(Annotated[float, Range(gt=0, le=1)]), default=1.0,
@@ -41,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
     plan = plan_memory(load_config(args.teacher) if args.teacher else None, load_config(args.student),
                        batch_size=args.batch_size, seq_len=args.seq_len, teacher_quantize=args.teacher_quantize,
                        optim=args.optim, gradient_checkpointing=args.gradient_checkpointing, lora_rank=args.lora_rank,
-                       master_weights=args.master_weights, fused=args.fused, device=args.device,
-                       target_fraction=args.target_fraction, budget=args.budget)
+                       master_weights=args.master_weights, student_quantize=args.student_quantize, fused=args.fused,
+                       device=args.device, target_fraction=args.target_fraction, budget=args.budget)
     print(json.dumps(plan.to_dict(), indent=1) if args.json else plan.table())
     return 0

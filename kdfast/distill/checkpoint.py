@@ -1,9 +1,10 @@
 """Checkpoints: student weights and optimizer state as safetensors, the rest as JSON, written atomically.
 
-Layout of <out>/checkpoints/step-NNNNNNNN/: student.safetensors, optimizer.safetensors + optimizer.json,
-state.json (step, scheduler, data order, metrics: shared by all processes), and per process rank-R.json /
-rank-R.safetensors (RNG states, technique state such as the replay buffer or MiniLLM's rollouts). Under FSDP or
-DeepSpeed the (sharded) model and optimizer go through accelerate's save_state into accelerate/ instead.
+Layout of <out>/checkpoints/step-NNNNNNNN/: student.safetensors (a LoRA student's adapters only),
+optimizer.safetensors + optimizer.json, state.json (step, scheduler, data order, metrics: shared by all processes),
+and per process rank-R.json / rank-R.safetensors (RNG states, technique state such as the replay buffer or MiniLLM's
+rollouts). Under FSDP or DeepSpeed the (sharded) model and optimizer go through accelerate's save_state into
+accelerate/ instead.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from kdfast.io import atomic_path, atomic_write_json
+from kdfast.lora import adapter_parameters
 
 _STEP = re.compile(r"step-(\d+)$")
 
@@ -53,7 +55,7 @@ def save_checkpoint(path: Path, accelerator, student: torch.nn.Module, optimizer
         if _sharded(accelerator):
             accelerator.save_state(str(tmp / "accelerate"))
         elif main:
-            save_model(student, str(tmp / "student.safetensors"))
+            _save_student(student, tmp / "student.safetensors")
             _save_optimizer(optimizer, tmp)
         rng_json, rng_tensors = _rng_state()
         atomic_write_json(tmp / f"rank-{rank}.json", {"rng": rng_json, **rank_state})
@@ -76,7 +78,7 @@ def load_checkpoint(path: Path, accelerator, student: torch.nn.Module, optimizer
     if _sharded(accelerator):
         accelerator.load_state(str(path / "accelerate"))
     else:
-        load_model(student, str(path / "student.safetensors"), device=str(next(student.parameters()).device))
+        _load_student(student, path / "student.safetensors")
         _load_optimizer(optimizer, path)
     rank_file = path / f"rank-{rank}.json"
     if not rank_file.exists():
@@ -87,6 +89,31 @@ def load_checkpoint(path: Path, accelerator, student: torch.nn.Module, optimizer
     _set_rng_state(rank_state.pop("rng"), tensors)
     tensors = {k: v for k, v in tensors.items() if not k.startswith("rng.")}
     return json.loads((path / "state.json").read_text()), rank_state, tensors
+
+
+def _save_student(student: torch.nn.Module, path: Path) -> None:
+    """The student's weights; of a LoRA student only the adapters (peft's names): its base is frozen, and may be
+    NF4, which a state dict does not round-trip."""
+    adapters = adapter_parameters(student)
+    if adapters:
+        save_file({k: v.detach().contiguous().cpu() for k, v in adapters.items()}, str(path))
+    else:
+        save_model(student, str(path))
+
+
+def _load_student(student: torch.nn.Module, path: Path) -> None:
+    adapters = adapter_parameters(student)
+    if not adapters:
+        load_model(student, str(path), device=str(next(student.parameters()).device))
+        return
+    saved = load_file(str(path))
+    if saved.keys() != adapters.keys():
+        raise ValueError(f"{path} holds other weights than this LoRA student's adapters (first differences: "
+                         f"{sorted(saved.keys() ^ adapters.keys())[:3]}); resume with the run's student and "
+                         "lora_rank / lora_targets")
+    with torch.no_grad():
+        for name, param in adapters.items():
+            param.copy_(saved[name])
 
 
 def _save_optimizer(optimizer, folder: Path) -> None:

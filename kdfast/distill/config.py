@@ -24,6 +24,7 @@ ALIGNMENTS = ("spans", "positions")
 SCHEDULERS = ("cosine", "constant", "linear")
 REPLAY_RATIOS = ("decreasing", "constant", "increasing")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+STUDENT_QUANTIZATIONS = ("nf4",)  # QLoRA: the student's frozen base in bitsandbytes NF4 under its LoRA adapters
 
 # What `None` means for each technique; anything set explicitly wins. Sources: docs/design.md §7, the MiniLLM/DistiLLM
 # reference scripts (GPT-2: lr 5e-4 for students of GPT-2 base size; here 5e-5, the safer default for larger ones).
@@ -159,6 +160,10 @@ class DistillConfig:
     teacher_quantize: Literal[QUANTIZATIONS] | None = _help(
         "load the frozen teacher through bitsandbytes: nf4 or int8 (None: off); its LM head stays unquantized",
         default=None)
+    student_quantize: Literal[STUDENT_QUANTIZATIONS] | None = _help(
+        "QLoRA: hold the student's frozen base in bitsandbytes nf4 under its fp32 LoRA adapters (needs lora_rank; the"
+        " LM head stays unquantized; the Distiller trains a quantized copy of a student given unquantized)",
+        default=None)
     optim: Literal[OPTIMIZERS] = _help(
         "adamw (torch), adamw_8bit, paged_adamw_8bit (bitsandbytes) or adafactor (transformers)", default="adamw")
     master_weights: Literal[MASTER_WEIGHTS] = _help(
@@ -189,6 +194,13 @@ class DistillConfig:
         for name, allowed in choice_fields().items():
             _choice(name, getattr(self, name), allowed)
         self._check_cross()
+        if self.student_quantize and not self.lora_rank:
+            raise DistillError(f"student_quantize={self.student_quantize!r} freezes the student's base weights: only "
+                               "LoRA adapters can train on it; set lora_rank (--lora-rank N) or unset "
+                               "student_quantize (--student-quantize)")
+        if self.student_quantize and self.master_weights == "bf16":
+            raise DistillError("student_quantize keeps the adapters in fp32 over a quantized base, which cannot be "
+                               "cast to bf16: drop master_weights='bf16' (--master-weights) or student_quantize")
         if self.master_weights == "bf16" and self.fp16:
             raise DistillError("master_weights='bf16' trains a bf16 student; fp16 autocast cannot run on it: "
                                "drop fp16 (--fp16) or use --master-weights fp32")

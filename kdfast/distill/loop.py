@@ -31,8 +31,15 @@ from kdfast.distill.optim import build_optimizer, param_groups
 from kdfast.distill.techniques import CLASSES
 from kdfast.generation import eval_mode
 from kdfast.io import atomic_path, atomic_write_json, atomic_write_text, remove_stale_temporaries
-from kdfast.lora import apply_lora, has_lora, merged_state_dict
-from kdfast.models import enable_checkpointing, import_bitsandbytes, is_quantized, quantize_model
+from kdfast.lora import apply_lora, has_lora, merged_state_dict, save_adapter
+from kdfast.models import (
+    enable_checkpointing,
+    import_bitsandbytes,
+    is_quantized,
+    model_device,
+    plain_skeleton,
+    quantize_model,
+)
 from kdfast.runtime import warn_if_bf16_emulated
 from kdfast.store import digest
 
@@ -107,19 +114,13 @@ class Distiller:
             raise DistillError(f"technique {cfg.technique!r} needs a teacher model (only 'sft' trains without one)")
         self.teacher_tokenizer = teacher_tokenizer if cross_tokenizer_mode(teacher_tokenizer, tokenizer, cfg) else None
         self.teacher = teacher if cfg.needs_teacher else None
-        if is_quantized(student):
+        if is_quantized(student) and not cfg.student_quantize:
             raise DistillError("the student is quantized (bitsandbytes): its integer weights get no gradient, so it "
-                               "cannot be trained. Load the student in bf16/fp32 (load_model without quantize); to "
-                               "save memory quantize the teacher (--teacher-quantize nf4), or use --optim adamw_8bit, "
-                               "--master-weights bf16 or --lora-rank N (in Python: teacher_quantize, optim, "
-                               "master_weights, lora_rank)")
-        self.student, self.tokenizer = student, tokenizer
-        if cfg.lora_rank and not has_lora(student):
-            apply_lora(student, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-        if self.teacher_tokenizer is not None:
-            check_cross_vocab(self.teacher, student, self.teacher_tokenizer, tokenizer)
-        else:
-            _check_vocab(self.teacher, student, tokenizer, cfg.vocab)
+                               "cannot be trained. Train LoRA adapters on it (--student-quantize nf4 --lora-rank N; "
+                               "in Python student_quantize, lora_rank), or load the student in bf16/fp32 (load_model "
+                               "without quantize); to save memory quantize the teacher (--teacher-quantize nf4), or "
+                               "use --optim adamw_8bit or --master-weights bf16 (teacher_quantize, optim, "
+                               "master_weights)")
         if cfg.resume and not cfg.out:
             raise DistillError("resume=True (--resume) needs out= (--out): the folder holding the checkpoints")
         self.accelerator = accelerator or _accelerator(cfg)
@@ -127,6 +128,15 @@ class Distiller:
             raise DistillError("device= (--device) cannot be set under a multi-process launch; accelerate assigns the "
                                "devices")
         self.device = torch.device(cfg.device) if cfg.device else self.accelerator.device
+        if cfg.student_quantize:
+            student = _quantized_student(student, cfg.student_quantize, self.device)
+        self.student, self.tokenizer = student, tokenizer
+        if cfg.lora_rank and not has_lora(student):
+            apply_lora(student, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        if self.teacher_tokenizer is not None:
+            check_cross_vocab(self.teacher, student, self.teacher_tokenizer, tokenizer)
+        else:
+            _check_vocab(self.teacher, student, tokenizer, cfg.vocab)
         self.amp_dtype = _amp_dtype(cfg, self.device)
         self.teacher_device = torch.device(cfg.teacher_device) if cfg.teacher_device else self.device
         if self.teacher is not None:
@@ -216,7 +226,9 @@ class Distiller:
         lm = encode_texts(self.tokenizer, lm_records, cfg.max_len) if lm_records else None
         if cfg.disable_dropout:
             _disable_dropout(self.student)
-        self.student.to(self.device).train()
+        if not is_quantized(self.student):  # a bitsandbytes model is placed when it is quantized, never moved
+            self.student.to(self.device)
+        self.student.train()
         if cfg.master_weights == "bf16":
             self.student.to(torch.bfloat16)
         if cfg.gradient_checkpointing:  # HF models skip it in eval mode: generation runs without it
@@ -347,12 +359,17 @@ class Distiller:
         state = acc.get_state_dict(run.wrapped)
         if acc.is_main_process:
             state = {k.removeprefix("model."): v for k, v in state.items()}
-            if has_lora(self.student):  # the adapters folded in: a plain model of the student's architecture
-                state = merged_state_dict(self.student, state)
+            lora = has_lora(self.student)
             bars = hf_logging.is_progress_bar_enabled()
             hf_logging.disable_progress_bar()
             with atomic_path(final) as tmp:
-                self.student.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                if lora:  # peft's adapter format for peft users, beside the merged model everything else loads
+                    save_adapter(self.student, state, tmp / "adapter")
+                    self.tokenizer.save_pretrained(tmp / "adapter")
+                    state = merged_state_dict(self.student, state)  # a plain model of the student's architecture
+                # a quantized student's merged state is dequantized: it is saved as the plain model it now is
+                owner = plain_skeleton(self.student) if is_quantized(self.student) else self.student
+                owner.save_pretrained(tmp, state_dict=state, safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp)
                 atomic_write_json(tmp / "distill_config.json", self.cfg.to_dict())
             if bars:
@@ -425,6 +442,19 @@ def _prepare_teacher(teacher: nn.Module, device: torch.device, dtype: str | None
     if getattr(teacher, "hf_device_map", None) is None:
         teacher.to(device)
     return teacher
+
+
+def _quantized_student(student: nn.Module, quantize: str, device: torch.device) -> nn.Module:
+    """The QLoRA base: a bitsandbytes copy of an unquantized student on `device` (its unquantized parameters keep
+    their dtype), or a student given quantized, checked to be on `device` (it cannot be moved)."""
+    if not is_quantized(student):
+        return quantize_model(student, quantize, dtype=next(student.parameters()).dtype, device=device)
+    where = model_device(student)
+    if where.type != device.type or (device.index is not None and where.index != device.index):
+        raise DistillError(f"the quantized student is on {where} but trains on {device}, and a bitsandbytes model "
+                           "cannot be moved: load it with load_model(..., quantize=..., device=...) on the training "
+                           "device, or give it unquantized (the Distiller quantizes it there)")
+    return student
 
 
 def _disable_dropout(model: nn.Module) -> None:

@@ -34,6 +34,9 @@ def build_optimizer(name: str, groups: list[dict], *, lr: float, betas: tuple[fl
         cls = bnb.optim.AdamW8bit if name == "adamw_8bit" else bnb.optim.PagedAdamW8bit
         return cls(groups, lr=lr, betas=betas, eps=eps)
     if name == "adafactor":
+        from kdfast.models import import_bitsandbytes
+
+        import_bitsandbytes()  # transformers.optimization imports peft, which imports bitsandbytes
         from transformers.optimization import Adafactor
 
         return Adafactor(groups, lr=lr, beta1=None, scale_parameter=False, relative_step=False, warmup_init=False)

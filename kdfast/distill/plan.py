@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kdfast.distill.config import STUDENT_QUANTIZATIONS
 from kdfast.distill.optim import MASTER_WEIGHTS, OPTIMIZERS
 from kdfast.lora import DEFAULT_TARGETS as LORA_TARGETS
 from kdfast.memory import peak_bytes, resident_bytes
@@ -31,7 +32,8 @@ NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 (
 BNB_MIN_8BIT = 4096  # bitsandbytes keeps 32-bit states for smaller tensors
 # The levers in the order of their cost to speed or accuracy (cheapest first), as `plan` suggests them.
 LEVERS = ({"optim": "adamw_8bit"}, {"gradient_checkpointing": True}, {"teacher_quantize": "int8"},
-          {"teacher_quantize": "nf4"}, {"master_weights": "bf16"}, {"lora_rank": 16})
+          {"teacher_quantize": "nf4"}, {"master_weights": "bf16"}, {"lora_rank": 16},
+          {"lora_rank": 16, "student_quantize": "nf4"})
 PART_NAMES = {"teacher_weights": "teacher weights", "student_weights": "student weights",
               "gradients": "student gradients", "optimizer": "optimizer states", "activations": "student activations",
               "loss_workspace": "logits / loss workspace", "teacher_forward": "teacher forward workspace",
@@ -127,8 +129,8 @@ def _fail(message: str):
 def plan_memory(teacher_config, student_config, *, batch_size: int = 1, seq_len: int = 2048,
                 teacher_quantize: str | None = None, optim: str = "adamw", gradient_checkpointing: bool = False,
                 lora_rank: int = 0, lora_targets: str = LORA_TARGETS, master_weights: str = "fp32",
-                fused: bool = True, device: str = "cuda", autocast: bool | None = None,
-                disable_dropout: bool = False, target_fraction: float = 1.0,
+                student_quantize: str | None = None, fused: bool = True, device: str = "cuda",
+                autocast: bool | None = None, disable_dropout: bool = False, target_fraction: float = 1.0,
                 budget: int | str | None = None) -> MemoryPlan:
     """The predicted peak memory of one distillation step (a MemoryPlan), from HF configs only.
 
@@ -138,11 +140,13 @@ def plan_memory(teacher_config, student_config, *, batch_size: int = 1, seq_len:
     autocast, bf16 teacher, CUDA reserve) or "cpu" (fp32 throughout, no reserve, as the trainer does there).
     disable_dropout: the trainer's setting of that name (dropout saves masks, and attention dropout makes SDPA save
     every head's [T, T] probabilities). budget: bytes or text like "24GB"; when given and not met, the cheapest
-    lever set that fits is suggested.
+    lever set that fits is suggested. student_quantize "nf4" (with lora_rank): the QLoRA student, its blocks'
+    linear weights in NF4 under fp32 adapters.
     """
     settings = dict(batch_size=batch_size, seq_len=seq_len, teacher_quantize=teacher_quantize, optim=optim,
                     gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank, lora_targets=lora_targets,
-                    master_weights=master_weights, fused=fused, device=device, autocast=autocast,
+                    master_weights=master_weights, student_quantize=student_quantize, fused=fused, device=device,
+                    autocast=autocast,
                     disable_dropout=disable_dropout, target_fraction=target_fraction)
     _check_settings(settings)
     teacher = None if teacher_config is None else _shape(_as_config(teacher_config), lora_targets)
@@ -270,9 +274,10 @@ def _plan(teacher: _Shape | None, student: _Shape, s: dict) -> MemoryPlan:
     trainable = s["lora_rank"] * student.lora if s["lora_rank"] else student.total
     parts = dict.fromkeys(PART_NAMES, 0)
     if teacher is not None:
-        parts["teacher_weights"] = _teacher_bytes(teacher, s["teacher_quantize"], 2 if cuda else 4)
+        parts["teacher_weights"] = _weight_bytes(teacher, s["teacher_quantize"], 2 if cuda else 4)
         parts["teacher_forward"] = _teacher_forward(teacher, tokens, 2 if cuda or s["teacher_quantize"] else 4)
-    parts["student_weights"] = student.total * w + (trainable * w if s["lora_rank"] else 0)
+    adapters = trainable * w if s["lora_rank"] else 0
+    parts["student_weights"] = _weight_bytes(student, s["student_quantize"], w) + adapters
     parts["gradients"] = trainable * w
     parts["optimizer"] = _optimizer_bytes(student, trainable, s, w)
     parts["optimizer_step"] = _optimizer_step(student, trainable, s)
@@ -289,7 +294,8 @@ def _plan(teacher: _Shape | None, student: _Shape, s: dict) -> MemoryPlan:
     return MemoryPlan({k: int(v) for k, v in parts.items()}, s, phase, params=params)
 
 
-def _teacher_bytes(t: _Shape, quantize: str | None, dtype_bytes: int) -> float:
+def _weight_bytes(t: _Shape, quantize: str | None, dtype_bytes: int) -> float:
+    """A model's weights: the blocks' linear layers quantized as asked (bitsandbytes), the rest in dtype_bytes."""
     if quantize == "nf4":
         return t.block_linear * NF4_BYTES + t.other * dtype_bytes
     if quantize == "int8":
@@ -389,6 +395,12 @@ def _check_settings(s: dict) -> None:
     if s["teacher_quantize"] not in QUANTIZATIONS + (None,):
         raise ValueError(f"unknown teacher_quantize {s['teacher_quantize']!r}; choose one of "
                          f"{', '.join(QUANTIZATIONS)} (or none)")
+    if s["student_quantize"] not in STUDENT_QUANTIZATIONS + (None,):
+        raise ValueError(f"unknown student_quantize {s['student_quantize']!r}; choose one of "
+                         f"{', '.join(STUDENT_QUANTIZATIONS)} (or none)")
+    if s["student_quantize"] and not s["lora_rank"]:
+        raise ValueError("student_quantize freezes the student's base: only LoRA adapters train on it; set "
+                         "lora_rank (or unset student_quantize)")
     if s["master_weights"] not in MASTER_WEIGHTS:
         raise ValueError(f"unknown master_weights {s['master_weights']!r}; choose one of {', '.join(MASTER_WEIGHTS)}")
     if s["batch_size"] < 1 or s["seq_len"] < 1:

@@ -41,6 +41,7 @@ def make_student(teacher: nn.Module, layers: Sequence[int] | str | None = None, 
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = new_index
     _shrink_config(student.config, chosen, total)
+    student.config._name_or_path = ""  # a new model: the teacher's name would mislead (a LoRA adapter's base)
     student.requires_grad_(True)
     if dtype is not None:
         student = student.to(dtype)

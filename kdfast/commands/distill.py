@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import dataclasses
 import json
+import os
 import typing
 
 import torch

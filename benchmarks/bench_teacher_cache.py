@@ -30,6 +30,7 @@ from kdfast.data import IGNORE_INDEX  # noqa: E402
 from kdfast.distill import DistillConfig, Distiller, make_student  # noqa: E402
 from kdfast.distill.data import collate, encode_training  # noqa: E402
 from kdfast.distill.teacher_cache import cache_teacher, topk_logprobs  # noqa: E402
+from kdfast.generation import pad_token_id  # noqa: E402
 from kdfast.memory import peak_bytes, resident_bytes  # noqa: E402
 from kdfast.models import hidden_and_head, load_model, tiny_tokenizer  # noqa: E402
 
@@ -117,8 +118,7 @@ def loss_rows(name: str, teacher, student, tok, records: list[dict], max_len: in
               rows: list) -> None:
     """fused_linear_sparse_distill_loss (top-STEP_K of the teacher) vs fused_linear_distill_loss (the teacher's
     hidden states and head), forward + backward, on the same student hidden states of one batch."""
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    batch = collate(encode_training(tok, records, max_len, max_len // 2), pad, device)
+    batch = collate(encode_training(tok, records, max_len, max_len // 2), pad_token_id(tok), device)
     keep = batch["targets"] != IGNORE_INDEX
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.no_grad():

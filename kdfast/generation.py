@@ -12,14 +12,17 @@ from kdfast.data import Encoded, pad_batch, token_budget_batches
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Dropout off meanwhile (greedy outputs must be deterministic); the caller's mode comes back after."""
-    training = model.training
-    model.eval()
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Dropout off in every model meanwhile (greedy outputs and scores must be deterministic); each model's own
+    mode comes back after."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
     try:
-        yield model
+        yield
     finally:
-        model.train(training)
+        for m, mode in zip(models, modes):
+            m.train(mode)
 
 
 def pad_token_id(tokenizer) -> int | None:

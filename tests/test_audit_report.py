@@ -79,3 +79,16 @@ def test_report_command_names_the_used_folder(tmp_path, capsys):
     write_report(_results(), tmp_path / "run")
     assert main(["report", str(tmp_path / "run"), "--export", str(tmp_path / "run")]) == 2
     assert f"{tmp_path / 'run'} exists and is not an empty folder" in capsys.readouterr().err
+
+
+def test_report_command_redacts_or_exports(tmp_path, capsys):
+    from kdfast.cli import main
+
+    write_report(_results(), tmp_path / "run")
+    assert main(["report", str(tmp_path / "run"), "--redact"]) == 0
+    out = capsys.readouterr().out
+    assert "KD (small)" in out and f"Report: {tmp_path / 'run' / 'report.html'}" in out
+    assert SECRET not in (tmp_path / "run" / "report.html").read_text()
+    assert main(["report", str(tmp_path / "run"), "--export", str(tmp_path / "share")]) == 0
+    assert f"Exported to {tmp_path / 'share'}: no record text" in capsys.readouterr().out
+    assert SECRET not in (tmp_path / "share" / "report.html").read_text()

@@ -58,12 +58,17 @@ def test_cli_errors_are_clean(files, capsys):
     assert "technique 'kd' needs --teacher" in capsys.readouterr().err
     assert main(["distill", "--student-num-layers", "2", "--technique", "sft", *data]) == 2
     assert "build the student from --teacher" in capsys.readouterr().err
+    missing = ["--data", str(files / "missing.jsonl"), "--out", str(files / "y")]  # said before the files are read
+    assert main(["distill", "--student", str(files / "student"), "--technique", "kd", *missing]) == 2
+    assert "technique 'kd' needs --teacher" in capsys.readouterr().err and not (files / "y").exists()
     assert main(["distill", "--teacher", str(files / "teacher"), "--student", str(files / "student"), "--data",
                  str(files / "train.jsonl")]) == 2
     assert "--out is required" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["distill", "--teacher", "t", "--student", "s", *data, "--loss", "kl"])
     assert "invalid choice: 'kl'" in capsys.readouterr().err
+    assert main(["distill", "--teacher", "nowhere", "--student-layers", "0,x", "--technique", "kd", *data]) == 2
+    assert "--student-layers '0,x': give teacher block indices separated by commas" in capsys.readouterr().err
 
 
 def test_two_processes_equal_one(files):

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from kdfast.cli import main
-from kdfast.distill.plan import LORA_TARGETS, NF4_BYTES, _as_config, _shape, parse_bytes, plan_memory
+from kdfast.distill.plan import LORA_TARGETS, NF4_BYTES, _as_config, _shape, load_config, parse_bytes, plan_memory
 
 LLAMA_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
@@ -51,6 +51,15 @@ def test_cli_json_and_table(tmp_path, capsys):
     assert out["total_bytes"] > out["parts"]["teacher_weights"] > 0
     assert main(["plan", "--teacher", str(teacher), "--student", "tiny:llama", "--budget", "1GB"]) == 0
     assert "does not fit" in capsys.readouterr().out
+
+
+def test_a_model_spec_plans_as_its_config(tmp_path):
+    """plan_memory takes what load_config takes (the plan command passes its flags as they are)."""
+    teacher = tmp_path / "config.json"
+    teacher.write_text(json.dumps(LLAMA_7B))
+    by_spec = plan_memory(str(teacher), "tiny:llama", batch_size=2)
+    assert by_spec.to_dict() == plan_memory(LLAMA_7B, load_config("tiny:llama"), batch_size=2).to_dict()
+    assert by_spec.parts["teacher_weights"] > by_spec.parts["student_weights"] > 0
 
 
 def test_fewer_targets_shrink_only_the_loss_part():

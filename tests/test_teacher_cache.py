@@ -149,7 +149,7 @@ def _spy_on_loads(monkeypatch) -> list[str]:
         loaded.append(spec)
         return real(spec, **kw)
 
-    monkeypatch.setattr("kdfast.commands.distill.load_model", spy)
+    monkeypatch.setattr("kdfast.distill.run.load_model", spy)
     return loaded
 
 

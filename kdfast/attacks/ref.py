@@ -5,6 +5,7 @@ import numpy as np
 from torch import nn
 
 from kdfast.attacks.bulk import encode_scored, mean_log_likelihoods
+from kdfast.generation import pad_token_id
 from kdfast.models import context_len
 
 
@@ -29,7 +30,7 @@ def reference_scores(target_ll: np.ndarray, ref_ll: np.ndarray) -> np.ndarray:
 
 def pad_id(tokenizer) -> int:
     """The padding id (EOS when the tokenizer has no pad token: padded positions are masked anyway)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     if pad is None:
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither a pad nor an EOS token; "
                          "set tokenizer.pad_token")

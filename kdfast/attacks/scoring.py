@@ -23,6 +23,7 @@ from kdfast.attacks.ref import pad_id
 from kdfast.attacks.references import cached_mean_ll, resolve_references
 from kdfast.attacks.registry import REGISTRY, Group, attack_names, default_attacks, selected
 from kdfast.data import pad_batch, record_key, token_budget_batches
+from kdfast.generation import eval_mode
 from kdfast.io import atomic_path
 from kdfast.models import context_len, inference_context, model_device, transformer_blocks
 from kdfast.runtime import rank_and_world
@@ -301,11 +302,7 @@ class _Job:
 
     def run(self, out, progress: bool):
         rank, world = rank_and_world()
-        models = [self.model, *(m for m, _ in self.refs.values())]
-        modes = [m.training for m in models]
-        for m in models:
-            m.eval()  # no dropout while scoring
-        try:
+        with eval_mode(self.model, *(m for m, _ in self.refs.values())):  # no dropout while scoring
             store = Parts(Path(out) / "parts" / self.settings_hash(), self.part_columns()) if out else None
             done = store.load() if store else {}
             if world > 1:
@@ -328,9 +325,6 @@ class _Job:
                 self._bar.update(len(group))
             self._bar.close()
             done.update(_gather(new, world))
-        finally:
-            for m, mode in zip(models, modes):
-                m.train(mode)
         return self._table(done)
 
     def _score_group(self, group: list[int]) -> dict[str, list[float]]:

@@ -6,7 +6,7 @@ from functools import lru_cache
 import numpy as np
 from torch import nn
 
-from kdfast.generation import eval_mode, generate
+from kdfast.generation import eval_mode, generate, pad_token_id
 from kdfast.memorization import fit_prompts
 from kdfast.models import context_len
 
@@ -36,8 +36,7 @@ def greedy_responses(model: nn.Module, tokenizer, records: list[dict], n_tokens:
     """Decoded greedy responses (at most n_tokens tokens, cut after EOS) to each instruction record's prompt (its
     end, where the prompt and n_tokens exceed the model's positions)."""
     prompts = [e.input_ids[: e.prompt_len] for e in fit_prompts(tokenizer, records, context_len(model, None), n_tokens)]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with eval_mode(model):
-        ids = generate(model, prompts, n_tokens, pad_id=pad_id, eos_id=tokenizer.eos_token_id, batch_size=batch_size,
-                       progress=progress, desc="utility")
+        ids = generate(model, prompts, n_tokens, pad_id=pad_token_id(tokenizer), eos_id=tokenizer.eos_token_id,
+                       batch_size=batch_size, progress=progress, desc="utility")
     return tokenizer.batch_decode(ids, skip_special_tokens=True)

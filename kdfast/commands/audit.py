@@ -43,27 +43,13 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    from kdfast.audit import load_config
-    from kdfast.audit.pipeline import run_audit
+    from kdfast.audit.run import AuditRun, run_study
 
     overrides = parse_overrides(args.set)
     if args.redact:
         overrides["redact"] = True
     if args.device:
         overrides["device"] = args.device
-    cfg = load_config(args.config, args.preset, overrides)
-    if args.check:
-        import yaml
-
-        from kdfast.audit.pipeline import prepare
-
-        counts = prepare(cfg)
-        fit = counts.pop("long_prompts")
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), end="")
-        print(f"\ndata: {counts['private']} members, {counts['public']} public, {counts['nonmembers']} non-members; "
-              f"{fit['truncated']} prompt(s) truncated, {fit['dropped']} record(s) dropped over "
-              f"data.max_prompt_len={cfg.data.max_prompt_len} (data.long_prompts={fit['policy']})")
-        print(f"configuration '{cfg.name}' is valid")
-        return 0
-    run_audit(cfg, args.out, progress=not args.quiet)
+    run_study(AuditRun(config=args.config, preset=args.preset, overrides=overrides, out=args.out, check=args.check,
+                       progress=not args.quiet))
     return 0

@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from kdfast.commands._common import add_fields_argument, add_model_argument, ranged
-from kdfast.data import bundled_records, load_records
 from kdfast.data.encode import LONG_PROMPTS
-from kdfast.distill.teacher_cache import LOGPROB_DTYPES, cache_teacher
+from kdfast.distill.run import CacheTeacherRun, run_cache_teacher
+from kdfast.distill.teacher_cache import LOGPROB_DTYPES
 from kdfast.distill.techniques.seqkd import Sampling
-from kdfast.models import load_model
 from kdfast.validation import PositiveInt
 
 
@@ -64,16 +61,12 @@ def _add_sampling_arguments(group) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    records = bundled_records() if args.data == "bundled" else load_records(args.data, args.fields)
-    records = records[: args.limit] if args.limit else records
-    teacher, tokenizer = load_model(args.teacher, dtype=torch.bfloat16 if args.bf16 else None, device=args.device,
-                                    trust_remote_code=args.trust_remote_code)
-    summary = cache_teacher(teacher, tokenizer, records, k=args.k, out=args.out, temperature=args.temperature,
-                            max_len=args.max_len, max_prompt_len=args.max_prompt_len, long_prompts=args.long_prompts,
-                            batch_tokens=args.batch_tokens, shard_records=args.shard_records,
-                            logprob_dtype=args.logprob_dtype, seqkd=args.seqkd, sampling=_sampling(args),
-                            progress=args.progress)
-    print(summary)
+    run_cache_teacher(CacheTeacherRun(
+        teacher=args.teacher, data=args.data, out=args.out, limit=args.limit, fields=args.fields, k=args.k,
+        temperature=args.temperature, max_len=args.max_len, max_prompt_len=args.max_prompt_len,
+        long_prompts=args.long_prompts, batch_tokens=args.batch_tokens, shard_records=args.shard_records,
+        logprob_dtype=args.logprob_dtype, sampling=_sampling(args), bf16=args.bf16, device=args.device,
+        trust_remote_code=args.trust_remote_code, progress=args.progress))
     return 0
 
 

@@ -12,26 +12,18 @@ saved with its tokenizer under OUT/final (kdfast.models.load_model / from_pretra
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import os
 import typing
 
-import torch
-
 from kdfast.commands._common import add_fields_argument, ranged
-from kdfast.data import bundled_records, load_records
-from kdfast.distill import DistillConfig, Distiller, DistillError, make_student
+from kdfast.distill import DistillConfig, DistillError
 from kdfast.distill import config as config_module
-from kdfast.io import claim_folder
-from kdfast.models import load_model, load_tokenizer, resolve_device
-from kdfast.runtime import launch_rank
+from kdfast.distill.run import DistillRun, run_distill
 from kdfast.validation import PositiveInt, choices
 
-# Options the command handles itself (not DistillConfig fields).
-_OWN = ("teacher", "student", "student_layers", "student_num_layers", "data", "eval_data", "lm_data", "limit",
-        "fields", "config", "trust_remote_code", "teacher_tokenizer")
+# Options the command handles itself, not DistillConfig fields: DistillRun's (its `config` is built from --config).
+_OWN = tuple(f.name for f in dataclasses.fields(DistillRun))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,64 +68,28 @@ def _add_field(group, f: dataclasses.Field, hint) -> None:
         group.add_argument(flag, type=kind if kind in (int, float) else str, metavar=kind.__name__.upper(), **kw)
 
 
-def _records(path: str | None, limit: int | None, fields: dict | None) -> list[dict] | None:
-    if path is None:
-        return None
-    records = bundled_records() if path == "bundled" else load_records(path, fields)
-    return records[:limit] if limit else records
-
-
 def _config(args: argparse.Namespace) -> DistillConfig:
     values = json.loads(open(args.config).read()) if args.config else {}
     values.update({k: v for k, v in vars(args).items() if k not in _OWN and k != "command"})
     return DistillConfig.from_dict(values)
 
 
+def _layers(text: str | None) -> list[int] | None:
+    """--student-layers '0,10,20,29' -> [0, 10, 20, 29]."""
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise DistillError(f"--student-layers {text!r}: give teacher block indices separated by commas, "
+                           "e.g. 0,10,20,29") from None
+
+
 def main(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    if cfg.out is None:
-        raise DistillError("--out is required: the folder for checkpoints, metrics and the final student")
-    train = _records(args.data, args.limit, args.fields)
-    evals, lm = _records(args.eval_data, args.limit, args.fields), _records(args.lm_data, args.limit, args.fields)
-    # One writer per --out (rank 0 holds the lock for every process of a launch); it also clears killed runs'
-    # temporaries.
-    claim = claim_folder(cfg.out, "--out") if launch_rank() == 0 else contextlib.nullcontext()
-    with claim:
-        return _train(args, cfg, train, evals, lm)
-
-
-def _train(args: argparse.Namespace, cfg: DistillConfig, train, evals, lm) -> int:
-    teacher = teacher_tok = None
-    if cfg.needs_teacher or args.student is None:
-        if not args.teacher:
-            raise DistillError(f"technique {cfg.technique!r} needs --teacher" if cfg.needs_teacher else
-                               "--student-layers/--student-num-layers build the student from --teacher: give it")
-        # A student built from the teacher's blocks needs them unquantized; the Distiller quantizes afterwards.
-        quantize = cfg.teacher_quantize if args.student is not None and cfg.needs_teacher else None
-        teacher, teacher_tok = load_model(args.teacher, trust_remote_code=args.trust_remote_code, quantize=quantize)
-        if args.teacher_tokenizer:
-            teacher_tok = load_tokenizer(args.teacher_tokenizer, trust_remote_code=args.trust_remote_code)
-    if args.student is not None:  # a QLoRA base is quantized while it loads, never held in full precision
-        device = _process_device(cfg.device) if cfg.student_quantize else None
-        student, tokenizer = load_model(args.student, trust_remote_code=args.trust_remote_code, dtype=torch.float32,
-                                        quantize=cfg.student_quantize, device=device)
-    else:
-        layers = [int(x) for x in args.student_layers.split(",")] if args.student_layers else None
-        student = make_student(teacher, layers, num_layers=args.student_num_layers).float()
-        tokenizer = teacher_tok
-    teacher = teacher if cfg.needs_teacher else None  # one that only gave the student its blocks is let go
-    distiller = Distiller(teacher, student, tokenizer, cfg,
-                          teacher_tokenizer=teacher_tok if cfg.needs_teacher else None)
-    sources = {"train": args.data, "eval": args.eval_data, "lm": args.lm_data}
-    summary = distiller.train(train, evals, lm, sources={k: v for k, v in sources.items() if v})
-    if distiller.accelerator.is_main_process:
-        print(summary)
+    run_distill(DistillRun(
+        config=_config(args), data=args.data, teacher=args.teacher, student=args.student,
+        student_layers=_layers(args.student_layers), student_num_layers=args.student_num_layers,
+        teacher_tokenizer=args.teacher_tokenizer, eval_data=args.eval_data, lm_data=args.lm_data, limit=args.limit,
+        fields=args.fields, trust_remote_code=args.trust_remote_code))
     return 0
 
-
-def _process_device(device: str | None) -> torch.device:
-    """This process's student device before the Distiller's accelerator exists: --device, else under a launch
-    cuda:LOCAL_RANK (accelerate's choice), else kdfast.models.resolve_device's."""
-    if device is None and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return resolve_device(device)

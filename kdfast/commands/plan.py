@@ -12,7 +12,7 @@ from typing import Annotated
 from kdfast.commands._common import ranged
 from kdfast.distill.config import STUDENT_QUANTIZATIONS
 from kdfast.distill.optim import MASTER_WEIGHTS, OPTIMIZERS
-from kdfast.distill.plan import load_config, plan_memory
+from kdfast.distill.plan import plan_memory
 from kdfast.models import QUANTIZATIONS
 from kdfast.validation import NonNegativeInt, PositiveInt, Range
 
@@ -41,9 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    plan = plan_memory(load_config(args.teacher) if args.teacher else None, load_config(args.student),
-                       batch_size=args.batch_size, seq_len=args.seq_len, teacher_quantize=args.teacher_quantize,
-                       optim=args.optim, gradient_checkpointing=args.gradient_checkpointing, lora_rank=args.lora_rank,
+    plan = plan_memory(args.teacher or None, args.student, batch_size=args.batch_size, seq_len=args.seq_len,
+                       teacher_quantize=args.teacher_quantize, optim=args.optim,
+                       gradient_checkpointing=args.gradient_checkpointing, lora_rank=args.lora_rank,
                        master_weights=args.master_weights, student_quantize=args.student_quantize, fused=args.fused,
                        device=args.device, target_fraction=args.target_fraction, budget=args.budget)
     print(json.dumps(plan.to_dict(), indent=1) if args.json else plan.table())

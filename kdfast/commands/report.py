@@ -14,13 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from kdfast.audit.report import auc_table, export_run, read_results, redacted, text_table, write_report
+    from kdfast.audit.run import ReportRun, run_report
 
-    results = read_results(args.run)
-    if args.export:
-        paths = export_run(args.run, args.export)
-    else:
-        paths = write_report(redacted(results) if args.redact else results, args.run)
-    print(text_table(*auc_table(results)))
-    print(f"\nReport: {paths['report']}" + (f"\nExported to {args.export}: no record text" if args.export else ""))
+    run_report(ReportRun(run=args.run, redact=args.redact, export=args.export))
     return 0

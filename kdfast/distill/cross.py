@@ -15,6 +15,7 @@ from kdfast.distill.align import align, encode_text, prompt_ids, split_text
 from kdfast.distill.config import CROSS_KINDS, DistillConfig, DistillError
 from kdfast.distill.data import collate, count_targets
 from kdfast.distill.objective import Rows, forward_rows, token_nll, valid
+from kdfast.generation import pad_token_id
 from kdfast.models import ModelError, check_same_tokenizer
 from kdfast.ops.uld import uld_loss
 
@@ -68,7 +69,7 @@ class CrossTokenizer:
         self.student_tok, self.teacher_tok = ctx.tokenizer, teacher_tokenizer
         tok = teacher_tokenizer
         self.teacher_eos = tok.eos_token_id
-        self.teacher_pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.teacher_pad = pad_token_id(tok)
         if self.teacher_pad is None:
             raise DistillError("the teacher tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
 

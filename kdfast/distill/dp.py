@@ -12,6 +12,7 @@ from torch import nn
 from kdfast.data import IGNORE_INDEX, next_token_targets, pad_batch
 from kdfast.distill.config import DistillError
 from kdfast.distill.data import encode_training
+from kdfast.generation import pad_token_id
 from kdfast.models import transformer_blocks
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -94,8 +95,7 @@ def train_dp(model: nn.Module, tokenizer, records: list[dict], dp: DPConfig, *, 
     encoded = encode_training(tokenizer, records, max_len, max_prompt_len, long_prompts="drop", what="teacher")
     if batch_size > len(encoded):
         raise DistillError(f"teacher.batch_size {batch_size} exceeds the {len(encoded)} private records")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    padded = pad_batch(encoded, pad_id, side="right")
+    padded = pad_batch(encoded, pad_token_id(tokenizer), side="right")
     targets = next_token_targets(padded["labels"])
     dataset = torch.utils.data.TensorDataset(padded["input_ids"], padded["attention_mask"], padded["position_ids"],
                                              targets)

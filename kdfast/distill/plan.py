@@ -134,7 +134,8 @@ def plan_memory(teacher_config, student_config, *, batch_size: int = 1, seq_len:
                 budget: int | str | None = None) -> MemoryPlan:
     """The predicted peak memory of one distillation step (a MemoryPlan), from HF configs only.
 
-    teacher_config / student_config: transformers configs or dicts (with model_type); teacher_config None: sft.
+    teacher_config / student_config: transformers configs, dicts (with model_type) or what load_config takes
+    (tiny:<family>, a folder, a config.json, a hub id); teacher_config None: sft.
     batch_size × seq_len tokens per micro-batch, of which target_fraction are loss targets (response tokens; the
     default 1.0 is an upper bound on the loss part: with prompts, set the response share). device "cuda" (bf16
     autocast, bf16 teacher, CUDA reserve) or "cpu" (fp32 throughout, no reserve, as the trainer does there).
@@ -202,6 +203,8 @@ class _Shape:
 
 
 def _as_config(config):
+    if isinstance(config, (str, Path)):
+        return load_config(config)
     if isinstance(config, dict):
         from transformers import AutoConfig
 

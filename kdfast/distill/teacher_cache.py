@@ -25,7 +25,7 @@ from kdfast.data import template as template_module
 from kdfast.distill.config import DistillError
 from kdfast.distill.data import encode_training, prompt_of, with_response
 from kdfast.distill.techniques.seqkd import Sampling, sample_responses
-from kdfast.generation import eval_mode
+from kdfast.generation import eval_mode, pad_token_id
 from kdfast.io import atomic_path, atomic_write_json, atomic_write_text
 from kdfast.models import ModelError, hidden_and_head, inference_context, model_device, output_head
 from kdfast.store import digest, digest_bytes, model_fingerprint, tokenizer_fingerprint
@@ -142,7 +142,7 @@ def cache_teacher(teacher: nn.Module, tokenizer, records: list[dict], k: int = 6
     max_prompt_len = max_len // 2 if max_prompt_len is None else max_prompt_len
     items = encode_training(tokenizer, records, max_len, max_prompt_len, long_prompts, "cache")
     out = Path(out)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     prompts = [prompt_of(it) for it in items]
     sampled = {**asdict(sampling), "prompts": digest(prompts)} if seqkd else None
     settings = _settings(teacher, tokenizer, k, temperature, max_len, max_prompt_len, logprob_dtype, shard_records,

@@ -23,6 +23,9 @@ CANDIDATES = {
     "heal-e6": dict(layers=[0, 10, 20, 29], heal_records=2000, epochs=6.0),
     "heal3-e6": dict(layers=[0, 10, 20, 29], heal_records=2000, heal_epochs=3.0, epochs=6.0),
     "b8-heal3-e6": dict(layers=[0, 4, 8, 12, 16, 20, 24, 29], heal_records=2000, heal_epochs=3.0, epochs=6.0),
+    "p1000": dict(layers=[0, 10, 20, 29], n_public=1000),
+    "p1000-heal": dict(layers=[0, 10, 20, 29], n_public=1000, heal_records=1400),
+    "p640-heal-e3": dict(layers=[0, 10, 20, 29], n_public=640, heal_records=1700, epochs=3.0),
 }
 HEALTH = ("empty_rate", "repeated_4gram", "distinct_2", "cross_entropy")
 
@@ -33,6 +36,7 @@ def search(name: str, out: str) -> None:
     cfg.students.sizes = {name: candidate["layers"]}
     for key in ("epochs", "heal_records", "heal_epochs"):
         setattr(cfg.students, key, candidate.get(key, getattr(cfg.students, key)))
+    cfg.data.n_public = candidate.get("n_public", cfg.data.n_public)
     audit = Audit(cfg, out, progress=False)
     audit.data()
     audit.base()

@@ -9,6 +9,7 @@ import time
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kdfast.audit.config import TECHNIQUES
@@ -231,8 +232,12 @@ def test_degenerate_models_are_flagged_and_greyed(run):
     results = json.loads((run["out"] / "results.json").read_text())
     flagged = [m for m in results["models"] if m["health"]["degenerate"]]
     assert flagged and all(m["health"]["reasons"] for m in flagged)
+    base_ce = results["degeneracy_rule"]["base_cross_entropy"]  # the reference: the pretrained base's
+    assert np.isfinite(base_ce) and base_ce > 0
     for m in results["models"]:
         assert {"empty_rate", "repeated_4gram", "distinct_2", "cross_entropy"} <= set(m["health"])
+        excess = m["health"]["cross_entropy"] - base_ce > results["degeneracy_rule"]["max_excess_cross_entropy"]
+        assert excess == any("above the pretrained base's" in r for r in m["health"]["reasons"])
     page = (run["out"] / "report.html").read_text()
     assert page.count("<tr class='degenerate'>") == 2 * len(flagged)  # the AUC table and the health table
     assert "No finding is stated about" in page and flagged[0]["label"] in page

@@ -53,7 +53,9 @@ class DegeneracyRule:
     max_empty: share of empty generations above it; max_repeated_4gram: mean repeated-4-gram share above it
     (a normal definition or answer repeats almost none); min_distinct_2: corpus distinct-2 below it (one answer
     for every prompt); max_excess_cross_entropy: held-out cross-entropy (nats per response token) more than
-    this above the teacher's (e^1.5 ≈ 4.5× its perplexity), or not finite.
+    this above the pretrained base's (e^1.5 ≈ 4.5× its perplexity), or not finite. The base, not the fine-tuned
+    teacher, is the reference: it is a working language model the students are cut from, and on the default run it
+    is itself 1.7 nats above the teacher (4.76 against 3.04), so a teacher reference would flag it too.
     """
 
     max_empty: float = 0.5
@@ -74,7 +76,7 @@ def degeneracy_reasons(metrics: dict, reference_cross_entropy: float | None = No
                        rule: DegeneracyRule = DegeneracyRule()) -> list[str]:
     """Why the model with these degeneracy_metrics is degenerate under `rule` ([] when it is not).
 
-    reference_cross_entropy: the teacher's held-out cross-entropy (None: the cross-entropy test is skipped).
+    reference_cross_entropy: the pretrained base's held-out cross-entropy (None: the cross-entropy test is skipped).
     """
     reasons = []
     if metrics["empty_rate"] > rule.max_empty:
@@ -90,7 +92,7 @@ def degeneracy_reasons(metrics: dict, reference_cross_entropy: float | None = No
     elif ce is not None and reference_cross_entropy is not None \
             and ce - reference_cross_entropy > rule.max_excess_cross_entropy:
         reasons.append(f"held-out cross-entropy {ce:.2f} nats, {ce - reference_cross_entropy:.2f} above the "
-                       f"teacher's (rule: > {rule.max_excess_cross_entropy})")
+                       f"pretrained base's (rule: > {rule.max_excess_cross_entropy})")
     return reasons
 
 

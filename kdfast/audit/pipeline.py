@@ -439,13 +439,31 @@ class Audit:
 
         def run(work: Path) -> dict:
             generations = memorization_table(mem_folder)["generated"].astype(str).tolist()[self.n_mem:]
-            model, tok = self.model(entry.path)
-            table = attacks.score(model, tok, self.nonmembers[: self.n_mem], ["loss"], batch_tokens=a.batch_tokens,
-                                  autocast=a.autocast, progress=self.progress)
-            return degeneracy_metrics(generations, float(-np.nanmean(table["loss"].to_numpy())))
+            return degeneracy_metrics(generations, self._held_out_cross_entropy(entry.path))
 
         result = self.stages.run(f"health-{entry.id.replace('/', '-')}", inputs, run)[0]
         return {k: v for k, v in result.items() if not k.startswith("_")}
+
+    def base_cross_entropy(self) -> float:
+        """The pretrained base's held-out cross-entropy: what the degeneracy rule measures the models against."""
+        a = self.cfg.attacks
+        inputs = {"model": self.base_key, "data": self.digest["attack"], "n": self.n_mem,
+                  "batch_tokens": a.batch_tokens, "autocast": a.autocast}
+
+        def run(work: Path) -> dict:
+            return {"cross_entropy": self._held_out_cross_entropy(self.base_path)}
+
+        ce = self.stages.run("health-base", inputs, run)[0]["cross_entropy"]
+        self.forget(self.base_path)
+        return ce
+
+    def _held_out_cross_entropy(self, path: str) -> float:
+        """Mean over the memorization's non-member records of the model's nats per response token."""
+        a = self.cfg.attacks
+        model, tok = self.model(path)
+        table = attacks.score(model, tok, self.nonmembers[: self.n_mem], ["loss"], batch_tokens=a.batch_tokens,
+                              autocast=a.autocast, progress=self.progress)
+        return float(-np.nanmean(table["loss"].to_numpy()))
 
     # the whole study --------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -479,7 +497,7 @@ class Audit:
             self.forget(entry.path)
         results = assemble(self.cfg, entries, evaluations, plan=self.student_plan(), members=self.members,
                            n_mem=self.n_mem, split=self.split_counts, blocks_of=self.blocks_of, privacy=self.privacy,
-                           cut=self.cut, risk=self.risk,
+                           cut=self.cut, risk=self.risk, base_cross_entropy=self.base_cross_entropy(),
                            stages={"ran": self.stages.ran, "reused": self.stages.reused},
                            machine=machine_name(self.device), seconds=time.time() - started)
         paths = write_report(results, self.out)

@@ -290,7 +290,8 @@ def _rule_text(rule: dict) -> str:
         return "see kdfast/audit/degeneracy.py"
     return (f"more than {rule['max_empty']:.0%} empty answers, more than {rule['max_repeated_4gram']:.0%} repeated "
             f"4-grams, distinct-2 below {rule['min_distinct_2']}, or held-out cross-entropy more than "
-            f"{rule['max_excess_cross_entropy']} nats above the teacher's")
+            f"{rule['max_excess_cross_entropy']} nats above the pretrained base's"
+            + (f" ({rule['base_cross_entropy']:.2f})" if rule.get("base_cross_entropy") is not None else ""))
 
 
 def _memorization_table(results: dict) -> tuple[list[str], list[list[str]]]:

@@ -56,20 +56,19 @@ def machine_name(device: torch.device) -> str:
 
 def assemble(cfg: AuditConfig, entries: list[ModelEntry], evaluations: list[Evaluation], *,
              plan: list[tuple[str, str, str, str, dict]], members: list[dict], n_mem: int, split: dict,
-             blocks_of: dict, privacy: dict, cut: dict, risk: dict | None, stages: dict, machine: str,
-             seconds: float) -> dict:
+             blocks_of: dict, privacy: dict, cut: dict, risk: dict | None, base_cross_entropy: float | None,
+             stages: dict, machine: str, seconds: float) -> dict:
     """The results dict of a finished study.
 
     entries and evaluations: the audited models in order, the teacher among them. plan: Audit.student_plan.
     members: the attacked member records (the attack tables hold them first, then as many non-members);
     n_mem: the memorization records per side. blocks_of, privacy, cut: model id -> the teacher blocks a student
-    kept, a DP model's spend, the records cut to the model's positions by stage. stages: {"ran", "reused"}.
+    kept, a DP model's spend, the records cut to the model's positions by stage. base_cross_entropy: the pretrained
+    base's held-out cross-entropy, the degeneracy rule's reference. stages: {"ran", "reused"}.
     """
     columns = list(dict.fromkeys(c for ev in evaluations for c in ev.metrics))
     rule = DegeneracyRule()
-    teacher_ce = next((ev.health["cross_entropy"] for e, ev in zip(entries, evaluations) if e.role == "teacher"),
-                      None)
-    models = [_model(e, ev, degeneracy_reasons(ev.health, teacher_ce if e.role != "teacher" else None, rule),
+    models = [_model(e, ev, degeneracy_reasons(ev.health, base_cross_entropy, rule),
                      blocks_of.get(e.id), privacy.get(e.id), cut.get(e.id)) for e, ev in zip(entries, evaluations)]
     frames = {e.id: ev.memorization_table() for e, ev in zip(entries, evaluations)}
     results = {
@@ -81,7 +80,7 @@ def assemble(cfg: AuditConfig, entries: list[ModelEntry], evaluations: list[Eval
                                cfg.memorization.agreement_flag_rate),
         "ablations": ablations(plan, models),
         "frontier": frontier_points(models), "teacher_risk": risk,
-        "degeneracy_rule": asdict(rule),
+        "degeneracy_rule": {**asdict(rule), "base_cross_entropy": base_cross_entropy},
         "redacted": cfg.redact,
     }
     results["defenses"] = defenses.defense_table(cfg, results["frontier"], privacy)

@@ -26,6 +26,10 @@ CANDIDATES = {
     "p1000": dict(layers=[0, 10, 20, 29], n_public=1000),
     "p1000-heal": dict(layers=[0, 10, 20, 29], n_public=1000, heal_records=1400),
     "p640-heal-e3": dict(layers=[0, 10, 20, 29], n_public=640, heal_records=1700, epochs=3.0),
+    "heal3": dict(layers=[0, 10, 20, 29], heal_records=2000, heal_epochs=3.0),
+    "b8-heal3": dict(layers=[0, 4, 8, 12, 16, 20, 24, 29], heal_records=2000, heal_epochs=3.0),
+    "b8-heal3-lr1": dict(layers=[0, 4, 8, 12, 16, 20, 24, 29], heal_records=2000, heal_epochs=3.0, lr=1e-4),
+    "b8-heal2-lr1": dict(layers=[0, 4, 8, 12, 16, 20, 24, 29], heal_records=2000, heal_epochs=2.0, lr=1e-4),
 }
 HEALTH = ("empty_rate", "repeated_4gram", "distinct_2", "cross_entropy")
 
@@ -34,7 +38,8 @@ def search(name: str, out: str) -> None:
     candidate = CANDIDATES[name]
     cfg = load_config(preset_name="default")  # as `make audit` resolves it, so its teacher stage is reused
     cfg.students.sizes = {name: candidate["layers"]}
-    for key in ("epochs", "heal_records", "heal_epochs"):
+    cfg.students.heal_lr = cfg.students.lr  # the heal keeps the default's rate when a candidate lowers the students'
+    for key in ("epochs", "heal_records", "heal_epochs", "lr"):
         setattr(cfg.students, key, candidate.get(key, getattr(cfg.students, key)))
     cfg.data.n_public = candidate.get("n_public", cfg.data.n_public)
     audit = Audit(cfg, out, progress=False)
@@ -54,7 +59,7 @@ def search(name: str, out: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("candidates", nargs="*", help=f"of {', '.join(CANDIDATES)} (default: all)")
-    parser.add_argument("--out", default="runs/default", help="a finished default audit's run folder")
+    parser.add_argument("--out", default="runs/search", help="a finished default audit's run folder")
     args = parser.parse_args()
     unknown = sorted(set(args.candidates) - set(CANDIDATES))
     if unknown:

@@ -1,7 +1,7 @@
-"""Issue 13's search: KD and SFT students of the default preset at other sizes and epochs, judged by the audit's own
-memorization (ROUGE-L) and health stages, reusing the teacher of a finished `make audit` run folder.
+"""Issue 13's search: KD and SFT students of the default preset at other sizes, heals, epochs and rates, judged by
+the audit's own memorization (ROUGE-L) and health stages, reusing the teacher of a default run folder.
 
-python scripts/student_health_search.py [CANDIDATE ...] [--out runs/default]
+python scripts/student_health_search.py [CANDIDATE ...] [--out runs/search]
   -> one JSON line per student (ROUGE-L, empty answers, repeated 4-grams, distinct-2, held-out cross-entropy)
 """
 from __future__ import annotations
@@ -34,14 +34,17 @@ CANDIDATES = {
 HEALTH = ("empty_rate", "repeated_4gram", "distinct_2", "cross_entropy")
 
 
+# What every candidate changes from: the first default (4 blocks, no heal, 2 epochs at 5e-4); heals run at 5e-4.
+BASELINE = dict(epochs=2.0, lr=5e-4, heal_records=0, heal_epochs=1.0, heal_lr=5e-4)
+
+
 def search(name: str, out: str) -> None:
     candidate = CANDIDATES[name]
     cfg = load_config(preset_name="default")  # as `make audit` resolves it, so its teacher stage is reused
     cfg.students.sizes = {name: candidate["layers"]}
-    cfg.students.heal_lr = cfg.students.lr  # the heal keeps the default's rate when a candidate lowers the students'
-    for key in ("epochs", "heal_records", "heal_epochs", "lr"):
-        setattr(cfg.students, key, candidate.get(key, getattr(cfg.students, key)))
-    cfg.data.n_public = candidate.get("n_public", cfg.data.n_public)
+    for key, value in BASELINE.items():
+        setattr(cfg.students, key, candidate.get(key, value))
+    cfg.data.n_public = candidate.get("n_public", 320)
     audit = Audit(cfg, out, progress=False)
     audit.data()
     audit.base()

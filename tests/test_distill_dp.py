@@ -43,6 +43,26 @@ def test_dp_finetuning_spends_the_budget_and_learns(family, accountant):
     assert moved and all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_dp_lora_trains_only_adapters_and_merges_them(family):
+    """DP-LoRA: only the attention projections change (their merged adapters), every other weight stays, the
+    accountant's ε is the one of the same σ, q and steps, and the model comes back plain (no LoRA layers)."""
+    from kdfast.lora import has_lora
+
+    model, tok = load_model(f"tiny:{family}")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dp = DPConfig(epsilon=50.0, delta=1e-5, lora_rank=4, physical_batch_size=4)
+    summary = train_dp(model, tok, RECORDS, dp, epochs=6, lr=1e-2, batch_size=8, max_len=96, max_prompt_len=80)
+    assert not has_lora(model) and set(dict(model.named_parameters())) == set(before)
+    expected = _independent_epsilon(summary.noise_multiplier, summary.sample_rate, summary.steps, dp.delta, "rdp")
+    assert summary.epsilon == pytest.approx(expected, rel=1e-3)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    targets = ("q_proj.weight", "v_proj.weight", "c_attn.weight")
+    assert moved and all(n.endswith(targets) for n in moved), moved
+    first, last = sum(summary.losses[:3]) / 3, sum(summary.losses[-3:]) / 3
+    assert last < first, summary.losses
+
+
 def test_a_smaller_epsilon_needs_more_noise():
     model, tok = load_model("tiny:llama")
     kw = {"epochs": 1, "lr": 1e-3, "batch_size": 8, "max_len": 96, "max_prompt_len": 80}
@@ -55,6 +75,8 @@ def test_bad_settings_fail_before_training():
     model, tok = load_model("tiny:opt")
     with pytest.raises(DistillError, match="OPT's learned positional embedding"):
         train_dp(model, tok, RECORDS, DPConfig(), epochs=1, lr=1e-3, batch_size=8, max_len=96, max_prompt_len=80)
+    with pytest.raises(DistillError, match="teacher.dp.lora_rank must be 0"):
+        DPConfig(lora_rank=-1).check()
     with pytest.raises(DistillError, match="teacher.dp.accountant: unknown 'gdp2'"):
         DPConfig(accountant="gdp2").check()
     with pytest.raises(DistillError, match="epsilon must be > 0"):

@@ -113,9 +113,9 @@ def train_teacher_dp(audit: Audit, work: Path, dp: DPConfig) -> dict:
 
     t, cfg = audit.cfg.teacher, audit.cfg
     model, tok = load_model(audit.base_path)
-    summary = train_dp(model, tok, audit.split["private"], dp, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size,
-                       max_len=cfg.data.max_len, max_prompt_len=cfg.data.max_prompt_len, seed=cfg.seed,
-                       device=audit.device)
+    summary = train_dp(model, tok, audit.split["private"], dp, epochs=t.epochs, lr=dp.lr or t.lr,
+                       batch_size=t.batch_size, max_len=cfg.data.max_len, max_prompt_len=cfg.data.max_prompt_len,
+                       seed=cfg.seed, device=audit.device)
     model.save_pretrained(work / "final", safe_serialization=True)
     tok.save_pretrained(work / "final")
     audit.log(f"  DP-SGD: ε = {summary.epsilon:.2f} at δ = {summary.delta:g} (σ = {summary.noise_multiplier:.3f}, "

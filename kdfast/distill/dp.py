@@ -13,6 +13,7 @@ from kdfast.data import IGNORE_INDEX, next_token_targets, pad_batch
 from kdfast.distill.config import DistillError
 from kdfast.distill.data import encode_training
 from kdfast.generation import pad_token_id
+from kdfast.lora import apply_lora, merge_lora
 from kdfast.models import transformer_blocks
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -30,6 +31,10 @@ class DPConfig:
     physical_batch_size: int = 4
     # train the blocks and norms only: per-sample gradients of a [V, D] table are V·D each
     freeze_embeddings: bool = True
+    # > 0: DP-LoRA (Yu et al., 2022): DP-SGD trains LoRA adapters of this rank on the attention projections, the
+    # base frozen, merged into the saved model; per-sample gradients of the adapters only
+    lora_rank: int = 0
+    lr: float | None = None  # the DP fine-tuning's learning rate (None: the teacher's); adapters want a larger one
 
     def check(self, where: str = "teacher.dp") -> None:
         if not self.epsilon > 0 or not 0 < self.delta < 1:
@@ -38,6 +43,10 @@ class DPConfig:
             raise DistillError(f"{where}.max_grad_norm must be > 0, got {self.max_grad_norm}")
         if self.accountant not in ACCOUNTANTS:
             raise DistillError(f"{where}.accountant: unknown {self.accountant!r}; choose from {', '.join(ACCOUNTANTS)}")
+        if self.lr is not None and not self.lr > 0:
+            raise DistillError(f"{where}.lr must be > 0 (or unset: the teacher's), got {self.lr}")
+        if self.lora_rank < 0:
+            raise DistillError(f"{where}.lora_rank must be 0 (off) or a LoRA rank, got {self.lora_rank}")
         if self.physical_batch_size < 1:
             raise DistillError(f"{where}.physical_batch_size must be at least 1, got {self.physical_batch_size}")
 
@@ -84,7 +93,9 @@ def train_dp(model: nn.Module, tokenizer, records: list[dict], dp: DPConfig, *, 
     The noise multiplier is the smallest that keeps ε ≤ dp.epsilon after ceil(epochs · N / batch_size) steps at
     sample rate batch_size / N; each step clips every record's gradient to dp.max_grad_norm. Per-sample gradients
     come from Opacus's hooks, and from functorch for layers without a grad sampler (RMSNorm, GPT-2's Conv1D).
-    The returned ε is the accountant's after the steps taken. Training runs in float32 (AdamW).
+    The returned ε is the accountant's after the steps taken. Training runs in float32 (AdamW). With dp.lora_rank
+    only LoRA adapters train (DP-LoRA), merged into `model` at the end: the adapters' few parameters make the
+    per-sample gradients cheap, and by post-processing the merged model keeps the ε.
     """
     from opacus import PrivacyEngine
     from opacus.accountants.utils import get_noise_multiplier
@@ -106,7 +117,9 @@ def train_dp(model: nn.Module, tokenizer, records: list[dict], dp: DPConfig, *, 
     torch.manual_seed(seed)
     model.to(device).float().train()
     model.config.use_cache = False
-    if dp.freeze_embeddings:
+    if dp.lora_rank:
+        apply_lora(model, dp.lora_rank)
+    elif dp.freeze_embeddings:
         for module in (model.get_input_embeddings(), model.get_output_embeddings()):
             if module is not None:
                 module.requires_grad_(False)
@@ -143,6 +156,8 @@ def train_dp(model: nn.Module, tokenizer, records: list[dict], dp: DPConfig, *, 
                     if taken >= steps:
                         break
     private._close()
+    if dp.lora_rank:
+        merge_lora(model)
     model.requires_grad_(True).eval()
     return DPSummary(epsilon=float(engine.get_epsilon(dp.delta)), delta=dp.delta, noise_multiplier=float(sigma),
                      sample_rate=sample_rate, steps=taken, max_grad_norm=dp.max_grad_norm, accountant=dp.accountant,

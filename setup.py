@@ -30,6 +30,10 @@ class BuildPy(build_py):
 def _ext_module():
     """kdfast/_ext.py loaded by path (importing kdfast itself would pull in all of it): the one place that
     holds the sources and compiler flags."""
+    # Its one import from kdfast, the store's digest, is loaded by path too and found under its own name.
+    store = importlib.util.spec_from_file_location("kdfast.store", ROOT / "kdfast" / "store.py")
+    sys.modules[store.name] = importlib.util.module_from_spec(store)
+    store.loader.exec_module(sys.modules[store.name])
     spec = importlib.util.spec_from_file_location("_kdfast_ext_build", ROOT / "kdfast" / "_ext.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there

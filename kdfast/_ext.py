@@ -8,7 +8,6 @@ build can run, `load()` reports why and the ops fall back to torch, with one war
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import os
 import platform
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from kdfast.store import digest_bytes
 
 NAMESPACE = "kdfast_ext"  # torch.ops.kdfast_ext.*
 SOURCES = ("bindings.cpp", "token_stats_cpu.cpp")
@@ -49,10 +50,8 @@ def source_dir() -> Path | None:
 
 def sources_hash(folder: Path) -> str:
     """A short hash of the kernel sources' contents: it names the build and dates an ahead-of-time build."""
-    h = hashlib.sha256()
-    for name in SOURCES + CUDA_SOURCES:
-        h.update(name.encode() + b"\0" + (folder / name).read_bytes())
-    return h.hexdigest()[:16]
+    return digest_bytes(b"".join(name.encode() + b"\0" + (folder / name).read_bytes()
+                                 for name in SOURCES + CUDA_SOURCES), 16)
 
 
 def cxx_flags(with_cuda: bool, digest: str) -> list[str]:
@@ -137,7 +136,7 @@ def _jit(folder: Path, with_cuda: bool, digest: str) -> str:
     flags = cxx_flags(with_cuda, digest)
     cflags = cuda_flags() if with_cuda else []
     what = (digest, flags, cflags, torch.__version__, sys.version_info[:2])
-    key = hashlib.sha256(repr(what).encode()).hexdigest()[:12]
+    key = digest_bytes(repr(what).encode(), 12)
     name = f"kdfast_ext_{key}"
     build = cache_dir() / name
     build.mkdir(parents=True, exist_ok=True)

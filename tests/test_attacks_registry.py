@@ -53,7 +53,7 @@ def test_a_new_entry_is_scored_and_offered_by_the_cli(dummy, tmp_path, capsys):
 
 
 def test_an_attack_missing_an_input_names_the_flag():
-    with pytest.raises(ValueError, match=r"attack 'lira' needs --reference NAME=MODEL \(references="):
+    with pytest.raises(ValueError, match=r"attack 'lira' needs --reference NAME=MODEL \(ref models and references: "):
         attacks.run.run_attacks(attacks.run.AttackRun(model="tiny:llama", out="unused",
                                                       attacks=attacks.AttackConfig(attacks=("loss", "lira"))))
 

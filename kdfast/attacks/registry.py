@@ -204,4 +204,4 @@ def selected(names, calibrated: bool) -> list[Attack]:
 
 def missing_inputs(name: str, given: set[str]) -> list[str]:
     """The INPUTS keys attack `name` needs that `given` lacks."""
-    return sorted(n for n in REGISTRY[name].needs if n in INPUTS and n not in given)
+    return [n for n in INPUTS if n in REGISTRY[name].needs and n not in given]  # INPUTS order: messages stay put

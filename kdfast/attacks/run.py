@@ -83,7 +83,7 @@ def _with_attacks(run: AttackRun) -> AttackRun:
         return dataclasses.replace(run, attacks=dataclasses.replace(run.attacks, attacks=names))
     for name in run.attacks.attacks:
         if missing := missing_inputs(name, given):
-            flags = " and ".join(f"{INPUTS[n][1]} ({INPUTS[n][0]})" for n in missing)
+            flags = " and ".join(INPUTS[n][1] for n in missing)  # the CLI's terms: its flags
             raise ValueError(f"attack {name!r} needs {flags}"
                              " (ref models and references: models scored with their own tokenizer, references OUT "
                                "models that never saw the members; population: non-members disjoint from the "

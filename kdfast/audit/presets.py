@@ -87,13 +87,16 @@ def paper_llama() -> AuditConfig:
 
 def defenses() -> AuditConfig:
     """The default's data, teacher and scale with KD defended four ways beside its plain KD student: students of the
-    least / most leaky teacher blocks, a DP-SGD teacher (ε = 8), the teacher's logits softened at T = 4, and only
-    its top-k log-probs released (k = 1, 8, 64: students from a teacher cache, ablations.teacher_topk)."""
+    least / most leaky teacher blocks, a DP-LoRA teacher (DP-SGD on rank-16 adapters, ε = 8), the teacher's logits
+    softened at T = 4, and only its top-k log-probs released (k = 1, 8, 64: students from a teacher cache,
+    ablations.teacher_topk)."""
     cfg = default()
     cfg.name = "defenses"
     cfg.students.techniques = ["kd"]
     cfg.defenses = DefensesConfig(technique="kd", init=["low_risk", "high_risk"],
-                                  dp={"epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0}, temperature=[4.0],
+                                  dp={"epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0, "lora_rank": 16,
+                                      "lr": 1e-3},
+                                  temperature=[4.0],
                                   risk_records=64, risk_n=2)
     cfg.ablations.teacher_topk = [1, 8, 64]
     return cfg

@@ -189,6 +189,20 @@ def test_qlora_trains_fp32_adapters_on_a_frozen_nf4_base(tmp_path, gen):
     assert (tmp_path / "q" / "final" / "adapter" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.gpu
+def test_qlora_trains_on_cuda(tmp_path, cuda):
+    """The QLoRA student on the GPU (bitsandbytes' CUDA NF4 kernels): the base stays NF4, the adapters learn."""
+    losses = []
+    distiller = Distiller(None, models.tiny_model("llama", seed=2, hidden=64), models.tiny_tokenizer(),
+                          _config(tmp_path / "q", student_quantize="nf4", max_steps=8, lr=3e-2, device="cuda"))
+    bases = _nf4_bases(distiller.student)
+    summary = distiller.train(bundled_records()[:32], on_step=lambda s, m: losses.append(m["loss"]))
+    assert sum(losses[-3:]) / 3 < losses[0]
+    assert bases and all(m.weight.dtype == torch.uint8 and m.weight.device.type == "cuda" for m in bases.values())
+    final, _ = models.load_model(summary.final)
+    assert not models.is_quantized(final) and not has_lora(final)
+
+
 def test_qlora_resumes_exactly(tmp_path):
     """The checkpoint holds the adapters and their optimizer state; the NF4 base is quantized again from the student."""
     whole, _ = _train(tmp_path / "a", student_quantize="nf4")

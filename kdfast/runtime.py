@@ -61,6 +61,11 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def launch_device() -> torch.device:
+    """This process's CUDA device under a launcher (cuda:LOCAL_RANK; cuda:0 without one)."""
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def init_distributed(device: torch.device) -> torch.device:
     """Join the process group the launcher describes in the environment (nccl on CUDA, gloo elsewhere); the device
     of this rank (cuda:LOCAL_RANK under a multi-process CUDA launch, else `device`)."""
@@ -68,7 +73,7 @@ def init_distributed(device: torch.device) -> torch.device:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = launch_device()
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

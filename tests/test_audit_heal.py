@@ -28,7 +28,7 @@ def test_heal_trains_on_spare_public_records_once_per_block_choice(tmp_path):
         audit.student(teacher, f"small/{tech}", "student", tech, "small", {"technique": tech})
     assert len(list((tmp_path / "run" / "stages").glob("heal-*"))) == 1  # shared by every technique
 
-    healed, _ = load_model(audit.healed(blocks))
+    healed, _ = load_model(audit.healed(blocks)[0])
     cut = make_student(load_model(audit.base_path)[0], layers=blocks)
     changed = [n for n, p in healed.state_dict().items() if not torch.equal(p, cut.state_dict()[n])]
     assert changed and sum(p.numel() for p in healed.parameters()) == sum(p.numel() for p in cut.parameters())

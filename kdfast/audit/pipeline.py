@@ -216,14 +216,11 @@ class Audit:
             if t.dp is not None:
                 return defenses.train_teacher_dp(self, work, defenses.dp_config(t.dp, "teacher.dp"))
             model, tok = load_model(self.base_path)
-            cfg = DistillConfig(technique="sft", lr=t.lr, epochs=t.epochs, batch_size=t.batch_size, bf16=t.bf16,
-                                max_len=self.cfg.data.max_len, max_prompt_len=self.cfg.data.max_prompt_len,
-                                long_prompts=self.cfg.data.long_prompts, seed=self.cfg.seed, out=str(work / "run"),
-                                resume=True, save_every=50,
-                                lora_rank=t.lora_rank, device=str(self.device), progress=self.progress)
-            summary = Distiller(None, model, tok, cfg).train(self.split["private"])
-            self.log(str(summary))
-            return {"final": "run/final", "loss": summary.loss, "steps": summary.steps}
+            cfg = self._stage_config(work, technique="sft", lr=t.lr, epochs=t.epochs, batch_size=t.batch_size,
+                                     bf16=t.bf16, max_len=self.cfg.data.max_len,
+                                     max_prompt_len=self.cfg.data.max_prompt_len,
+                                     long_prompts=self.cfg.data.long_prompts, seed=self.cfg.seed, lora_rank=t.lora_rank)
+            return self._trained(Distiller(None, model, tok, cfg).train(self.split["private"]))
 
         result, folder = self.stages.run("teacher", inputs, run)
         if "dp" in result:
@@ -261,9 +258,9 @@ class Audit:
         inputs = {"teacher": teacher.key, "base": self.base_key, "data": self.digest["public"], "init": init,
                   "settings": settings}
 
-        healed = self.healed(init) if isinstance(init, list) else None
+        healed, healed_key = self.healed(init) if isinstance(init, list) else (None, None)
         if healed:
-            inputs["healed"] = Path(healed).parent.parent.name
+            inputs["healed"] = healed_key
 
         def run(work: Path) -> dict:
             if healed:
@@ -272,25 +269,22 @@ class Audit:
                 base, tok = load_model(self.base_path) if isinstance(init, list) else load_model(init)
                 student = make_student(base, layers=init) if isinstance(init, list) else base
                 del base
-            cfg = DistillConfig(**settings, out=str(work / "run"), resume=True, save_every=50,
-                                device=str(self.device), progress=self.progress)
+            cfg = self._stage_config(work, **settings)
             teacher_model, teacher_tok = self.model(teacher.path) if cfg.needs_teacher else (None, None)
             if teacher_tok is not None and not isinstance(init, list):  # a size given as a model: its own tokenizer
                 cfg = across_tokenizers(cfg, teacher_tok, tok, f"students.sizes.{size}")
-            summary = Distiller(teacher_model, student, tok, cfg, teacher_tokenizer=teacher_tok).train(
-                self.split["public"], self.eval_records)
-            self.log(str(summary))
-            return {"final": "run/final", "loss": summary.loss, "steps": summary.steps}
+            return self._trained(Distiller(teacher_model, student, tok, cfg, teacher_tokenizer=teacher_tok).train(
+                self.split["public"], self.eval_records))
 
         result, folder = self.stages.run(f"student-{sid.replace('/', '-')}", inputs, run)
         return ModelEntry(sid, role, label, str(folder / result["final"]), folder.name, settings["technique"], size)
 
-    def healed(self, blocks: list[int]) -> str | None:
-        """The student of these teacher blocks after its LM-loss warm-up on the spare public records
-        (students.heal_records; None when 0): one stage per block choice, shared by every technique."""
+    def healed(self, blocks: list[int]) -> tuple[str, str] | tuple[None, None]:
+        """(model folder, stage key) of the student of these teacher blocks after its LM-loss warm-up on the spare
+        public records (students.heal_records; Nones when 0): one stage per block choice, shared by every technique."""
         s = self.cfg.students
         if not s.heal_records or not self.split["heal"]:
-            return None
+            return None, None
         settings = student_settings(self.cfg, "sft", {"epochs": s.heal_epochs, "lr": s.heal_lr or s.lr})
         inputs = {"base": self.base_key, "data": self.digest["heal"], "blocks": blocks, "settings": settings}
 
@@ -298,14 +292,21 @@ class Audit:
             base, tok = load_model(self.base_path)
             student = make_student(base, layers=blocks)
             del base
-            cfg = DistillConfig(**settings, out=str(work / "run"), resume=True, save_every=50,
-                                device=str(self.device), progress=self.progress)
-            summary = Distiller(None, student, tok, cfg).train(self.split["heal"])
-            self.log(f"heal {blocks}: {summary}")
-            return {"final": "run/final", "loss": summary.loss, "steps": summary.steps}
+            return self._trained(Distiller(None, student, tok, self._stage_config(work, **settings)).train(
+                self.split["heal"]))
 
         result, folder = self.stages.run("heal", inputs, run)
-        return str(folder / result["final"])
+        return str(folder / result["final"]), folder.name
+
+    def _stage_config(self, work: Path, **fields) -> DistillConfig:
+        """A training stage's DistillConfig: checkpointed under work/run (a killed stage resumes), on the audit's
+        device."""
+        return DistillConfig(**fields, out=str(work / "run"), resume=True, save_every=50, device=str(self.device),
+                             progress=self.progress)
+
+    def _trained(self, summary) -> dict:
+        self.log(str(summary))
+        return {"final": "run/final", "loss": summary.loss, "steps": summary.steps}
 
     def teacher_cache(self, teacher: ModelEntry, k: int, settings: dict) -> str:
         """The folder of the teacher's top-k log-probs on the public half (ablations.teacher_topk), captured once

@@ -3,7 +3,6 @@ model specs, one call each (the models loaded, the student built, the run writte
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +15,7 @@ from kdfast.distill.teacher_cache import CacheSummary, cache_teacher
 from kdfast.distill.techniques.seqkd import Sampling
 from kdfast.io import claim_folder
 from kdfast.models import load_model, load_tokenizer, resolve_device
-from kdfast.runtime import launch_rank
+from kdfast.runtime import launch_device, launch_rank
 
 
 @dataclass
@@ -101,7 +100,7 @@ def _process_device(device: str | None) -> torch.device:
     """This process's student device before the Distiller's accelerator exists: the configured one, else under a
     launch cuda:LOCAL_RANK (accelerate's choice), else kdfast.models.resolve_device's."""
     if device is None and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return launch_device()
     return resolve_device(device)
 
 

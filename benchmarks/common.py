@@ -14,6 +14,11 @@ from typing import Callable
 import torch
 
 from kdfast.memory import peak_bytes  # noqa: F401  (the benchmarks' peak column)
+from kdfast.models import import_bitsandbytes
+
+# The peers (Liger-Kernel, TRL) import transformers' trainer modules, which import peft and so bitsandbytes, whose
+# import asks the Hub for a kernel: import it first, offline, as kdfast does.
+import_bitsandbytes()
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
